@@ -1,0 +1,3 @@
+"""TaskService: the tasks.v1.TaskService gRPC server and its stores."""
+
+__version__ = "1.0.0"

@@ -1,0 +1,49 @@
+"""Entry point: `python -m taskservice` serves until SIGTERM or SIGINT.
+
+Bad configuration prints one line and exits 2; a clean shutdown exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from taskservice import logging as json_logging
+from taskservice.config import ConfigError, load
+
+log = logging.getLogger("taskservice")
+
+
+async def serve() -> None:
+    from taskservice.server import TaskServer
+
+    config = load(os.environ)
+    server = TaskServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown requested; draining for up to %.0f s", config.grace_seconds)
+    await server.stop()
+
+
+def main() -> int:
+    json_logging.configure()
+    try:
+        asyncio.run(serve())
+    except ConfigError as err:
+        print(f"taskservice: configuration error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"taskservice: cannot start: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Settings from the environment, read and validated once at start.
+
+Bad configuration raises ConfigError, whose message is one line fit to print.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_COLLECTION = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_PROJECT = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]|demo-[a-z0-9-]{1,60}")
+DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "[::]"
+    port: int = 8080
+    store: str = "sqlite"  # "sqlite" or "firestore"
+    sqlite_path: str = "./tasks.db"
+    project: str = ""  # Firestore project; "" = discover from credentials
+    firestore_database: str = "(default)"
+    collection: str = "tasks"
+    grace_seconds: float = 8.0  # in-flight calls get this long after SIGTERM
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value} is outside {lo}..{hi}")
+    return value
+
+
+def load(env: Mapping[str, str]) -> Config:
+    """Reads the settings that TaskService takes from `env` (os.environ)."""
+    port = _int(env, "PORT", 8080, 0, 65535)
+    store = env.get("TASKSERVICE_STORE", "").strip().lower()
+    cloudy = any(env.get(k) for k in ("K_SERVICE", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT"))
+    emulator = env.get("FIRESTORE_EMULATOR_HOST", "").strip()
+    if not store:
+        store = "firestore" if cloudy or emulator else "sqlite"
+    if store not in ("sqlite", "firestore"):
+        raise ConfigError(f"TASKSERVICE_STORE={store!r} must be 'sqlite' or 'firestore'")
+    project = (env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or "").strip()
+    if store == "firestore" and not project and emulator:
+        project = DEFAULT_EMULATOR_PROJECT
+    if project and not _PROJECT.fullmatch(project):
+        raise ConfigError(f"GOOGLE_CLOUD_PROJECT={project!r} is not a valid project id")
+    collection = env.get("TASKSERVICE_COLLECTION", "").strip() or "tasks"
+    if not _COLLECTION.fullmatch(collection):
+        raise ConfigError(
+            f"TASKSERVICE_COLLECTION={collection!r} must be 1-100 letters, digits, '_' or '-'"
+        )
+    database = env.get("FIRESTORE_DATABASE", "").strip() or "(default)"
+    if database != "(default)" and not re.fullmatch(r"[a-z][a-z0-9-]{2,62}", database):
+        raise ConfigError(f"FIRESTORE_DATABASE={database!r} is not a valid database id")
+    sqlite_path = env.get("TASKSERVICE_SQLITE_PATH", "").strip() or "./tasks.db"
+    grace = _int(env, "TASKSERVICE_GRACE_SECONDS", 8, 0, 60)
+    host = env.get("TASKSERVICE_HOST", "").strip() or "[::]"
+    return Config(
+        host=host,
+        port=port,
+        store=store,
+        sqlite_path=sqlite_path,
+        project=project,
+        firestore_database=database,
+        collection=collection,
+        grace_seconds=float(grace),
+    )

@@ -1,0 +1,110 @@
+"""The AIP-160 subset that ListTasks accepts, parsed into a typed TaskFilter.
+
+Grammar (whitespace-insensitive):
+    filter      := restriction ( "AND" restriction )*
+    restriction := "state" "=" STATE_NAME
+                 | "priority" "=" PRIORITY_NAME
+                 | "assignee" "=" STRING
+                 | "tags" ":" STRING
+    STRING      := '"' ( any character but '"' and '\\' | '\\' '"' | '\\' '\\' )* '"'
+Each field may appear once. Anything else is rejected with a message naming
+the problem; nothing unparsed ever reaches a store query.
+"""
+
+from __future__ import annotations
+
+import re
+
+from taskservice.errors import InvalidArgument
+from taskservice.model import Priority, State, TaskFilter
+
+MAX_FILTER_LENGTH = 1024
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<string>"(?:[^"\\]|\\.)*")
+      | (?P<op>=|:)
+      | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
+      | (?P<bad>\S)
+    )""",
+    re.VERBOSE | re.DOTALL,
+)
+_FIELDS = {"state": "=", "priority": "=", "assignee": "=", "tags": ":"}
+
+
+def _invalid(problem: str) -> InvalidArgument:
+    return InvalidArgument([("filter", problem)], reason="INVALID_FILTER")
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    pos = 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:  # pragma: no cover - the pattern always matches a non-space
+            raise _invalid(f"cannot read the filter at position {pos}")
+        kind = m.lastgroup or "bad"
+        value = m.group(kind)
+        if kind == "bad":
+            if value == '"':
+                raise _invalid("unterminated string")
+            raise _invalid(f"unexpected character {value!r} at position {m.start(kind)}")
+        out.append((kind, value))
+        pos = m.end()
+    return out
+
+
+def _unquote(literal: str) -> str:
+    return re.sub(r"\\(.)", r"\1", literal[1:-1], flags=re.DOTALL)
+
+
+def parse_filter(text: str) -> TaskFilter:
+    """Parses a ListTasks filter; the empty string means no restriction."""
+    if len(text) > MAX_FILTER_LENGTH:
+        raise _invalid(f"longer than {MAX_FILTER_LENGTH} characters")
+    tokens = _tokens(text)
+    if not tokens:
+        return TaskFilter()
+    values: dict[str, object] = {}
+    i = 0
+    while True:
+        if i + 3 > len(tokens):
+            raise _invalid("incomplete restriction; expected e.g. state = STATE_OPEN")
+        (k1, field), (k2, op), (k3, value) = tokens[i : i + 3]
+        if k1 != "word" or field not in _FIELDS:
+            allowed = ", ".join(_FIELDS)
+            raise _invalid(f"unsupported field {field!r}; filterable fields are {allowed}")
+        if k2 != "op" or op != _FIELDS[field]:
+            raise _invalid(f"{field} must be followed by {_FIELDS[field]!r}")
+        if field in values:
+            raise _invalid(f"{field} is restricted more than once")
+        if field == "state":
+            values[field] = _enum(State, "STATE_", value, k3)
+        elif field == "priority":
+            values[field] = _enum(Priority, "PRIORITY_", value, k3)
+        else:
+            if k3 != "string":
+                raise _invalid(f'{field} takes a quoted string, e.g. {field}{op}"value"')
+            values[field] = _unquote(value)
+        i += 3
+        if i == len(tokens):
+            break
+        kind, word = tokens[i]
+        if kind != "word" or word != "AND":
+            raise _invalid(f"expected AND, found {word!r}; only AND-joined restrictions are supported")
+        i += 1
+    return TaskFilter(
+        state=values.get("state"),  # type: ignore[arg-type]
+        priority=values.get("priority"),  # type: ignore[arg-type]
+        assignee=values.get("assignee"),  # type: ignore[arg-type]
+        tag=values.get("tags"),  # type: ignore[arg-type]
+    )
+
+
+def _enum(enum: type[State] | type[Priority], prefix: str, value: str, kind: str) -> State | Priority:
+    name = value[len(prefix) :] if kind == "word" and value.startswith(prefix) else ""
+    member = enum.__members__.get(name)
+    if member is None or member.value == 0:
+        choices = ", ".join(prefix + m.name for m in enum if m.value)
+        raise _invalid(f"{value!r} is not one of {choices}")
+    return member

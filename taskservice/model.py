@@ -1,0 +1,151 @@
+"""The domain model: tasks, changes to them and list queries, as plain dataclasses.
+
+Protobuf types stop at the servicer; stores see only what is defined here.
+Times are integer nanoseconds since the Unix epoch (UTC), by the store's clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+_ETAG = re.compile(r"[0-9a-f]{1,16}")
+MUTABLE_FIELDS: tuple[str, ...] = ("title", "description", "priority", "state", "assignee", "tags")
+
+
+class Priority(enum.IntEnum):
+    """Mirrors tasks.v1.Task.Priority (same numbers)."""
+
+    UNSPECIFIED = 0
+    LOW = 1
+    MEDIUM = 2
+    HIGH = 3
+    CRITICAL = 4
+
+
+class State(enum.IntEnum):
+    """Mirrors tasks.v1.Task.State (same numbers)."""
+
+    UNSPECIFIED = 0
+    OPEN = 1
+    IN_PROGRESS = 2
+    DONE = 3
+    CANCELLED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContent:
+    """The fields a caller sets; validated before a store sees them."""
+
+    title: str
+    description: str = ""
+    priority: Priority = Priority.MEDIUM
+    state: State = State.OPEN
+    assignee: str = ""  # "" means nobody
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A stored task."""
+
+    task_id: str
+    content: TaskContent
+    create_time_ns: int
+    update_time_ns: int
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """One task to create. request_id, when set, makes the create idempotent."""
+
+    task_id: str
+    content: TaskContent
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPatch:
+    """The fields an update replaces; None leaves a field as it is."""
+
+    title: str | None = None
+    description: str | None = None
+    priority: Priority | None = None
+    state: State | None = None
+    assignee: str | None = None
+    tags: tuple[str, ...] | None = None
+
+    def apply(self, content: TaskContent) -> TaskContent:
+        return TaskContent(
+            title=content.title if self.title is None else self.title,
+            description=content.description if self.description is None else self.description,
+            priority=content.priority if self.priority is None else self.priority,
+            state=content.state if self.state is None else self.state,
+            assignee=content.assignee if self.assignee is None else self.assignee,
+            tags=content.tags if self.tags is None else self.tags,
+        )
+
+
+class OrderField(enum.Enum):
+    CREATE_TIME = "create_time"
+    UPDATE_TIME = "update_time"
+
+
+@dataclass(frozen=True, slots=True)
+class Ordering:
+    """Sort order of a list; ties are broken by task_id in the same direction."""
+
+    field: OrderField = OrderField.CREATE_TIME
+    descending: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """Equality restrictions joined with AND; None means unrestricted."""
+
+    state: State | None = None
+    priority: Priority | None = None
+    assignee: str | None = None
+    tag: str | None = None  # tasks whose tags contain this one
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """The position of the last task of a page: its sort time and id."""
+
+    time_ns: int
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    filter: TaskFilter = field(default_factory=TaskFilter)
+    ordering: Ordering = field(default_factory=Ordering)
+    limit: int = 50
+    after: Cursor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListResult:
+    tasks: list[Task]
+    more: bool  # True when tasks beyond this page match
+
+
+def sort_time(task: Task, ordering: Ordering) -> int:
+    if ordering.field is OrderField.CREATE_TIME:
+        return task.create_time_ns
+    return task.update_time_ns
+
+
+def etag_for(version_ns: int) -> str:
+    """The etag of a stored version: the version's write time, in hex."""
+    return format(version_ns, "x")
+
+
+def version_of(etag: str) -> int | None:
+    """The write time an etag stands for, or None when it is not one of ours."""
+    if _ETAG.fullmatch(etag) is None:
+        return None
+    return int(etag, 16)

@@ -1,0 +1,102 @@
+"""Builds, starts and stops the grpc.aio server.
+
+TaskServer owns the lifecycle: it registers TaskService, gRPC health and
+server reflection; reports NOT_SERVING until the store answers a first probe
+and from the moment shutdown starts; and on stop refuses new calls, gives
+in-flight calls a grace period, then closes the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tasks.v1 import task_service_pb2, task_service_pb2_grpc
+
+from taskservice.config import Config
+from taskservice.service import TaskServicer
+from taskservice.store import TaskStore, open_store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
+PROBE_TIMEOUT = 2.0
+PROBE_INTERVAL = 0.5
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class TaskServer:
+    """One TaskService process: a grpc.aio server over one store."""
+
+    def __init__(self, config: Config, store: TaskStore | None = None) -> None:
+        self.config = config
+        self.store = store if store is not None else open_store(config)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.store), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+        self._probe: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> int:
+        """Binds and starts serving; returns the bound port."""
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.address}")
+        await self.server.start()
+        self._probe = asyncio.create_task(self._become_ready())
+        log.info(
+            "listening on %s:%d with the %s store",
+            self.config.host,
+            self.port,
+            self.store.kind,
+            extra={"fields": {"address": f"{self.config.host}:{self.port}", "store": self.store.kind}},
+        )
+        return self.port
+
+    async def _become_ready(self) -> None:
+        """Probes the store until it answers, then reports SERVING."""
+        failures = 0
+        while not self._stopping:
+            try:
+                await self.store.check(PROBE_TIMEOUT)
+            except Exception as exc:  # any failure just means "not ready yet"
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("store not ready (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(PROBE_INTERVAL)
+                continue
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("store ready; serving")
+            return
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING at once, refuse new calls, let in-flight ones finish
+        within `grace` seconds, then close the store."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        if self._probe is not None:
+            self._probe.cancel()
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        await self.store.close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()

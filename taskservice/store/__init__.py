@@ -1,0 +1,63 @@
+"""The async store interface that the servicer talks to, and the factory that picks one.
+
+Every method takes `timeout`, the seconds left of the caller's deadline; a
+store must give up by then. Stores raise taskservice.errors.ServiceError
+subclasses (NotFound, AlreadyExists, EtagMismatch, Unavailable, ...) and
+nothing else for expected failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from taskservice.model import ListQuery, ListResult, NewTask, Task, TaskPatch
+
+if TYPE_CHECKING:
+    from taskservice.config import Config
+
+MAX_BATCH = 500
+REQUEST_ID_TTL_NS = 7 * 24 * 3600 * 10**9  # how long a request_id is remembered at least
+
+
+class TaskStore(Protocol):
+    """What the servicer needs from a store."""
+
+    kind: str
+
+    async def check(self, timeout: float) -> None:
+        """Returns when the store answers; raises Unavailable otherwise."""
+
+    async def create_many(self, items: Sequence[NewTask], timeout: float) -> list[Task]:
+        """Creates all items in one atomic commit, or none.
+
+        An item whose request_id was used before yields the task first created
+        for it and creates nothing. A taken task_id raises AlreadyExists whose
+        index names the item.
+        """
+        ...
+
+    async def get(self, task_id: str, timeout: float) -> Task: ...
+
+    async def update(
+        self, task_id: str, patch: TaskPatch, expected_etag: str | None, timeout: float
+    ) -> Task:
+        """Applies patch; EtagMismatch when expected_etag is set and stale."""
+        ...
+
+    async def delete(self, task_id: str, expected_etag: str | None, timeout: float) -> None: ...
+
+    async def list(self, query: ListQuery, timeout: float) -> ListResult: ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(config: Config) -> TaskStore:
+    """Builds the configured store; imports only the backend it uses."""
+    if config.store == "firestore":
+        from taskservice.store.firestore import FirestoreStore
+
+        return FirestoreStore.from_config(config)
+    from taskservice.store.sqlite import SqliteStore
+
+    return SqliteStore(config.sqlite_path)

@@ -1,0 +1,541 @@
+"""The production store: Cloud Firestore over one grpc.aio channel per process.
+
+It speaks the Firestore v1 protocol with google-cloud-firestore's own protobuf
+messages (the raw classes under its proto-plus types), skipping the
+high-level client's per-call conversions: every TaskService call costs the
+fewest Firestore round trips, each counted in tests:
+
+- create / batch create: one Commit with `exists = false` preconditions; the
+  create and update times come back as transform results, so nothing is read
+  back. A request_id is a marker document written in the same commit.
+- get: one GetDocument.
+- delete: one Commit whose precondition is existence, or the etag (the
+  document's update_time) when one is given.
+- update: one GetDocument plus one Commit guarded by the update_time read;
+  retried on a concurrent change, so no write is lost.
+- list page: one RunQuery with a cursor (start after the last task seen).
+
+Slow paths (a precondition failed and the reason must be told) spend extra
+reads only on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import grpc
+from google.cloud.firestore_v1.types import common as _common
+from google.cloud.firestore_v1.types import document as _document
+from google.cloud.firestore_v1.types import firestore as _firestore
+from google.cloud.firestore_v1.types import query as _query
+from google.cloud.firestore_v1.types import write as _write
+from google.protobuf import timestamp_pb2, wrappers_pb2
+
+from taskservice.errors import (
+    AlreadyExists,
+    Conflict,
+    DeadlineExceeded,
+    EtagMismatch,
+    FailedPrecondition,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
+from taskservice.model import (
+    ListQuery,
+    ListResult,
+    NewTask,
+    OrderField,
+    Priority,
+    State,
+    Task,
+    TaskContent,
+    TaskFilter,
+    TaskPatch,
+    etag_for,
+    version_of,
+)
+from taskservice.store import REQUEST_ID_TTL_NS
+
+if TYPE_CHECKING:
+    from taskservice.config import Config
+
+# Raw protobuf classes (no proto-plus wrapping on the hot path).
+Document: Any = _document.Document.pb()
+Value: Any = _document.Value.pb()
+ArrayValue: Any = _document.ArrayValue.pb()
+Write: Any = _write.Write.pb()
+FieldTransform: Any = _write.DocumentTransform.FieldTransform.pb()
+Precondition: Any = _common.Precondition.pb()
+CommitRequest: Any = _firestore.CommitRequest.pb()
+CommitResponse: Any = _firestore.CommitResponse.pb()
+GetDocumentRequest: Any = _firestore.GetDocumentRequest.pb()
+BatchGetDocumentsRequest: Any = _firestore.BatchGetDocumentsRequest.pb()
+BatchGetDocumentsResponse: Any = _firestore.BatchGetDocumentsResponse.pb()
+RunQueryRequest: Any = _firestore.RunQueryRequest.pb()
+RunQueryResponse: Any = _firestore.RunQueryResponse.pb()
+StructuredQuery: Any = _query.StructuredQuery.pb()
+QueryCursor: Any = _query.Cursor.pb()
+
+FIRESTORE_HOST = "firestore.googleapis.com:443"
+SCOPES = ("https://www.googleapis.com/auth/datastore",)
+_SERVICE = "/google.firestore.v1.Firestore/"
+_RETRYABLE_READ = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+_UPDATE_ATTEMPTS = 8
+_REQUEST_TIME = FieldTransform.REQUEST_TIME
+
+
+def _ns(ts: Any) -> int:
+    return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def _fields(content: TaskContent) -> dict[str, Any]:
+    return {
+        "title": Value(string_value=content.title),
+        "description": Value(string_value=content.description),
+        "priority": Value(integer_value=int(content.priority)),
+        "state": Value(integer_value=int(content.state)),
+        "assignee": Value(string_value=content.assignee),
+        "tags": Value(array_value=ArrayValue(values=[Value(string_value=t) for t in content.tags])),
+    }
+
+
+def _content(fields: Any) -> TaskContent:
+    return TaskContent(
+        title=fields["title"].string_value,
+        description=fields["description"].string_value,
+        priority=Priority(fields["priority"].integer_value),
+        state=State(fields["state"].integer_value),
+        assignee=fields["assignee"].string_value,
+        tags=tuple(v.string_value for v in fields["tags"].array_value.values),
+    )
+
+
+def _task(doc: Any) -> Task:
+    fields = doc.fields
+    return Task(
+        task_id=doc.name.rpartition("/")[2],
+        content=_content(fields),
+        create_time_ns=_ns(fields["create_time"].timestamp_value),
+        update_time_ns=_ns(fields["update_time"].timestamp_value),
+        etag=etag_for(_ns(doc.update_time)),
+    )
+
+
+def _store_error(exc: grpc.aio.AioRpcError) -> ServiceError:
+    code = exc.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded("the store did not answer in time")
+    if code == grpc.StatusCode.ABORTED:
+        return Conflict("the task was changed concurrently; retry")
+    return Unavailable("the task store is unavailable; retry later")
+
+
+class FirestoreStore:
+    """TaskStore over Cloud Firestore (or its emulator)."""
+
+    kind = "firestore"
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        project: str,
+        database: str = "(default)",
+        collection: str = "tasks",
+        extra_metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._channel = channel
+        self.database = f"projects/{project}/databases/{database}"
+        self.documents = f"{self.database}/documents"
+        self.collection = collection
+        self._task_prefix = f"{self.documents}/{collection}/"
+        self._request_prefix = f"{self.documents}/{collection}-requests/"
+        routing = f"project_id={quote(project, safe='')}&database_id={quote(database, safe='')}"
+        self._metadata = (
+            ("google-cloud-resource-prefix", self.database),
+            ("x-goog-request-params", routing),
+            *extra_metadata,
+        )
+        self._commit = channel.unary_unary(
+            _SERVICE + "Commit",
+            request_serializer=CommitRequest.SerializeToString,
+            response_deserializer=CommitResponse.FromString,
+        )
+        self._get_document = channel.unary_unary(
+            _SERVICE + "GetDocument",
+            request_serializer=GetDocumentRequest.SerializeToString,
+            response_deserializer=Document.FromString,
+        )
+        self._batch_get = channel.unary_stream(
+            _SERVICE + "BatchGetDocuments",
+            request_serializer=BatchGetDocumentsRequest.SerializeToString,
+            response_deserializer=BatchGetDocumentsResponse.FromString,
+        )
+        self._run_query = channel.unary_stream(
+            _SERVICE + "RunQuery",
+            request_serializer=RunQueryRequest.SerializeToString,
+            response_deserializer=RunQueryResponse.FromString,
+        )
+
+    @classmethod
+    def from_config(
+        cls, config: Config, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
+    ) -> FirestoreStore:
+        """One channel for the process: the emulator in plaintext when
+        FIRESTORE_EMULATOR_HOST is set, else Firestore with Google credentials."""
+        options = [
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+        ]
+        emulator = os.environ.get("FIRESTORE_EMULATOR_HOST")
+        if emulator:
+            channel = grpc.aio.insecure_channel(emulator, options=options, interceptors=interceptors)
+            extra: tuple[tuple[str, str], ...] = (("authorization", "Bearer owner"),)
+        else:
+            from google.api_core import grpc_helpers_async
+
+            channel = grpc_helpers_async.create_channel(
+                FIRESTORE_HOST, scopes=SCOPES, default_host=FIRESTORE_HOST, options=options
+            )
+            if interceptors:
+                raise ValueError("interceptors are only supported on the emulator channel")
+            extra = ()
+        project = config.project
+        if not project:
+            import google.auth
+
+            _, discovered = google.auth.default(scopes=SCOPES)
+            if not discovered:
+                from taskservice.config import ConfigError
+
+                raise ConfigError("no Firestore project: set GOOGLE_CLOUD_PROJECT")
+            project = discovered
+        return cls(
+            channel,
+            project=project,
+            database=config.firestore_database,
+            collection=config.collection,
+            extra_metadata=extra,
+        )
+
+    # -- helpers ----------------------------------------------------------
+
+    def _name(self, task_id: str) -> str:
+        return self._task_prefix + task_id
+
+    def _request_name(self, request_id: str) -> str:
+        return self._request_prefix + request_id
+
+    async def _read_retrying(self, call: Any, timeout: float) -> Any:
+        """Runs an idempotent read, retrying UNAVAILABLE with backoff within timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.05
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded("the store did not answer in time")
+            try:
+                return await call(remaining)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRYABLE_READ or deadline - loop.time() <= delay:
+                    raise
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 1.0)
+
+    async def _get_doc(self, name: str, timeout: float) -> Any | None:
+        async def call(t: float) -> Any:
+            return await self._get_document(
+                GetDocumentRequest(name=name), timeout=t, metadata=self._metadata
+            )
+
+        try:
+            return await self._read_retrying(call, timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise _store_error(exc) from None
+
+    async def _get_docs(self, names: Sequence[str], timeout: float) -> dict[str, Any]:
+        """The documents that exist among names, by name (one BatchGetDocuments)."""
+
+        async def call(t: float) -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            request = BatchGetDocumentsRequest(database=self.database, documents=list(names))
+            async for response in self._batch_get(request, timeout=t, metadata=self._metadata):
+                if response.HasField("found"):
+                    found[response.found.name] = response.found
+            return found
+
+        try:
+            result: dict[str, Any] = await self._read_retrying(call, timeout)
+            return result
+        except grpc.aio.AioRpcError as exc:
+            raise _store_error(exc) from None
+
+    async def _commit_writes(self, writes: list[Any], timeout: float) -> Any:
+        return await self._commit(
+            CommitRequest(database=self.database, writes=writes),
+            timeout=timeout,
+            metadata=self._metadata,
+        )
+
+    # -- TaskStore --------------------------------------------------------
+
+    async def check(self, timeout: float) -> None:
+        await self._get_doc(self._request_name("readiness-probe"), timeout)
+
+    async def create_many(self, items: Sequence[NewTask], timeout: float) -> list[Task]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        resolved: dict[int, Task] = {}  # items answered by an earlier request_id
+        for _ in range(_UPDATE_ATTEMPTS):
+            pending = [(i, item) for i, item in enumerate(items) if i not in resolved]
+            if not pending:
+                return [resolved[i] for i in range(len(items))]
+            writes: list[Any] = []
+            for _i, item in pending:
+                writes.append(self._create_write(item))
+                if item.request_id is not None:
+                    writes.append(self._request_write(item))
+            try:
+                response = await self._commit_writes(writes, deadline - loop.time())
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                ):
+                    raise _store_error(exc) from None
+                await self._explain_conflict(items, resolved, deadline - loop.time())
+                continue
+            results = iter(response.write_results)
+            for i, item in pending:
+                result = next(results)
+                if item.request_id is not None:
+                    next(results)
+                created = _ns(result.transform_results[0].timestamp_value)
+                resolved[i] = Task(
+                    item.task_id,
+                    item.content,
+                    created,
+                    _ns(result.transform_results[1].timestamp_value),
+                    etag_for(_ns(result.update_time)),
+                )
+            return [resolved[i] for i in range(len(items))]
+        raise Conflict("the tasks are being created by many callers at once; retry")
+
+    def _create_write(self, item: NewTask) -> Any:
+        return Write(
+            update=Document(name=self._name(item.task_id), fields=_fields(item.content)),
+            current_document=Precondition(exists=False),
+            update_transforms=[
+                FieldTransform(field_path="create_time", set_to_server_value=_REQUEST_TIME),
+                FieldTransform(field_path="update_time", set_to_server_value=_REQUEST_TIME),
+            ],
+        )
+
+    def _request_write(self, item: NewTask) -> Any:
+        assert item.request_id is not None
+        expire = _timestamp(time.time_ns() + REQUEST_ID_TTL_NS)
+        return Write(
+            update=Document(
+                name=self._request_name(item.request_id),
+                fields={
+                    "task_id": Value(string_value=item.task_id),
+                    "expire_time": Value(timestamp_value=expire),
+                },
+            ),
+            current_document=Precondition(exists=False),
+        )
+
+    async def _explain_conflict(
+        self, items: Sequence[NewTask], resolved: dict[int, Task], timeout: float
+    ) -> None:
+        """After a failed create commit: resolves items whose request_id was
+        used before (into `resolved`), or raises AlreadyExists for a taken id."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        names = [self._name(item.task_id) for item in items]
+        names += [self._request_name(i.request_id) for i in items if i.request_id is not None]
+        found = await self._get_docs(names, timeout)
+        owners: dict[str, str] = {}  # task_id -> request_id that created it
+        followups: list[str] = []
+        for index, item in enumerate(items):
+            if index in resolved or item.request_id is None:
+                continue
+            marker = found.get(self._request_name(item.request_id))
+            if marker is None:
+                continue
+            task_id = marker.fields["task_id"].string_value
+            owners[task_id] = item.request_id
+            doc = found.get(self._name(task_id))
+            if doc is None:
+                followups.append(task_id)
+        if followups:
+            found.update(await self._get_docs([self._name(t) for t in followups], deadline - loop.time()))
+        for index, item in enumerate(items):
+            if index in resolved:
+                continue
+            if item.request_id is not None and self._request_name(item.request_id) in found:
+                task_id = found[self._request_name(item.request_id)].fields["task_id"].string_value
+                doc = found.get(self._name(task_id))
+                if doc is None:
+                    raise FailedPrecondition(
+                        f"request_id was used for tasks/{task_id}, which has since been deleted",
+                        reason="REQUEST_ID_ALREADY_USED",
+                    )
+                resolved[index] = _task(doc)
+                continue
+            if self._name(item.task_id) in found:
+                raise AlreadyExists(
+                    f"tasks/{item.task_id} already exists", index=index, name=f"tasks/{item.task_id}"
+                )
+        # Nothing explained the failure (e.g. a racing delete): the caller's loop retries.
+
+    async def get(self, task_id: str, timeout: float) -> Task:
+        doc = await self._get_doc(self._name(task_id), timeout)
+        if doc is None:
+            raise NotFound(f"tasks/{task_id} does not exist")
+        return _task(doc)
+
+    async def update(
+        self, task_id: str, patch: TaskPatch, expected_etag: str | None, timeout: float
+    ) -> Task:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        name = self._name(task_id)
+        for _ in range(_UPDATE_ATTEMPTS):
+            doc = await self._get_doc(name, deadline - loop.time())
+            if doc is None:
+                raise NotFound(f"tasks/{task_id} does not exist")
+            current = _task(doc)
+            if expected_etag is not None and expected_etag != current.etag:
+                raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
+            content = patch.apply(current.content)
+            fields = _fields(content)
+            fields["create_time"] = doc.fields["create_time"]
+            write = Write(
+                update=Document(name=name, fields=fields),
+                current_document=Precondition(update_time=doc.update_time),
+                update_transforms=[
+                    FieldTransform(field_path="update_time", set_to_server_value=_REQUEST_TIME)
+                ],
+            )
+            try:
+                response = await self._commit_writes([write], deadline - loop.time())
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                    continue  # changed or deleted since the read: read again
+                raise _store_error(exc) from None
+            result = response.write_results[0]
+            return Task(
+                task_id,
+                content,
+                current.create_time_ns,
+                _ns(result.transform_results[0].timestamp_value),
+                etag_for(_ns(result.update_time)),
+            )
+        raise Conflict(f"tasks/{task_id} is being changed by many callers at once; retry")
+
+    async def delete(self, task_id: str, expected_etag: str | None, timeout: float) -> None:
+        name = self._name(task_id)
+        if expected_etag is None:
+            precondition = Precondition(exists=True)
+        else:
+            version = version_of(expected_etag)
+            if version is None:
+                raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
+            precondition = Precondition(update_time=_timestamp(version))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await self._commit_writes([Write(delete=name, current_document=precondition)], timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"tasks/{task_id} does not exist") from None
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # Stale etag, or no such task: one read tells which.
+                if await self._get_doc(name, deadline - loop.time()) is None:
+                    raise NotFound(f"tasks/{task_id} does not exist") from None
+                raise EtagMismatch(f"the etag of tasks/{task_id} is stale") from None
+            raise _store_error(exc) from None
+
+    def build_query(self, query: ListQuery) -> Any:
+        """The StructuredQuery for one list page (public so tests can derive
+        the query shapes that firestore.indexes.json must cover)."""
+        sq = StructuredQuery()
+        sq.from_.add(collection_id=self.collection)
+        filters = _filters(query.filter)
+        if len(filters) == 1:
+            sq.where.CopyFrom(filters[0])
+        elif filters:
+            sq.where.composite_filter.op = StructuredQuery.CompositeFilter.AND
+            sq.where.composite_filter.filters.extend(filters)
+        direction = StructuredQuery.DESCENDING if query.ordering.descending else StructuredQuery.ASCENDING
+        sq.order_by.add(field=StructuredQuery.FieldReference(field_path=query.ordering.field.value), direction=direction)
+        sq.order_by.add(field=StructuredQuery.FieldReference(field_path="__name__"), direction=direction)
+        if query.after is not None:
+            sq.start_at.CopyFrom(
+                QueryCursor(
+                    values=[
+                        Value(timestamp_value=_timestamp(query.after.time_ns)),
+                        Value(reference_value=self._name(query.after.task_id)),
+                    ],
+                    before=False,
+                )
+            )
+        sq.limit.CopyFrom(wrappers_pb2.Int32Value(value=query.limit + 1))
+        return sq
+
+    async def list(self, query: ListQuery, timeout: float) -> ListResult:
+        request = RunQueryRequest(parent=self.documents, structured_query=self.build_query(query))
+
+        async def call(t: float) -> list[Any]:
+            docs: list[Any] = []
+            async for response in self._run_query(request, timeout=t, metadata=self._metadata):
+                if response.HasField("document"):
+                    docs.append(response.document)
+            return docs
+
+        try:
+            docs = await self._read_retrying(call, timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _store_error(exc) from None
+        return ListResult([_task(d) for d in docs[: query.limit]], more=len(docs) > query.limit)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _filters(f: TaskFilter) -> list[Any]:
+    FieldFilter = StructuredQuery.FieldFilter
+    out: list[Any] = []
+
+    def add(field: str, op: int, value: Any) -> None:
+        filt = StructuredQuery.Filter()
+        filt.field_filter.CopyFrom(
+            FieldFilter(field=StructuredQuery.FieldReference(field_path=field), op=op, value=value)
+        )
+        out.append(filt)
+
+    if f.state is not None:
+        add("state", FieldFilter.EQUAL, Value(integer_value=int(f.state)))
+    if f.priority is not None:
+        add("priority", FieldFilter.EQUAL, Value(integer_value=int(f.priority)))
+    if f.assignee is not None:
+        add("assignee", FieldFilter.EQUAL, Value(string_value=f.assignee))
+    if f.tag is not None:
+        add("tags", FieldFilter.ARRAY_CONTAINS, Value(string_value=f.tag))
+    return out

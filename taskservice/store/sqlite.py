@@ -1,0 +1,320 @@
+"""The embedded store: one SQLite file in WAL mode, with Firestore's semantics.
+
+Writes run on one dedicated thread (SQLite has one writer at a time) inside
+BEGIN IMMEDIATE transactions; reads run on a small pool of their own
+connections, so a long batch commit does not stall reads and nothing blocks
+the event loop. Every write stamps the row with a version time that is strictly
+greater than the previous one, which is both its update_time and its etag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from taskservice.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    EtagMismatch,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
+from taskservice.model import (
+    ListQuery,
+    ListResult,
+    NewTask,
+    OrderField,
+    Priority,
+    State,
+    Task,
+    TaskContent,
+    TaskPatch,
+    etag_for,
+    version_of,
+)
+from taskservice.store import REQUEST_ID_TTL_NS
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id     TEXT PRIMARY KEY,
+    title       TEXT NOT NULL,
+    description TEXT NOT NULL,
+    priority    INTEGER NOT NULL,
+    state       INTEGER NOT NULL,
+    assignee    TEXT NOT NULL,
+    tags        TEXT NOT NULL,
+    create_ns   INTEGER NOT NULL,
+    update_ns   INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_create ON tasks (create_ns, task_id);
+CREATE INDEX IF NOT EXISTS tasks_by_update ON tasks (update_ns, task_id);
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY,
+    task_id    TEXT NOT NULL,
+    expire_ns  INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+_COLUMNS = "task_id, title, description, priority, state, assignee, tags, create_ns, update_ns"
+_READ_THREADS = 2
+
+
+def _row_to_task(row: Sequence[Any]) -> Task:
+    return Task(
+        task_id=row[0],
+        content=TaskContent(
+            title=row[1],
+            description=row[2],
+            priority=Priority(row[3]),
+            state=State(row[4]),
+            assignee=row[5],
+            tags=tuple(json.loads(row[6])),
+        ),
+        create_time_ns=row[7],
+        update_time_ns=row[8],
+        etag=etag_for(row[8]),
+    )
+
+
+class SqliteStore:
+    """TaskStore over a local SQLite database file."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="sqlite-read")
+        self._ready = False
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a write is on disk before it is acknowledged, even on power loss.
+            conn.execute("PRAGMA synchronous = FULL")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    async def _run(
+        self, pool: ThreadPoolExecutor, fn: Callable[[sqlite3.Connection], T], timeout: float
+    ) -> T:
+        def work() -> T:
+            return fn(self._connection())
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(pool, work), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded("the store did not answer in time") from None
+        except sqlite3.OperationalError as exc:  # locked, disk I/O, unopenable file
+            raise Unavailable("the task database is unavailable") from exc
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> T:
+        if not self._ready:
+            await self._run(self._writer, self._init_schema, timeout)
+
+        def in_transaction(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._run(self._writer, in_transaction, timeout)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> T:
+        if not self._ready:
+            await self._run(self._writer, self._init_schema, timeout)
+        return await self._run(self._readers, fn, timeout)
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        if not self._ready:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            conn.executescript(_SCHEMA)
+            self._ready = True
+
+    @staticmethod
+    def _next_version(previous_ns: int) -> int:
+        return max(time.time_ns(), previous_ns + 1)
+
+    # -- TaskStore --------------------------------------------------------
+
+    async def check(self, timeout: float) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchall(), timeout)
+
+    async def create_many(self, items: Sequence[NewTask], timeout: float) -> list[Task]:
+        def create(conn: sqlite3.Connection) -> list[Task]:
+            now = time.time_ns()
+            results: list[Task] = []
+            for index, item in enumerate(items):
+                if item.request_id is not None:
+                    row = conn.execute(
+                        "SELECT task_id FROM requests WHERE request_id = ? AND expire_ns > ?",
+                        (item.request_id, now),
+                    ).fetchone()
+                    if row is not None:
+                        existing = conn.execute(
+                            f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (row[0],)
+                        ).fetchone()
+                        if existing is None:
+                            raise FailedPrecondition(
+                                f"request_id was used for tasks/{row[0]}, which has since"
+                                " been deleted",
+                                reason="REQUEST_ID_ALREADY_USED",
+                            )
+                        results.append(_row_to_task(existing))
+                        continue
+                c = item.content
+                try:
+                    conn.execute(
+                        f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            item.task_id,
+                            c.title,
+                            c.description,
+                            int(c.priority),
+                            int(c.state),
+                            c.assignee,
+                            json.dumps(c.tags),
+                            now,
+                            now,
+                        ),
+                    )
+                except sqlite3.IntegrityError:
+                    raise AlreadyExists(
+                        f"tasks/{item.task_id} already exists",
+                        index=index,
+                        name=f"tasks/{item.task_id}",
+                    ) from None
+                if item.request_id is not None:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO requests VALUES (?, ?, ?)",
+                        (item.request_id, item.task_id, now + REQUEST_ID_TTL_NS),
+                    )
+                results.append(Task(item.task_id, c, now, now, etag_for(now)))
+            return results
+
+        return await self._write(create, timeout)
+
+    async def get(self, task_id: str, timeout: float) -> Task:
+        def get(conn: sqlite3.Connection) -> Task:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"tasks/{task_id} does not exist")
+            return _row_to_task(row)
+
+        return await self._read(get, timeout)
+
+    async def update(
+        self, task_id: str, patch: TaskPatch, expected_etag: str | None, timeout: float
+    ) -> Task:
+        def update(conn: sqlite3.Connection) -> Task:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"tasks/{task_id} does not exist")
+            current = _row_to_task(row)
+            if expected_etag is not None and expected_etag != current.etag:
+                raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
+            content = patch.apply(current.content)
+            version = self._next_version(current.update_time_ns)
+            conn.execute(
+                "UPDATE tasks SET title = ?, description = ?, priority = ?, state = ?,"
+                " assignee = ?, tags = ?, update_ns = ? WHERE task_id = ?",
+                (
+                    content.title,
+                    content.description,
+                    int(content.priority),
+                    int(content.state),
+                    content.assignee,
+                    json.dumps(content.tags),
+                    version,
+                    task_id,
+                ),
+            )
+            return Task(task_id, content, current.create_time_ns, version, etag_for(version))
+
+        return await self._write(update, timeout)
+
+    async def delete(self, task_id: str, expected_etag: str | None, timeout: float) -> None:
+        version = None if expected_etag is None else version_of(expected_etag)
+
+        def delete(conn: sqlite3.Connection) -> None:
+            if expected_etag is None:
+                cur = conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+            else:
+                cur = conn.execute(
+                    "DELETE FROM tasks WHERE task_id = ? AND update_ns = ?", (task_id, version)
+                )
+            if cur.rowcount == 0:
+                exists = conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+                if exists is None:
+                    raise NotFound(f"tasks/{task_id} does not exist")
+                raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
+
+        await self._write(delete, timeout)
+
+    async def list(self, query: ListQuery, timeout: float) -> ListResult:
+        column = "create_ns" if query.ordering.field is OrderField.CREATE_TIME else "update_ns"
+        direction = "DESC" if query.ordering.descending else "ASC"
+        where: list[str] = []
+        args: list[Any] = []
+        f = query.filter
+        if f.state is not None:
+            where.append("state = ?")
+            args.append(int(f.state))
+        if f.priority is not None:
+            where.append("priority = ?")
+            args.append(int(f.priority))
+        if f.assignee is not None:
+            where.append("assignee = ?")
+            args.append(f.assignee)
+        if f.tag is not None:
+            where.append("EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = ?)")
+            args.append(f.tag)
+        if query.after is not None:
+            where.append(f"({column}, task_id) {'<' if query.ordering.descending else '>'} (?, ?)")
+            args.extend((query.after.time_ns, query.after.task_id))
+        sql = (
+            f"SELECT {_COLUMNS} FROM tasks"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + f" ORDER BY {column} {direction}, task_id {direction} LIMIT ?"
+        )
+        args.append(query.limit + 1)
+
+        def run(conn: sqlite3.Connection) -> ListResult:
+            rows = conn.execute(sql, args).fetchall()
+            return ListResult(
+                [_row_to_task(r) for r in rows[: query.limit]], more=len(rows) > query.limit
+            )
+
+        return await self._read(run, timeout)
+
+    async def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
