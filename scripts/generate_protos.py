@@ -3,7 +3,8 @@
 Usage: python scripts/generate_protos.py [OUT_DIR]   (default: generated/)
 
 Writes *_pb2.py, *_pb2.pyi (mypy-protobuf), *_pb2_grpc.py and *_pb2_grpc.pyi
-(typed sync and grpc.aio stubs), plus the package markers, for every .proto
+(typed sync and grpc.aio stubs), *_documented.binpb (the descriptor with its
+comments, served by reflection), plus the package markers, for every .proto
 under protos/. The google/api imports resolve to the copies that ship inside
 the googleapis-common-protos wheel, the same modules the runtime imports.
 """
@@ -52,6 +53,19 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("generate_protos: protoc failed")
+    # The same files with their comments, for server reflection (grpcurl
+    # describe): the *_pb2.py modules carry descriptors without source info.
+    for source in sources:
+        out = out_dir / source.replace(".proto", "_documented.binpb")
+        documented = [
+            "protoc",
+            *(f"-I{p}" for p in _include_paths()),
+            "--include_source_info",
+            f"--descriptor_set_out={out}",
+            source,
+        ]
+        if protoc.main(documented) != 0:
+            raise SystemExit("generate_protos: protoc failed (descriptor set)")
     packages = {out_dir / Path(s).parent for s in sources}
     for pkg in sorted(packages):
         d = pkg

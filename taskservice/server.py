@@ -13,9 +13,9 @@ import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from tasks.v1 import task_service_pb2, task_service_pb2_grpc
 
+from taskservice import reflection
 from taskservice.config import Config
 from taskservice.service import TaskServicer
 from taskservice.store import TaskStore, open_store
@@ -43,9 +43,7 @@ class TaskServer:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.store), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        reflection.enable(self.server, (SERVICE_NAME, health.SERVICE_NAME))
         self.port = 0
         self._probe: asyncio.Task[None] | None = None
         self._stopping = False
