@@ -1,0 +1,233 @@
+"""Shared fixtures: the real Cloud Firestore emulator, stores, and a real server.
+
+The emulator is started once per session by the tests themselves (java -cp
+the official jar). Where it is not installed, every Firestore test is skipped
+with a loud reason, repeated in the session summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tasks.v1 import task_service_pb2_grpc
+
+from taskservice.config import Config
+from taskservice.server import TaskServer
+from taskservice.store import TaskStore
+from taskservice.store.firestore import FirestoreStore
+from taskservice.store.sqlite import SqliteStore
+
+DEFAULT_JAR = (
+    "/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
+)
+_EMULATOR_SKIPPED: list[str] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+@dataclass
+class Emulator:
+    host: str
+    process: subprocess.Popen[bytes]
+
+    def freeze(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+
+def emulator_jar() -> str | None:
+    jar = os.environ.get("FIRESTORE_EMULATOR_JAR", DEFAULT_JAR)
+    if not Path(jar).is_file() or shutil.which("java") is None:
+        return None
+    return jar
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    jar = emulator_jar()
+    if jar is None:
+        reason = (
+            "FIRESTORE TESTS SKIPPED: the Cloud Firestore emulator jar (or java) is not installed"
+            f" (looked for {os.environ.get('FIRESTORE_EMULATOR_JAR', DEFAULT_JAR)});"
+            " these tests did NOT run"
+        )
+        _EMULATOR_SKIPPED.append(reason)
+        pytest.skip(reason)
+    port = free_port()
+    log = tmp_path_factory.mktemp("emulator") / "emulator.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                "java",
+                "-Duser.language=en",
+                "-cp",
+                jar,
+                "com.google.cloud.datastore.emulator.firestore.CloudFirestore",
+                "start",
+                "--host=127.0.0.1",
+                f"--port={port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "JAVA_TOOL_OPTIONS": "-Xmx512m"},
+        )
+    try:
+        if not wait_for_port("127.0.0.1", port, 60):
+            raise RuntimeError(f"the Firestore emulator did not start; see {log}")
+        yield Emulator(f"127.0.0.1:{port}", process)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for reason in _EMULATOR_SKIPPED[:1]:
+        terminalreporter.write_sep("!", reason, red=True, bold=True)
+
+
+@dataclass
+class CallCounter(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Counts Firestore RPCs (by method) and documents returned, on the real channel."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    documents: int = 0
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.documents = 0
+
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+    def _count(self, details: Any) -> None:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        name = method.rsplit("/", 1)[-1]
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        self._count(details)
+        call = await continuation(details, request)
+        if details.method in ("/google.firestore.v1.Firestore/GetDocument",
+                              b"/google.firestore.v1.Firestore/GetDocument"):
+            try:
+                await call
+                self.documents += 1
+            except grpc.aio.AioRpcError:
+                pass
+        return call
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        self._count(details)
+        call = await continuation(details, request)
+        counter = self
+
+        async def counted() -> AsyncIterator[Any]:
+            async for response in call:
+                if response.HasField("document") if hasattr(response, "document") else response.HasField("found"):
+                    counter.documents += 1
+                yield response
+
+        return counted()
+
+
+def firestore_store(emulator: Emulator, counter: CallCounter | None = None) -> FirestoreStore:
+    channel = grpc.aio.insecure_channel(
+        emulator.host, interceptors=[counter] if counter is not None else None
+    )
+    return FirestoreStore(
+        channel,
+        project=f"demo-t{uuid.uuid4().hex[:12]}",
+        extra_metadata=(("authorization", "Bearer owner"),),
+    )
+
+
+@pytest.fixture(params=["sqlite", "firestore"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskStore]:
+    made: TaskStore
+    if request.param == "sqlite":
+        made = SqliteStore(tmp_path / "tasks.db")
+    else:
+        made = firestore_store(request.getfixturevalue("emulator"))
+    yield made
+    await made.close()
+
+
+@dataclass
+class Running:
+    server: TaskServer
+    channel: grpc.aio.Channel
+    stub: task_service_pb2_grpc.TaskServiceStub
+    health: health_pb2_grpc.HealthStub
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+async def wait_serving(health: health_pb2_grpc.HealthStub, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        response = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        if response.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        if loop.time() > deadline:
+            raise TimeoutError("server did not become SERVING")
+        await asyncio.sleep(0.05)
+
+
+async def start_server(store: TaskStore) -> Running:
+    server = TaskServer(Config(host="127.0.0.1", port=0, grace_seconds=2.0), store)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    running = Running(
+        server,
+        channel,
+        task_service_pb2_grpc.TaskServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+    )
+    await wait_serving(running.health)
+    return running
+
+
+@pytest.fixture
+async def running(store: TaskStore) -> AsyncIterator[Running]:
+    r = await start_server(store)
+    yield r
+    await r.channel.close()
+    await r.server.stop(grace=1)
