@@ -121,7 +121,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @dataclass
-class CallCounter(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class CallCounter:
     """Counts Firestore RPCs (by method) and documents returned, on the real channel."""
 
     calls: dict[str, int] = field(default_factory=dict)
@@ -131,34 +131,45 @@ class CallCounter(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClie
         self.calls.clear()
         self.documents = 0
 
-    def total(self) -> int:
-        return sum(self.calls.values())
-
-    def _count(self, details: Any) -> None:
+    def count(self, details: Any) -> str:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        name = method.rsplit("/", 1)[-1]
+        name: str = method.rsplit("/", 1)[-1]
         self.calls[name] = self.calls.get(name, 0) + 1
+        return name
+
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        return [_CountUnary(self), _CountStream(self)]
+
+
+class _CountUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, counter: CallCounter) -> None:
+        self.counter = counter
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        self._count(details)
+        name = self.counter.count(details)
         call = await continuation(details, request)
-        if details.method in ("/google.firestore.v1.Firestore/GetDocument",
-                              b"/google.firestore.v1.Firestore/GetDocument"):
+        if name == "GetDocument":
             try:
                 await call
-                self.documents += 1
+                self.counter.documents += 1
             except grpc.aio.AioRpcError:
                 pass
         return call
 
+
+class _CountStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, counter: CallCounter) -> None:
+        self.counter = counter
+
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        self._count(details)
+        self.counter.count(details)
         call = await continuation(details, request)
-        counter = self
+        counter = self.counter
 
         async def counted() -> AsyncIterator[Any]:
             async for response in call:
-                if response.HasField("document") if hasattr(response, "document") else response.HasField("found"):
+                kind = "document" if response.DESCRIPTOR.name == "RunQueryResponse" else "found"
+                if response.HasField(kind):
                     counter.documents += 1
                 yield response
 
@@ -167,7 +178,7 @@ class CallCounter(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClie
 
 def firestore_store(emulator: Emulator, counter: CallCounter | None = None) -> FirestoreStore:
     channel = grpc.aio.insecure_channel(
-        emulator.host, interceptors=[counter] if counter is not None else None
+        emulator.host, interceptors=counter.interceptors() if counter is not None else None
     )
     return FirestoreStore(
         channel,
