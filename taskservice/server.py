@@ -75,7 +75,10 @@ class TaskServer:
             except Exception as exc:  # any failure just means "not ready yet"
                 failures += 1
                 if failures == 1 or failures % 20 == 0:
-                    log.warning("store not ready (%s); retrying", type(exc).__name__)
+                    cause = exc.__cause__ or exc
+                    log.warning(
+                        "store not ready (%s: %s); retrying", type(cause).__name__, cause
+                    )
                 await asyncio.sleep(PROBE_INTERVAL)
                 continue
             for name in ("", SERVICE_NAME):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -31,9 +30,10 @@ from taskservice.store import TaskStore
 from taskservice.store.firestore import FirestoreStore
 from taskservice.store.sqlite import SqliteStore
 
-DEFAULT_JAR = (
-    "/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
-)
+# Where Google Cloud SDK installs put the emulator (Debian package, archive
+# installs); FIRESTORE_EMULATOR_JAR overrides, and a gcloud on PATH is followed.
+_JAR = "platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
+_SDK_ROOTS = ("/usr/lib/google-cloud-sdk", "/usr/share/google-cloud-sdk", "~/google-cloud-sdk")
 _EMULATOR_SKIPPED: list[str] = []
 
 
@@ -59,35 +59,30 @@ class Emulator:
     host: str
     process: subprocess.Popen[bytes]
 
-    def freeze(self) -> None:
-        self.process.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-
 
 def emulator_jar() -> str | None:
-    jar = os.environ.get("FIRESTORE_EMULATOR_JAR", DEFAULT_JAR)
-    if not Path(jar).is_file() or shutil.which("java") is None:
+    """The Cloud Firestore emulator jar, or None when it (or java) is absent."""
+    if shutil.which("java") is None:
         return None
-    return jar
+    if os.environ.get("FIRESTORE_EMULATOR_JAR"):
+        candidates = [Path(os.environ["FIRESTORE_EMULATOR_JAR"])]
+    else:
+        roots = [Path(r).expanduser() for r in _SDK_ROOTS]
+        if os.environ.get("CLOUDSDK_ROOT_DIR"):
+            roots.insert(0, Path(os.environ["CLOUDSDK_ROOT_DIR"]))
+        gcloud = shutil.which("gcloud")
+        if gcloud:
+            roots.insert(0, Path(gcloud).resolve().parent.parent)
+        candidates = [root / _JAR for root in roots]
+    return next((str(c) for c in candidates if c.is_file()), None)
 
 
-@pytest.fixture(scope="session")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
-    jar = emulator_jar()
-    if jar is None:
-        reason = (
-            "FIRESTORE TESTS SKIPPED: the Cloud Firestore emulator jar (or java) is not installed"
-            f" (looked for {os.environ.get('FIRESTORE_EMULATOR_JAR', DEFAULT_JAR)});"
-            " these tests did NOT run"
-        )
-        _EMULATOR_SKIPPED.append(reason)
-        pytest.skip(reason)
-    port = free_port()
-    log = tmp_path_factory.mktemp("emulator") / "emulator.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
+def launch_emulator(jar: str, port: int, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Starts the official emulator on 127.0.0.1:port (java directly, so the
+    process is the server itself and signals reach it)."""
+    out = log.open("wb") if log is not None else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(
             [
                 "java",
                 "-Duser.language=en",
@@ -102,12 +97,29 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "JAVA_TOOL_OPTIONS": "-Xmx512m"},
         )
+    finally:
+        if log is not None:
+            out.close()  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    jar = emulator_jar()
+    if jar is None:
+        reason = (
+            "FIRESTORE TESTS SKIPPED: the Cloud Firestore emulator jar (or java) was not found"
+            " (set FIRESTORE_EMULATOR_JAR); these tests did NOT run"
+        )
+        _EMULATOR_SKIPPED.append(reason)
+        pytest.skip(reason)
+    port = free_port()
+    log = tmp_path_factory.mktemp("emulator") / "emulator.log"
+    process = launch_emulator(jar, port, log)
     try:
         if not wait_for_port("127.0.0.1", port, 60):
             raise RuntimeError(f"the Firestore emulator did not start; see {log}")
         yield Emulator(f"127.0.0.1:{port}", process)
     finally:
-        process.send_signal(signal.SIGCONT)
         process.terminate()
         try:
             process.wait(10)

@@ -88,6 +88,7 @@ SCOPES = ("https://www.googleapis.com/auth/datastore",)
 _SERVICE = "/google.firestore.v1.Firestore/"
 _RETRYABLE_READ = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 _UPDATE_ATTEMPTS = 8
+_READ_ATTEMPTS = 3
 _REQUEST_TIME = FieldTransform.REQUEST_TIME
 
 
@@ -239,21 +240,24 @@ class FirestoreStore:
         return self._request_prefix + request_id
 
     async def _read_retrying(self, call: Any, timeout: float) -> Any:
-        """Runs an idempotent read, retrying UNAVAILABLE with backoff within timeout."""
+        """Runs an idempotent read, retrying a transient failure a few times
+        (within timeout) before the caller is told UNAVAILABLE."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.05
-        while True:
+        for attempt in range(1, _READ_ATTEMPTS + 1):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise DeadlineExceeded("the store did not answer in time")
             try:
                 return await call(remaining)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRYABLE_READ or deadline - loop.time() <= delay:
+                retry = exc.code() in _RETRYABLE_READ and attempt < _READ_ATTEMPTS
+                if not retry or deadline - loop.time() <= delay:
                     raise
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def _get_doc(self, name: str, timeout: float) -> Any | None:
         async def call(t: float) -> Any:

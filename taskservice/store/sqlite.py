@@ -104,6 +104,7 @@ class SqliteStore:
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 10000")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -151,7 +152,6 @@ class SqliteStore:
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         if not self._ready:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             conn.executescript(_SCHEMA)
             self._ready = True
 

@@ -1,0 +1,175 @@
+"""`python -m taskservice` as an operator runs it: configuration, start, SIGTERM, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2_grpc
+from tasks.v1 import task_service_pb2 as pb
+from tasks.v1 import task_service_pb2_grpc
+
+from tests.conftest import Emulator, free_port, wait_for_port, wait_serving
+from tests.helpers import create_request
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("K_SERVICE", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT", "FIRESTORE_EMULATOR_HOST", "TASKSERVICE_STORE")
+    }
+    env.update(extra)
+    return env
+
+
+class Process:
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.port = int(env["PORT"])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "taskservice"], env=env, cwd=cwd,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.output = ""
+
+    def finish(self, timeout: float) -> int:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.output = out + err
+        return self.proc.returncode
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def _start(started: list[Process], env: dict[str, str], cwd: Path) -> Process:
+    p = Process(env, cwd)
+    started.append(p)
+    assert wait_for_port("127.0.0.1", p.port, 20), "server did not listen"
+    return p
+
+
+@pytest.fixture
+async def channel_to() -> AsyncIterator[list[grpc.aio.Channel]]:
+    channels: list[grpc.aio.Channel] = []
+    yield channels
+    for c in channels:
+        await c.close()
+
+
+async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
+    launch: list[Process], tmp_path: Path, channel_to: list[grpc.aio.Channel]
+) -> None:
+    port = free_port()
+    env = _env(PORT=str(port))
+    p = _start(launch, env, tmp_path)  # default store: sqlite at ./tasks.db
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel_to.append(channel)
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    task = await stub.CreateTask(create_request("persisted", task_id="keep-me"), timeout=5)
+    p.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(p.finish, 10) == 0
+    lines = [json.loads(line) for line in p.output.splitlines() if line.startswith("{")]
+    start = [entry for entry in lines if "listening on" in entry["message"]]
+    assert len(start) == 1 and start[0]["store"] == "sqlite" and str(port) in start[0]["address"]
+    assert all({"severity", "message", "time"} <= entry.keys() for entry in lines)
+    assert (tmp_path / "tasks.db").exists()
+
+    p2 = _start(launch, env, tmp_path)
+    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    assert await stub.GetTask(pb.GetTaskRequest(name="tasks/keep-me"), timeout=5) == task
+    p2.proc.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(p2.finish, 10) == 0
+
+
+async def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_calls(
+    launch: list[Process], tmp_path: Path, channel_to: list[grpc.aio.Channel]
+) -> None:
+    port = free_port()
+    p = _start(launch, _env(PORT=str(port), TASKSERVICE_SQLITE_PATH=str(tmp_path / "db" / "t.db")), tmp_path)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel_to.append(channel)
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    sent = asyncio.Event()
+
+    async def slow_stream() -> AsyncIterator[pb.CreateTaskRequest]:
+        for i in range(10):
+            yield create_request(f"t{i}")
+            if i == 2:
+                sent.set()
+            await asyncio.sleep(0.1)
+
+    batch = asyncio.ensure_future(stub.BatchCreateTasks(slow_stream(), timeout=10))
+    await sent.wait()
+    started = time.monotonic()
+    p.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetTask(pb.GetTaskRequest(name="tasks/x"), timeout=3)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    response = await batch
+    assert len(response.tasks) == 10
+    assert await asyncio.to_thread(p.finish, 10) == 0
+    assert time.monotonic() - started < 9
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"TASKSERVICE_STORE": "mongo"}, "TASKSERVICE_STORE"),
+        ({"TASKSERVICE_COLLECTION": "a/b"}, "TASKSERVICE_COLLECTION"),
+        ({"TASKSERVICE_STORE": "firestore", "GOOGLE_CLOUD_PROJECT": "Bad_Project"}, "GOOGLE_CLOUD_PROJECT"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_exit_2(tmp_path: Path, env: dict[str, str], needle: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "taskservice"], env=_env(**env), cwd=tmp_path,
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.firestore
+async def test_firestore_is_chosen_by_the_environment(
+    launch: list[Process], tmp_path: Path, emulator: Emulator, channel_to: list[grpc.aio.Channel]
+) -> None:
+    port = free_port()
+    p = _start(
+        launch,
+        _env(PORT=str(port), FIRESTORE_EMULATOR_HOST=emulator.host, GOOGLE_CLOUD_PROJECT="demo-process"),
+        tmp_path,
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel_to.append(channel)
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    task = await stub.CreateTask(create_request("in firestore"), timeout=5)
+    assert await stub.GetTask(pb.GetTaskRequest(name=task.name), timeout=5) == task
+    p.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(p.finish, 10) == 0
+    assert '"store": "firestore"' in p.output
+    assert not (tmp_path / "tasks.db").exists()
