@@ -47,7 +47,8 @@ class ServiceError(Exception):
         status = status_pb2.Status(
             code=_RPC_CODES[self.code], message=self.message, details=self.details()
         )
-        return rpc_status.to_status(status)
+        result: grpc.Status = rpc_status.to_status(status)
+        return result
 
 
 class InvalidArgument(ServiceError):

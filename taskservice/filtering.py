@@ -65,7 +65,10 @@ def parse_filter(text: str) -> TaskFilter:
     tokens = _tokens(text)
     if not tokens:
         return TaskFilter()
-    values: dict[str, object] = {}
+    seen: set[str] = set()
+    state: State | None = None
+    priority: Priority | None = None
+    strings: dict[str, str] = {}
     i = 0
     while True:
         if i + 3 > len(tokens):
@@ -76,35 +79,36 @@ def parse_filter(text: str) -> TaskFilter:
             raise _invalid(f"unsupported field {field!r}; filterable fields are {allowed}")
         if k2 != "op" or op != _FIELDS[field]:
             raise _invalid(f"{field} must be followed by {_FIELDS[field]!r}")
-        if field in values:
+        if field in seen:
             raise _invalid(f"{field} is restricted more than once")
+        seen.add(field)
         if field == "state":
-            values[field] = _enum(State, "STATE_", value, k3)
+            state = State[_enum_name(State, "STATE_", value, k3)]
         elif field == "priority":
-            values[field] = _enum(Priority, "PRIORITY_", value, k3)
+            priority = Priority[_enum_name(Priority, "PRIORITY_", value, k3)]
         else:
             if k3 != "string":
                 raise _invalid(f'{field} takes a quoted string, e.g. {field}{op}"value"')
-            values[field] = _unquote(value)
+            strings[field] = _unquote(value)
         i += 3
         if i == len(tokens):
             break
         kind, word = tokens[i]
         if kind != "word" or word != "AND":
-            raise _invalid(f"expected AND, found {word!r}; only AND-joined restrictions are supported")
+            raise _invalid(
+                f"expected AND, found {word!r}; only AND-joined restrictions are supported"
+            )
         i += 1
     return TaskFilter(
-        state=values.get("state"),  # type: ignore[arg-type]
-        priority=values.get("priority"),  # type: ignore[arg-type]
-        assignee=values.get("assignee"),  # type: ignore[arg-type]
-        tag=values.get("tags"),  # type: ignore[arg-type]
+        state=state, priority=priority, assignee=strings.get("assignee"), tag=strings.get("tags")
     )
 
 
-def _enum(enum: type[State] | type[Priority], prefix: str, value: str, kind: str) -> State | Priority:
+def _enum_name(enum: type[State] | type[Priority], prefix: str, value: str, kind: str) -> str:
+    """The member name that `value` (e.g. STATE_OPEN) spells; never UNSPECIFIED."""
     name = value[len(prefix) :] if kind == "word" and value.startswith(prefix) else ""
     member = enum.__members__.get(name)
     if member is None or member.value == 0:
         choices = ", ".join(prefix + m.name for m in enum if m.value)
         raise _invalid(f"{value!r} is not one of {choices}")
-    return member
+    return name

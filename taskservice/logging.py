@@ -47,4 +47,6 @@ def configure(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     name = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
-    root.setLevel(getattr(logging, name, logging.INFO) if name in logging._nameToLevel else logging.INFO)
+    root.setLevel(
+        getattr(logging, name, logging.INFO) if name in logging._nameToLevel else logging.INFO
+    )

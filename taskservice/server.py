@@ -41,7 +41,9 @@ class TaskServer:
         self.store = store if store is not None else open_store(config)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.store), self.server)
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(
+            TaskServicer(self.store), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable(self.server, (SERVICE_NAME, health.SERVICE_NAME))
         self.port = 0
@@ -62,7 +64,9 @@ class TaskServer:
             self.config.host,
             self.port,
             self.store.kind,
-            extra={"fields": {"address": f"{self.config.host}:{self.port}", "store": self.store.kind}},
+            extra={
+                "fields": {"address": f"{self.config.host}:{self.port}", "store": self.store.kind}
+            },
         )
         return self.port
 
@@ -76,9 +80,7 @@ class TaskServer:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:
                     cause = exc.__cause__ or exc
-                    log.warning(
-                        "store not ready (%s: %s); retrying", type(cause).__name__, cause
-                    )
+                    log.warning("store not ready (%s: %s); retrying", type(cause).__name__, cause)
                 await asyncio.sleep(PROBE_INTERVAL)
                 continue
             for name in ("", SERVICE_NAME):

@@ -76,7 +76,9 @@ def _rpc(method: Handler[R]) -> Handler[R]:
     generic INTERNAL (logged with an error id, never sent to the caller)."""
 
     @functools.wraps(method)
-    async def handler(self: TaskServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
+    async def handler(
+        self: TaskServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> R:
         try:
             return await method(self, request, context)
         except ServiceError as err:
@@ -180,7 +182,9 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
                 )
             if item.request_id is not None and item.request_id in request_ids:
                 first = request_ids[item.request_id]
-                raise InvalidArgument([(f"requests[{index}].request_id", f"repeats requests[{first}]")])
+                raise InvalidArgument(
+                    [(f"requests[{index}].request_id", f"repeats requests[{first}]")]
+                )
             task_ids[item.task_id] = index
             if item.request_id is not None:
                 request_ids[item.request_id] = index

@@ -138,9 +138,7 @@ def new_task(request: pb.CreateTaskRequest) -> NewTask:
     _tags(list(task.tags), "task.tags", out)
     task_id = request.task_id
     if task_id and TASK_ID.fullmatch(task_id) is None:
-        out.append(
-            ("task_id", "must match ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ (1-63 characters)")
-        )
+        out.append(("task_id", "must match ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ (1-63 characters)"))
     request_id: str | None = None
     if request.request_id:
         if _UUID.fullmatch(request.request_id) is None:
@@ -250,5 +248,7 @@ def ordering(order_by: str) -> Ordering:
     found = _ORDERINGS.get(key)
     if found is None:
         choices = ", ".join(f'"{k}"' for k in _ORDERINGS)
-        raise InvalidArgument([("order_by", f"must be one of {choices}")], reason="INVALID_ORDER_BY")
+        raise InvalidArgument(
+            [("order_by", f"must be one of {choices}")], reason="INVALID_ORDER_BY"
+        )
     return found

@@ -62,7 +62,9 @@ async def expect_error(awaitable: Any, code: grpc.StatusCode) -> ErrorDetails:
 
 def create_request(title: str = "a task", **kwargs: Any) -> pb.CreateTaskRequest:
     task_fields = {
-        k: kwargs.pop(k) for k in list(kwargs) if k in ("description", "priority", "assignee", "tags", "state")
+        k: kwargs.pop(k)
+        for k in list(kwargs)
+        if k in ("description", "priority", "assignee", "tags", "state")
     }
     return pb.CreateTaskRequest(task=pb.Task(title=title, **task_fields), **kwargs)
 

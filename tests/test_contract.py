@@ -66,7 +66,16 @@ async def test_get_missing_and_bad_names(running: Running) -> None:
         running.stub.GetTask(pb.GetTaskRequest(name="tasks/nope")), grpc.StatusCode.NOT_FOUND
     )
     assert details.reason == "TASK_NOT_FOUND"
-    for name in ["", "tasks/", "task/abc", "tasks/ABC", "tasks/a/b", "tasks/../x", "tasks/-a", "abc"]:
+    for name in [
+        "",
+        "tasks/",
+        "task/abc",
+        "tasks/ABC",
+        "tasks/a/b",
+        "tasks/../x",
+        "tasks/-a",
+        "abc",
+    ]:
         details = await expect_error(running.stub.GetTask(pb.GetTaskRequest(name=name)), IA)
         assert details.fields == ["name"], name
 
@@ -140,12 +149,17 @@ async def test_racing_retries_with_one_request_id_create_one_task(running: Runni
 
 async def test_request_id_with_task_id_retry(running: Running) -> None:
     request_id = str(uuid.uuid4())
-    first = await running.stub.CreateTask(create_request("t", task_id="fixed", request_id=request_id))
-    again = await running.stub.CreateTask(create_request("t", task_id="fixed", request_id=request_id))
+    first = await running.stub.CreateTask(
+        create_request("t", task_id="fixed", request_id=request_id)
+    )
+    again = await running.stub.CreateTask(
+        create_request("t", task_id="fixed", request_id=request_id)
+    )
     assert again == first
     # The same task_id without the request_id is a real conflict.
     await expect_error(
-        running.stub.CreateTask(create_request("t", task_id="fixed")), grpc.StatusCode.ALREADY_EXISTS
+        running.stub.CreateTask(create_request("t", task_id="fixed")),
+        grpc.StatusCode.ALREADY_EXISTS,
     )
 
 
@@ -156,7 +170,9 @@ async def test_update_with_mask_changes_only_masked_fields(running: Running) -> 
     task = await running.stub.CreateTask(create_request("old", description="keep", tags=["a"]))
     update = pb.Task(name=task.name, title="new", description="ignored", state=pb.Task.STATE_DONE)
     updated = await running.stub.UpdateTask(
-        pb.UpdateTaskRequest(task=update, update_mask=field_mask_pb2.FieldMask(paths=["title", "state"]))
+        pb.UpdateTaskRequest(
+            task=update, update_mask=field_mask_pb2.FieldMask(paths=["title", "state"])
+        )
     )
     assert updated.title == "new"
     assert updated.description == "keep"
@@ -170,10 +186,14 @@ async def test_update_with_mask_changes_only_masked_fields(running: Running) -> 
 
 async def test_update_without_mask_uses_populated_fields(running: Running) -> None:
     task = await running.stub.CreateTask(
-        create_request("t", description="d", assignee="bob", tags=["x"], priority=pb.Task.PRIORITY_LOW)
+        create_request(
+            "t", description="d", assignee="bob", tags=["x"], priority=pb.Task.PRIORITY_LOW
+        )
     )
     updated = await running.stub.UpdateTask(
-        pb.UpdateTaskRequest(task=pb.Task(name=task.name, priority=pb.Task.PRIORITY_CRITICAL, assignee=""))
+        pb.UpdateTaskRequest(
+            task=pb.Task(name=task.name, priority=pb.Task.PRIORITY_CRITICAL, assignee="")
+        )
     )
     assert updated.priority == pb.Task.PRIORITY_CRITICAL
     assert not updated.HasField("assignee")  # explicitly set to "" clears it
@@ -181,7 +201,9 @@ async def test_update_without_mask_uses_populated_fields(running: Running) -> No
 
 
 async def test_update_star_replaces_all_mutable_fields(running: Running) -> None:
-    task = await running.stub.CreateTask(create_request("t", description="d", tags=["x"], assignee="a"))
+    task = await running.stub.CreateTask(
+        create_request("t", description="d", tags=["x"], assignee="a")
+    )
     updated = await running.stub.UpdateTask(
         pb.UpdateTaskRequest(
             task=pb.Task(name=task.name, title="only title", state=pb.Task.STATE_IN_PROGRESS),
@@ -200,7 +222,9 @@ async def test_update_mask_errors_and_output_only_paths(running: Running) -> Non
     task = await running.stub.CreateTask(create_request("t"))
     mask = field_mask_pb2.FieldMask(paths=["title", "bogus"])
     details = await expect_error(
-        running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="x"), update_mask=mask)),
+        running.stub.UpdateTask(
+            pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="x"), update_mask=mask)
+        ),
         IA,
     )
     assert details.fields == ["update_mask.paths[1]"]
@@ -213,14 +237,19 @@ async def test_update_mask_errors_and_output_only_paths(running: Running) -> Non
     # A mask naming only output-only fields updates nothing: rejected.
     await expect_error(
         running.stub.UpdateTask(
-            pb.UpdateTaskRequest(task=pb.Task(name=task.name), update_mask=field_mask_pb2.FieldMask(paths=["name"]))
+            pb.UpdateTaskRequest(
+                task=pb.Task(name=task.name), update_mask=field_mask_pb2.FieldMask(paths=["name"])
+            )
         ),
         IA,
     )
     # Masked fields are validated.
     details = await expect_error(
         running.stub.UpdateTask(
-            pb.UpdateTaskRequest(task=pb.Task(name=task.name), update_mask=field_mask_pb2.FieldMask(paths=["title", "state"]))
+            pb.UpdateTaskRequest(
+                task=pb.Task(name=task.name),
+                update_mask=field_mask_pb2.FieldMask(paths=["title", "state"]),
+            )
         ),
         IA,
     )
@@ -233,21 +262,32 @@ async def test_update_etag_and_missing(running: Running) -> None:
         pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="one", etag=task.etag))
     )
     details = await expect_error(
-        running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="two", etag=task.etag))),
+        running.stub.UpdateTask(
+            pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="two", etag=task.etag))
+        ),
         grpc.StatusCode.ABORTED,
     )
     assert details.reason == "ETAG_MISMATCH"
     assert (await running.stub.GetTask(pb.GetTaskRequest(name=task.name))).title == "one"
-    await running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="two", etag=first.etag)))
+    await running.stub.UpdateTask(
+        pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="two", etag=first.etag))
+    )
     await expect_error(
-        running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name="tasks/missing", title="x"))),
+        running.stub.UpdateTask(
+            pb.UpdateTaskRequest(task=pb.Task(name="tasks/missing", title="x"))
+        ),
         grpc.StatusCode.NOT_FOUND,
     )
     details = await expect_error(
-        running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="x", etag="zz!"))), IA
+        running.stub.UpdateTask(
+            pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="x", etag="zz!"))
+        ),
+        IA,
     )
     assert details.fields == ["task.etag"]
-    await expect_error(running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name="bad", title="x"))), IA)
+    await expect_error(
+        running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name="bad", title="x"))), IA
+    )
 
 
 async def test_concurrent_updates_lose_no_write(running: Running) -> None:
@@ -271,7 +311,9 @@ async def test_concurrent_updates_lose_no_write(running: Running) -> None:
     assert list(final.tags) == ["t1", "t2"]
 
 
-async def test_etag_compare_and_swap_counter_has_exactly_one_winner_per_etag(running: Running) -> None:
+async def test_etag_compare_and_swap_counter_has_exactly_one_winner_per_etag(
+    running: Running,
+) -> None:
     task = await running.stub.CreateTask(create_request("0"))
     wins: list[str] = []
 
@@ -298,20 +340,30 @@ async def test_etag_compare_and_swap_counter_has_exactly_one_winner_per_etag(run
 
 async def test_delete(running: Running) -> None:
     task = await running.stub.CreateTask(create_request("t"))
-    updated = await running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="u")))
+    updated = await running.stub.UpdateTask(
+        pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="u"))
+    )
     details = await expect_error(
-        running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name, etag=task.etag)), grpc.StatusCode.ABORTED
+        running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name, etag=task.etag)),
+        grpc.StatusCode.ABORTED,
     )
     assert details.reason == "ETAG_MISMATCH"
     await running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name, etag=updated.etag))
-    await expect_error(running.stub.GetTask(pb.GetTaskRequest(name=task.name)), grpc.StatusCode.NOT_FOUND)
-    await expect_error(running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name)), grpc.StatusCode.NOT_FOUND)
     await expect_error(
-        running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name, etag=updated.etag)), grpc.StatusCode.NOT_FOUND
+        running.stub.GetTask(pb.GetTaskRequest(name=task.name)), grpc.StatusCode.NOT_FOUND
+    )
+    await expect_error(
+        running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name)), grpc.StatusCode.NOT_FOUND
+    )
+    await expect_error(
+        running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name, etag=updated.etag)),
+        grpc.StatusCode.NOT_FOUND,
     )
     other = await running.stub.CreateTask(create_request("t2"))
     await running.stub.DeleteTask(pb.DeleteTaskRequest(name=other.name))
-    details = await expect_error(running.stub.DeleteTask(pb.DeleteTaskRequest(name="tasks/x", etag="nothex")), IA)
+    details = await expect_error(
+        running.stub.DeleteTask(pb.DeleteTaskRequest(name="tasks/x", etag="nothex")), IA
+    )
     assert details.fields == ["etag"]
     await expect_error(running.stub.DeleteTask(pb.DeleteTaskRequest(name="x/y")), IA)
 
@@ -321,7 +373,8 @@ async def test_request_id_of_a_deleted_task(running: Running) -> None:
     task = await running.stub.CreateTask(create_request("t", request_id=request_id))
     await running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name))
     details = await expect_error(
-        running.stub.CreateTask(create_request("t", request_id=request_id)), grpc.StatusCode.FAILED_PRECONDITION
+        running.stub.CreateTask(create_request("t", request_id=request_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
     )
     assert details.reason == "REQUEST_ID_ALREADY_USED"
 
@@ -330,7 +383,9 @@ async def test_request_id_of_a_deleted_task(running: Running) -> None:
 
 
 async def test_batch_create_in_stream_order(running: Running) -> None:
-    requests = [create_request(f"task {i}", task_id=f"b-{i:03d}" if i % 2 else "") for i in range(50)]
+    requests = [
+        create_request(f"task {i}", task_id=f"b-{i:03d}" if i % 2 else "") for i in range(50)
+    ]
     response = await running.stub.BatchCreateTasks(stream_of(requests))
     assert [t.title for t in response.tasks] == [f"task {i}" for i in range(50)]
     assert [t.name for t in response.tasks][1] == "tasks/b-001"
@@ -350,7 +405,9 @@ async def test_batch_is_atomic_on_taken_id(running: Running) -> None:
     await running.stub.CreateTask(create_request("exists", task_id="taken"))
     requests = [create_request(f"t{i}", task_id=f"new-{i}") for i in range(5)]
     requests[3].task_id = "taken"
-    details = await expect_error(running.stub.BatchCreateTasks(stream_of(requests)), grpc.StatusCode.ALREADY_EXISTS)
+    details = await expect_error(
+        running.stub.BatchCreateTasks(stream_of(requests)), grpc.StatusCode.ALREADY_EXISTS
+    )
     assert "requests[3].task_id" in details.message
     listed = await running.stub.ListTasks(pb.ListTasksRequest())
     assert [t.name for t in listed.tasks] == ["tasks/taken"]
@@ -405,8 +462,10 @@ async def _all_pages(running: Running, **kwargs: object) -> list[pb.Task]:
 
 async def test_paging_returns_every_task_exactly_once_in_order(running: Running) -> None:
     # One batch: many tasks share one create_time, so ties must break on name.
-    created = (await running.stub.BatchCreateTasks(stream_of([create_request(f"t{i}") for i in range(57)]))).tasks
-    created = list(created) + [await running.stub.CreateTask(create_request("late"))]
+    created = (
+        await running.stub.BatchCreateTasks(stream_of([create_request(f"t{i}") for i in range(57)]))
+    ).tasks
+    created = [*created, await running.stub.CreateTask(create_request("late"))]
     for order_by, key, reverse in [
         ("", lambda t: (t.create_time.ToNanoseconds(), t.name), True),
         ("create_time desc", lambda t: (t.create_time.ToNanoseconds(), t.name), True),
@@ -416,7 +475,9 @@ async def test_paging_returns_every_task_exactly_once_in_order(running: Running)
     ]:
         for page_size in (1, 7, 58, 0):
             seen = await _all_pages(running, page_size=page_size, order_by=order_by)
-            assert [t.name for t in seen] == [t.name for t in sorted(created, key=key, reverse=reverse)], (
+            assert [t.name for t in seen] == [
+                t.name for t in sorted(created, key=key, reverse=reverse)
+            ], (
                 order_by,
                 page_size,
             )
@@ -427,7 +488,9 @@ async def test_page_size_rules(running: Running) -> None:
     assert len((await running.stub.ListTasks(pb.ListTasksRequest())).tasks) == 50
     big = await running.stub.ListTasks(pb.ListTasksRequest(page_size=1000))
     assert len(big.tasks) == 200 and big.next_page_token
-    rest = await running.stub.ListTasks(pb.ListTasksRequest(page_size=200, page_token=big.next_page_token))
+    rest = await running.stub.ListTasks(
+        pb.ListTasksRequest(page_size=200, page_token=big.next_page_token)
+    )
     assert len(rest.tasks) == 30 and rest.next_page_token == ""
     details = await expect_error(running.stub.ListTasks(pb.ListTasksRequest(page_size=-1)), IA)
     assert details.fields == ["page_size"]
@@ -443,14 +506,26 @@ async def test_exact_page_has_no_dangling_token(running: Running) -> None:
 
 async def test_page_tokens_are_checked(running: Running) -> None:
     await running.stub.BatchCreateTasks(stream_of([create_request(f"t{i}") for i in range(5)]))
-    page = await running.stub.ListTasks(pb.ListTasksRequest(page_size=2, filter="state = STATE_OPEN"))
+    page = await running.stub.ListTasks(
+        pb.ListTasksRequest(page_size=2, filter="state = STATE_OPEN")
+    )
     token = page.next_page_token
     assert token
     # Same query spelled differently, and another page size: accepted.
-    await running.stub.ListTasks(pb.ListTasksRequest(page_size=3, filter="state=STATE_OPEN", page_token=token))
-    for bad in [token[:-2], token[:5] + ("A" if token[5] != "A" else "B") + token[6:], "garbage!!", "x" * 600]:
+    await running.stub.ListTasks(
+        pb.ListTasksRequest(page_size=3, filter="state=STATE_OPEN", page_token=token)
+    )
+    for bad in [
+        token[:-2],
+        token[:5] + ("A" if token[5] != "A" else "B") + token[6:],
+        "garbage!!",
+        "x" * 600,
+    ]:
         details = await expect_error(
-            running.stub.ListTasks(pb.ListTasksRequest(page_size=2, filter="state = STATE_OPEN", page_token=bad)), IA
+            running.stub.ListTasks(
+                pb.ListTasksRequest(page_size=2, filter="state = STATE_OPEN", page_token=bad)
+            ),
+            IA,
         )
         assert details.fields == ["page_token"]
     for other in [
@@ -476,7 +551,9 @@ async def test_filters(running: Running) -> None:
         if assignee:
             kwargs["assignee"] = assignee
         made[title] = await running.stub.CreateTask(create_request(title, **kwargs))
-    await running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=made["c"].name, state=pb.Task.STATE_DONE)))
+    await running.stub.UpdateTask(
+        pb.UpdateTaskRequest(task=pb.Task(name=made["c"].name, state=pb.Task.STATE_DONE))
+    )
 
     async def titles(flt: str) -> set[str]:
         return {t.title for t in await _all_pages(running, filter=flt, page_size=2)}
@@ -490,24 +567,28 @@ async def test_filters(running: Running) -> None:
     assert await titles('assignee = "q\\"uote\\\\"') == {"e"}
     assert await titles('tags:"red"') == {"a", "b"}
     assert await titles('tags : "with space"') == {"e"}
-    assert await titles('tags:"red" AND priority = PRIORITY_HIGH AND assignee="ana" AND state=STATE_OPEN') == {"a"}
+    assert await titles(
+        'tags:"red" AND priority = PRIORITY_HIGH AND assignee="ana" AND state=STATE_OPEN'
+    ) == {"a"}
     assert await titles('priority = PRIORITY_HIGH AND tags:"blue"') == {"a", "c"}
     for order in ("create_time", "update_time desc"):
-        seen = await _all_pages(running, filter="priority = PRIORITY_HIGH", order_by=order, page_size=1)
+        seen = await _all_pages(
+            running, filter="priority = PRIORITY_HIGH", order_by=order, page_size=1
+        )
         assert len(seen) == 4
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        "title = \"x\"",
+        'title = "x"',
         "state = OPEN",
         "state = STATE_UNSPECIFIED",
         "state = 1",
         "priority = PRIORITY_NOPE",
         "assignee = ana",
         'tags = "x"',
-        'state = STATE_OPEN OR state = STATE_DONE',
+        "state = STATE_OPEN OR state = STATE_DONE",
         "state = STATE_OPEN AND",
         "state = STATE_OPEN state = STATE_DONE",
         "state = STATE_OPEN AND state = STATE_DONE",
@@ -517,7 +598,7 @@ async def test_filters(running: Running) -> None:
         'assignee = "unterminated',
         "state",
         "create_time > 0",
-        "__name__ = \"x\"",
+        '__name__ = "x"',
         "x" * 1100,
     ],
 )
@@ -527,7 +608,9 @@ async def test_bad_filters_are_rejected_naming_filter(running: Running, bad: str
     assert details.reason == "INVALID_FILTER"
 
 
-@pytest.mark.parametrize("bad", ["title", "create_time asc desc", "create_time DESC", "name", "update_time desc,name"])
+@pytest.mark.parametrize(
+    "bad", ["title", "create_time asc desc", "create_time DESC", "name", "update_time desc,name"]
+)
 async def test_bad_order_by(running: Running, bad: str) -> None:
     details = await expect_error(running.stub.ListTasks(pb.ListTasksRequest(order_by=bad)), IA)
     assert details.fields == ["order_by"]

@@ -44,7 +44,9 @@ async def test_round_trips_per_call(counted: tuple[Running, CallCounter]) -> Non
     assert counter.calls == {"GetDocument": 1, "Commit": 1} and counter.documents == 1
 
     counter.reset()
-    await stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="v", etag=updated.etag)))
+    await stub.UpdateTask(
+        pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="v", etag=updated.etag))
+    )
     assert counter.calls == {"GetDocument": 1, "Commit": 1}
 
     await stub.BatchCreateTasks(stream_of([create_request(f"b{i}") for i in range(30)]))

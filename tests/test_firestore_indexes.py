@@ -42,8 +42,9 @@ def _shapes() -> set[tuple[frozenset[str], str | None, str, str]]:
 
 def _shape(sq: Any) -> tuple[frozenset[str], str | None, str, str]:
     filters = (
-        list(sq.where.composite_filter.filters) if sq.where.HasField("composite_filter") else
-        ([sq.where] if sq.where.HasField("field_filter") else [])
+        list(sq.where.composite_filter.filters)
+        if sq.where.HasField("composite_filter")
+        else ([sq.where] if sq.where.HasField("field_filter") else [])
     )
     equal: set[str] = set()
     contains: str | None = None
@@ -59,7 +60,7 @@ def _shape(sq: Any) -> tuple[frozenset[str], str | None, str, str]:
     orders = [(o.field.field_path, o.direction) for o in sq.order_by]
     assert orders[-1][0] == "__name__", "ties must break on the document name"
     assert len({d for _, d in orders}) == 1, "__name__ must follow the sort direction"
-    (field, direction), = orders[:-1]
+    ((field, direction),) = orders[:-1]
     word = "DESCENDING" if direction == StructuredQuery.DESCENDING else "ASCENDING"
     return frozenset(equal), contains, field, word
 

@@ -41,7 +41,10 @@ def test_buf_lint_and_format_are_clean() -> None:
     lint = subprocess.run([_buf(), "lint"], cwd=ROOT, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     fmt = subprocess.run(
-        [_buf(), "format", "--diff", "--exit-code", "protos"], cwd=ROOT, capture_output=True, text=True
+        [_buf(), "format", "--diff", "--exit-code", "protos"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 

@@ -35,7 +35,10 @@ async def _server_over(target: str) -> Running:
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     return Running(
-        server, channel, task_service_pb2_grpc.TaskServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+        server,
+        channel,
+        task_service_pb2_grpc.TaskServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
     )
 
 
@@ -83,7 +86,9 @@ async def test_silent_store_answers_within_the_callers_deadline(black_hole: str)
         for call in (
             running.stub.GetTask(pb.GetTaskRequest(name="tasks/x"), timeout=1.0),
             running.stub.CreateTask(create_request("t"), timeout=1.0),
-            running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name="tasks/x", title="y")), timeout=1.0),
+            running.stub.UpdateTask(
+                pb.UpdateTaskRequest(task=pb.Task(name="tasks/x", title="y")), timeout=1.0
+            ),
             running.stub.ListTasks(pb.ListTasksRequest(), timeout=1.0),
         ):
             started = time.monotonic()

@@ -28,7 +28,14 @@ def _env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("K_SERVICE", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT", "FIRESTORE_EMULATOR_HOST", "TASKSERVICE_STORE")
+        if k
+        not in (
+            "K_SERVICE",
+            "GOOGLE_CLOUD_PROJECT",
+            "GCP_PROJECT",
+            "FIRESTORE_EMULATOR_HOST",
+            "TASKSERVICE_STORE",
+        )
     }
     env.update(extra)
     return env
@@ -38,8 +45,12 @@ class Process:
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
         self.port = int(env["PORT"])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "taskservice"], env=env, cwd=cwd,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "taskservice"],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.output = ""
 
@@ -104,7 +115,11 @@ async def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_calls(
     launch: list[Process], tmp_path: Path, channel_to: list[grpc.aio.Channel]
 ) -> None:
     port = free_port()
-    p = _start(launch, _env(PORT=str(port), TASKSERVICE_SQLITE_PATH=str(tmp_path / "db" / "t.db")), tmp_path)
+    p = _start(
+        launch,
+        _env(PORT=str(port), TASKSERVICE_SQLITE_PATH=str(tmp_path / "db" / "t.db")),
+        tmp_path,
+    )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     channel_to.append(channel)
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
@@ -139,13 +154,22 @@ async def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_calls(
         ({"PORT": "70000"}, "PORT"),
         ({"TASKSERVICE_STORE": "mongo"}, "TASKSERVICE_STORE"),
         ({"TASKSERVICE_COLLECTION": "a/b"}, "TASKSERVICE_COLLECTION"),
-        ({"TASKSERVICE_STORE": "firestore", "GOOGLE_CLOUD_PROJECT": "Bad_Project"}, "GOOGLE_CLOUD_PROJECT"),
+        (
+            {"TASKSERVICE_STORE": "firestore", "GOOGLE_CLOUD_PROJECT": "Bad_Project"},
+            "GOOGLE_CLOUD_PROJECT",
+        ),
     ],
 )
-def test_bad_configuration_is_one_line_and_exit_2(tmp_path: Path, env: dict[str, str], needle: str) -> None:
+def test_bad_configuration_is_one_line_and_exit_2(
+    tmp_path: Path, env: dict[str, str], needle: str
+) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "taskservice"], env=_env(**env), cwd=tmp_path,
-        capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "taskservice"],
+        env=_env(**env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert result.stdout == ""
@@ -160,7 +184,11 @@ async def test_firestore_is_chosen_by_the_environment(
     port = free_port()
     p = _start(
         launch,
-        _env(PORT=str(port), FIRESTORE_EMULATOR_HOST=emulator.host, GOOGLE_CLOUD_PROJECT="demo-process"),
+        _env(
+            PORT=str(port),
+            FIRESTORE_EMULATOR_HOST=emulator.host,
+            GOOGLE_CLOUD_PROJECT="demo-process",
+        ),
         tmp_path,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

@@ -51,7 +51,6 @@ from taskservice.model import (
     ListQuery,
     ListResult,
     NewTask,
-    OrderField,
     Priority,
     State,
     Task,
@@ -202,7 +201,9 @@ class FirestoreStore:
         ]
         emulator = os.environ.get("FIRESTORE_EMULATOR_HOST")
         if emulator:
-            channel = grpc.aio.insecure_channel(emulator, options=options, interceptors=interceptors)
+            channel = grpc.aio.insecure_channel(
+                emulator, options=options, interceptors=interceptors
+            )
             extra: tuple[tuple[str, str], ...] = (("authorization", "Bearer owner"),)
         else:
             from google.api_core import grpc_helpers_async
@@ -388,7 +389,9 @@ class FirestoreStore:
             if doc is None:
                 followups.append(task_id)
         if followups:
-            found.update(await self._get_docs([self._name(t) for t in followups], deadline - loop.time()))
+            found.update(
+                await self._get_docs([self._name(t) for t in followups], deadline - loop.time())
+            )
         for index, item in enumerate(items):
             if index in resolved:
                 continue
@@ -404,7 +407,9 @@ class FirestoreStore:
                 continue
             if self._name(item.task_id) in found:
                 raise AlreadyExists(
-                    f"tasks/{item.task_id} already exists", index=index, name=f"tasks/{item.task_id}"
+                    f"tasks/{item.task_id} already exists",
+                    index=index,
+                    name=f"tasks/{item.task_id}",
                 )
         # Nothing explained the failure (e.g. a racing delete): the caller's loop retries.
 
@@ -487,9 +492,16 @@ class FirestoreStore:
         elif filters:
             sq.where.composite_filter.op = StructuredQuery.CompositeFilter.AND
             sq.where.composite_filter.filters.extend(filters)
-        direction = StructuredQuery.DESCENDING if query.ordering.descending else StructuredQuery.ASCENDING
-        sq.order_by.add(field=StructuredQuery.FieldReference(field_path=query.ordering.field.value), direction=direction)
-        sq.order_by.add(field=StructuredQuery.FieldReference(field_path="__name__"), direction=direction)
+        direction = (
+            StructuredQuery.DESCENDING if query.ordering.descending else StructuredQuery.ASCENDING
+        )
+        sq.order_by.add(
+            field=StructuredQuery.FieldReference(field_path=query.ordering.field.value),
+            direction=direction,
+        )
+        sq.order_by.add(
+            field=StructuredQuery.FieldReference(field_path="__name__"), direction=direction
+        )
         if query.after is not None:
             sq.start_at.CopyFrom(
                 QueryCursor(

@@ -162,7 +162,9 @@ class SqliteStore:
     # -- TaskStore --------------------------------------------------------
 
     async def check(self, timeout: float) -> None:
-        await self._read(lambda conn: conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchall(), timeout)
+        await self._read(
+            lambda conn: conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchall(), timeout
+        )
 
     async def create_many(self, items: Sequence[NewTask], timeout: float) -> list[Task]:
         def create(conn: sqlite3.Connection) -> list[Task]:
@@ -220,7 +222,9 @@ class SqliteStore:
 
     async def get(self, task_id: str, timeout: float) -> Task:
         def get(conn: sqlite3.Connection) -> Task:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
             if row is None:
                 raise NotFound(f"tasks/{task_id} does not exist")
             return _row_to_task(row)
@@ -231,7 +235,9 @@ class SqliteStore:
         self, task_id: str, patch: TaskPatch, expected_etag: str | None, timeout: float
     ) -> Task:
         def update(conn: sqlite3.Connection) -> Task:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
             if row is None:
                 raise NotFound(f"tasks/{task_id} does not exist")
             current = _row_to_task(row)
@@ -268,7 +274,9 @@ class SqliteStore:
                     "DELETE FROM tasks WHERE task_id = ? AND update_ns = ?", (task_id, version)
                 )
             if cur.rowcount == 0:
-                exists = conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+                exists = conn.execute(
+                    "SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)
+                ).fetchone()
                 if exists is None:
                     raise NotFound(f"tasks/{task_id} does not exist")
                 raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
