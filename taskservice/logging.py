@@ -1,17 +1,22 @@
 """Structured logs: one JSON object per line, in Cloud Logging's format.
 
-Fields: severity, message, time (RFC 3339, UTC), logger, and for errors the
-stack trace inside `message` (so Error Reporting picks it up). The level comes
-from LOG_LEVEL (default INFO).
+Fields: severity, message, time (RFC 3339, UTC), logger; the trace of the call
+being served as `logging.googleapis.com/trace` (projects/P/traces/T),
+`logging.googleapis.com/spanId` and `logging.googleapis.com/trace_sampled`;
+any `extra={"fields": {...}}` of the record; and for errors the stack trace
+inside `message`, where Error Reporting finds it. The level comes from
+LOG_LEVEL (default INFO).
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 _SEVERITY = {
@@ -21,6 +26,25 @@ _SEVERITY = {
     logging.ERROR: "ERROR",
     logging.CRITICAL: "CRITICAL",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class CallTrace:
+    trace_id: str  # 32 hex digits
+    span_id: str | None  # 16 hex digits
+    sampled: bool
+
+
+current_trace: contextvars.ContextVar[CallTrace | None] = contextvars.ContextVar(
+    "current_trace", default=None
+)
+_project = ""
+
+
+def set_project(project: str) -> None:
+    """The project that trace resource names are built with."""
+    global _project
+    _project = project
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,6 +58,17 @@ class JsonFormatter(logging.Formatter):
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
             "logger": record.name,
         }
+        trace = current_trace.get()
+        if trace is not None:
+            if _project:
+                entry["logging.googleapis.com/trace"] = (
+                    f"projects/{_project}/traces/{trace.trace_id}"
+                )
+            else:
+                entry["trace_id"] = trace.trace_id
+            if trace.span_id:
+                entry["logging.googleapis.com/spanId"] = trace.span_id
+            entry["logging.googleapis.com/trace_sampled"] = trace.sampled
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             entry.update(extra)
@@ -46,7 +81,5 @@ def configure(level: str | None = None) -> None:
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    name = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
-    root.setLevel(
-        getattr(logging, name, logging.INFO) if name in logging._nameToLevel else logging.INFO
-    )
+    name = (level or os.environ.get("LOG_LEVEL") or "INFO").strip().upper()
+    root.setLevel(logging.getLevelNamesMapping().get(name, logging.INFO))

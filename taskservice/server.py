@@ -15,8 +15,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tasks.v1 import task_service_pb2, task_service_pb2_grpc
 
+from taskservice import logging as json_logging
 from taskservice import reflection
 from taskservice.config import Config
+from taskservice.interceptors import AccessLogInterceptor
 from taskservice.service import TaskServicer
 from taskservice.store import TaskStore, open_store
 
@@ -39,8 +41,11 @@ class TaskServer:
     def __init__(self, config: Config, store: TaskStore | None = None) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config)
+        json_logging.set_project(config.project or getattr(self.store, "project", ""))
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(
+            interceptors=(AccessLogInterceptor(),), options=SERVER_OPTIONS
+        )
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(self.store), self.server
         )

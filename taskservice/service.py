@@ -89,7 +89,12 @@ def _rpc(method: Handler[R]) -> Handler[R]:
             raise
         except Exception:
             error_id = uuid.uuid4().hex[:16]
-            log.exception("unhandled error in %s (error_id=%s)", method.__name__, error_id)
+            log.exception(
+                "unhandled error in %s (error_id=%s)",
+                method.__name__,
+                error_id,
+                extra={"fields": {"error_id": error_id}},
+            )
             status = Internal(f"internal error (error_id={error_id})").to_grpc_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
         raise AssertionError("abort returned")  # pragma: no cover

@@ -201,3 +201,19 @@ async def test_firestore_is_chosen_by_the_environment(
     assert await asyncio.to_thread(p.finish, 10) == 0
     assert '"store": "firestore"' in p.output
     assert not (tmp_path / "tasks.db").exists()
+
+
+async def test_log_level_comes_from_the_environment(
+    launch: list[Process], tmp_path: Path, channel_to: list[grpc.aio.Channel]
+) -> None:
+    port = free_port()
+    p = _start(launch, _env(PORT=str(port), LOG_LEVEL="warning"), tmp_path)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel_to.append(channel)
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.GetTask(pb.GetTaskRequest(name="tasks/missing"), timeout=5)
+    p.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(p.finish, 10) == 0
+    assert "listening on" not in p.output and "GetTask" not in p.output

@@ -156,6 +156,7 @@ class FirestoreStore:
         extra_metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self._channel = channel
+        self.project = project
         self.database = f"projects/{project}/databases/{database}"
         self.documents = f"{self.database}/documents"
         self.collection = collection

@@ -1,0 +1,165 @@
+"""Server interceptors: one structured access-log line per RPC, with the trace.
+
+For every call it records the method, the gRPC code, latency, the peer, the
+request and response sizes (and the message count of a client stream), and
+binds the caller's trace (W3C `traceparent` or `x-cloud-trace-context`) to
+every log line written while the call runs. Payloads and credentials are never
+logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from taskservice.logging import CallTrace, current_trace
+
+log = logging.getLogger("taskservice.access")
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/(\d+))?(?:;o=([01]))?")
+
+
+def parse_trace(metadata: Any) -> CallTrace | None:
+    """The caller's trace from `traceparent` (preferred) or `x-cloud-trace-context`."""
+    traceparent = cloud = None
+    for key, value in metadata or ():
+        if key == "traceparent":
+            traceparent = value
+        elif key == "x-cloud-trace-context":
+            cloud = value
+    if isinstance(traceparent, str):
+        m = _TRACEPARENT.fullmatch(traceparent.strip())
+        if m and m.group(1) != "0" * 32:
+            return CallTrace(m.group(1), m.group(2), m.group(3) == "01")
+    if isinstance(cloud, str):
+        m = _CLOUD_TRACE.fullmatch(cloud.strip())
+        if m:
+            span = format(int(m.group(2)), "016x") if m.group(2) else None
+            return CallTrace(m.group(1).lower(), span, m.group(3) == "1")
+    return None
+
+
+class AccessLogInterceptor(grpc.aio.ServerInterceptor):
+    """Logs each RPC once, after it ends, at INFO (errors of the server at ERROR)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        trace = parse_trace(handler_call_details.invocation_metadata)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary(handler.unary_unary, method, trace),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _client_stream(handler.stream_unary, method, trace),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # server streams (health Watch, reflection) are not logged
+
+
+def _size(message: Any) -> int:
+    size = getattr(message, "ByteSize", None)
+    return int(size()) if size is not None else 0
+
+
+def _code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    if error is None:
+        return "OK"
+    if isinstance(error, BaseException) and type(error).__name__ == "CancelledError":
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+def _emit(
+    method: str,
+    context: grpc.aio.ServicerContext[Any, Any],
+    started: float,
+    error: BaseException | None,
+    request_bytes: int,
+    response_bytes: int,
+    messages: int | None,
+) -> None:
+    code = _code(context, error)
+    fields: dict[str, Any] = {
+        "grpc.method": method,
+        "grpc.code": code,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        "peer": context.peer(),
+        "request_bytes": request_bytes,
+        "response_bytes": response_bytes,
+    }
+    if messages is not None:
+        fields["request_messages"] = messages
+    level = logging.ERROR if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS") else logging.INFO
+    log.log(level, "%s %s", method, code, extra={"fields": fields})
+
+
+def _unary(behavior: Any, method: str, trace: CallTrace | None) -> Any:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        token = current_trace.set(trace)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        response = None
+        try:
+            response = await behavior(request, context)
+            return response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _emit(method, context, started, error, _size(request), _size(response), None)
+            current_trace.reset(token)
+
+    return handle
+
+
+def _client_stream(behavior: Any, method: str, trace: CallTrace | None) -> Any:
+    async def handle(
+        request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        token = current_trace.set(trace)
+        started = time.perf_counter()
+        counts = [0, 0]  # messages, bytes
+
+        async def counted() -> AsyncIterator[Any]:
+            async for message in request_iterator:
+                counts[0] += 1
+                counts[1] += _size(message)
+                yield message
+
+        error: BaseException | None = None
+        response = None
+        try:
+            response = await behavior(counted(), context)
+            return response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _emit(method, context, started, error, counts[1], _size(response), counts[0])
+            current_trace.reset(token)
+
+    return handle
