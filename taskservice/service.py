@@ -49,8 +49,8 @@ def to_proto(task: Task) -> pb.Task:
         name="tasks/" + task.task_id,
         title=c.title,
         description=c.description,
-        priority=int(c.priority),  # type: ignore[arg-type]
-        state=int(c.state),  # type: ignore[arg-type]
+        priority=pb.Task.Priority.ValueType(c.priority),
+        state=pb.Task.State.ValueType(c.state),
         tags=c.tags,
         create_time=_timestamp(task.create_time_ns),
         update_time=_timestamp(task.update_time_ns),

@@ -1,0 +1,220 @@
+"""Opening a channel to TaskService the way callers should.
+
+    async with connect("tasks-abc123-uc.a.run.app") as client:
+        task = await client.stub.GetTask(GetTaskRequest(name="tasks/x"))
+
+- `*.run.app` (or any https:// URL): TLS, with a Google ID token per call whose
+  audience is the service URL (google-auth: the metadata server on Google
+  Cloud, or a service-account key / gcloud user credentials elsewhere).
+- localhost / 127.0.0.1 / [::1]: plaintext h2c, for a local server.
+- Retries on UNAVAILABLE only where a repeat cannot do harm: GetTask and
+  ListTasks always (by the channel's service config), CreateTask only with a
+  request_id, UpdateTask only with task.etag, DeleteTask only with an etag.
+- A default deadline for calls that set none (10 s; 60 s for
+  BatchCreateTasks), and keepalive pings so a dead connection is noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from tasks.v1 import task_service_pb2_grpc
+
+SERVICE = "tasks.v1.TaskService"
+DEFAULT_TIMEOUT = 10.0
+STREAM_TIMEOUT = 60.0
+MAX_ATTEMPTS = 5
+INITIAL_BACKOFF = 0.2
+MAX_BACKOFF = 2.0
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": SERVICE, "method": "GetTask"},
+                {"service": SERVICE, "method": "ListTasks"},
+            ],
+            "retryPolicy": {
+                "maxAttempts": MAX_ATTEMPTS,
+                "initialBackoff": f"{INITIAL_BACKOFF}s",
+                "maxBackoff": f"{MAX_BACKOFF}s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # Reconnect soon after a restart (the default first wait is 1 s), so the
+    # retries above land on the new server rather than on a backing-off channel.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    address: str  # host:port for grpc
+    secure: bool
+    audience: str | None  # for ID tokens
+
+
+def parse_target(target: str) -> Target:
+    """Where to connect and how: TLS + ID token for Cloud Run, plaintext for localhost."""
+    raw = target.strip()
+    if "://" in raw:
+        parts = urlsplit(raw)
+        host = parts.hostname or ""
+        secure = parts.scheme == "https"
+        port = parts.port or (443 if secure else 80)
+    else:
+        parts = urlsplit("//" + raw)
+        host = parts.hostname or ""
+        port = parts.port or 0
+        secure = host not in LOCAL_HOSTS
+        port = port or (443 if secure else 8080)
+    if not host:
+        raise ValueError(f"no host in target {target!r}")
+    shown = f"[{host}]" if ":" in host else host
+    audience = f"https://{host}" if secure and host.endswith(".run.app") else None
+    return Target(f"{shown}:{port}", secure, audience)
+
+
+def _idempotent(method: str, request: Any) -> bool:
+    if method.endswith("/CreateTask"):
+        return bool(request.request_id)
+    if method.endswith("/UpdateTask"):
+        return bool(request.task.etag)
+    if method.endswith("/DeleteTask"):
+        return bool(request.etag)
+    return False  # Get/List retry by service config; others never
+
+
+class _DefaultsAndRetries(grpc.aio.UnaryUnaryClientInterceptor):
+    """A default deadline, and UNAVAILABLE retries for requests that say they
+    are safe to repeat (request_id / etag), within the call's deadline."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        timeout = DEFAULT_TIMEOUT if details.timeout is None else details.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        retry = _idempotent(method, request)
+        backoff = INITIAL_BACKOFF
+        attempt = 1
+        while True:
+            call_details = grpc.aio.ClientCallDetails(
+                details.method,
+                max(deadline - loop.time(), 0.001),
+                details.metadata,
+                details.credentials,
+                details.wait_for_ready,
+            )
+            call = await continuation(call_details, request)
+            if not retry or attempt >= MAX_ATTEMPTS:
+                return call
+            try:
+                await call
+                return call
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    return call
+            pause = random.uniform(0, backoff)
+            if loop.time() + pause >= deadline:
+                return call
+            await asyncio.sleep(pause)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            attempt += 1
+
+
+class _StreamDefaults(grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        if details.timeout is None:
+            details = grpc.aio.ClientCallDetails(
+                details.method,
+                STREAM_TIMEOUT,
+                details.metadata,
+                details.credentials,
+                details.wait_for_ready,
+            )
+        return await continuation(details, request_iterator)
+
+
+def _id_token_credentials(audience: str) -> grpc.CallCredentials:
+    import google.auth.transport.grpc
+    import google.auth.transport.requests
+    import google.oauth2.id_token
+
+    request = google.auth.transport.requests.Request()
+    credentials = google.oauth2.id_token.fetch_id_token_credentials(  # type: ignore[no-untyped-call]
+        audience, request=request
+    )
+    plugin = google.auth.transport.grpc.AuthMetadataPlugin(credentials, request)  # type: ignore[no-untyped-call]
+    return grpc.metadata_call_credentials(plugin)
+
+
+def open_channel(
+    target: str,
+    *,
+    call_credentials: grpc.CallCredentials | None = None,
+    root_certificates: bytes | None = None,
+    server_name: str | None = None,
+    extra_options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """A channel to TaskService at `target` (see the module docstring).
+
+    call_credentials replaces the ID token (tests, other token sources);
+    root_certificates and server_name are for private TLS front ends.
+    """
+    parsed = parse_target(target)
+    options = [*CHANNEL_OPTIONS, *extra_options]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    interceptors = [_DefaultsAndRetries(), _StreamDefaults()]
+    if not parsed.secure:
+        return grpc.aio.insecure_channel(parsed.address, options=options, interceptors=interceptors)
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    if call_credentials is None and parsed.audience is not None:
+        call_credentials = _id_token_credentials(parsed.audience)
+    if call_credentials is not None:
+        credentials = grpc.composite_channel_credentials(credentials, call_credentials)
+    return grpc.aio.secure_channel(
+        parsed.address, credentials, options=options, interceptors=interceptors
+    )
+
+
+class TaskClient:
+    """A channel and its TaskService stub; an async context manager."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.stub = task_service_pb2_grpc.TaskServiceStub(channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> TaskClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def connect(target: str, **kwargs: Any) -> TaskClient:
+    return TaskClient(open_channel(target, **kwargs))
