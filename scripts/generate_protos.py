@@ -79,7 +79,10 @@ def generate(out_dir: Path) -> list[Path]:
 
 if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "generated"
-    if target == ROOT / "generated" and target.exists():
-        shutil.rmtree(target)
+    # Only the generated packages are replaced; generated/pyproject.toml (the
+    # tasks-v1 stubs distribution) is written by hand.
+    for source in sorted(PROTOS.iterdir()):
+        if source.is_dir() and (target / source.name).exists():
+            shutil.rmtree(target / source.name)
     for path in generate(target):
         print(path.relative_to(target))

@@ -21,6 +21,7 @@ from taskservice.logging import CallTrace, current_trace
 
 log = logging.getLogger("taskservice.access")
 
+_QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/(\d+))?(?:;o=([01]))?")
 
@@ -113,7 +114,12 @@ def _emit(
     }
     if messages is not None:
         fields["request_messages"] = messages
-    level = logging.ERROR if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS") else logging.INFO
+    if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
+        level = logging.ERROR
+    elif method.startswith(_QUIET_PREFIXES):
+        level = logging.DEBUG  # health probes and reflection: every few seconds, all alike
+    else:
+        level = logging.INFO
     log.log(level, "%s %s", method, code, extra={"fields": fields})
 
 

@@ -22,7 +22,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     fresh = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     checked_in = {
         p.relative_to(ROOT / "generated"): p.read_bytes()
-        for p in (ROOT / "generated").rglob("*")
+        for p in (ROOT / "generated" / "tasks").rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
     }
     assert fresh.keys() == checked_in.keys(), "run: python scripts/generate_protos.py"
@@ -103,3 +103,47 @@ def test_installed_package_exposes_stubs_without_clashing(tmp_path: Path) -> Non
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "tasks.v1"
+
+
+def test_stubs_distribution_installs_alone(tmp_path: Path) -> None:
+    """A caller can pip install generated/ (the tasks-v1 distribution) without
+    the server: it needs no taskservice, Firestore or SQLite code."""
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "generated", source, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(tmp_path / "site"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    installed = sorted(
+        p.name for p in (tmp_path / "site").iterdir() if not p.name.endswith("-info")
+    )
+    assert installed == ["tasks"]
+    meta = next((tmp_path / "site").glob("tasks_v1-*.dist-info")) / "METADATA"
+    requires = [line for line in meta.read_text().splitlines() if line.startswith("Requires-Dist")]
+    assert requires and not any("firestore" in r or "taskservice" in r for r in requires)
+    code = "from tasks.v1 import task_service_pb2_grpc; print(task_service_pb2_grpc.__file__)"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(tmp_path / 'site')!r}); {code}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert str(tmp_path / "site") in result.stdout
