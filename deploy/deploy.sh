@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Deploys TaskService to Cloud Run over end-to-end HTTP/2, with Firestore.
+#
+#   deploy/deploy.sh --project P --region R [--image IMAGE | --build]
+#                    [--service taskservice] [--database '(default)']
+#                    [--invoker serviceAccount:caller@P.iam.gserviceaccount.com]...
+#                    [--dry-run]
+#
+# What it does, in order (each command is printed before it runs):
+#   1. enables the APIs (Cloud Run, Firestore, Artifact Registry, Cloud Build);
+#   2. creates the runtime service account with only roles/datastore.user;
+#   3. creates the Firestore database if it is missing, then the composite
+#      indexes, index exemptions and the request-id TTL policy
+#      (deploy/firestore.indexes.json, via deploy/index_commands.py);
+#   4. with --build, builds and pushes the image with Cloud Build;
+#   5. renders deploy/service.yaml and runs `gcloud run services replace`
+#      (h2c port, gRPC startup/liveness probes; no public access);
+#   6. grants roles/run.invoker to each --invoker.
+# --dry-run prints the plan and the rendered manifest path and runs nothing.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+project="" region="" image="" build=0 service="taskservice" database="(default)" dry_run=0
+invokers=()
+
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --project) project=${2:?}; shift 2 ;;
+    --region) region=${2:?}; shift 2 ;;
+    --image) image=${2:?}; shift 2 ;;
+    --build) build=1; shift ;;
+    --service) service=${2:?}; shift 2 ;;
+    --database) database=${2:?}; shift 2 ;;
+    --invoker) invokers+=("${2:?}"); shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage ;;
+    *) echo "deploy.sh: unknown argument $1" >&2; usage ;;
+  esac
+done
+[ -n "$project" ] && [ -n "$region" ] || { echo "deploy.sh: --project and --region are required" >&2; usage; }
+if [ -z "$image" ]; then
+  image="${region}-docker.pkg.dev/${project}/taskservice/${service}:$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo latest)"
+fi
+sa_name="${service}-run"
+sa="${sa_name}@${project}.iam.gserviceaccount.com"
+
+run() {  # prints a command, then runs it unless --dry-run
+  printf '+ %s\n' "$(printf '%q ' "$@" | sed 's/ $//')"
+  [ "$dry_run" -eq 1 ] || "$@"
+}
+run_if_absent() {  # CHECK... -- CREATE...: runs CREATE when CHECK fails
+  local check=() create=()
+  while [ "$1" != "--" ]; do check+=("$1"); shift; done; shift; create=("$@")
+  if [ "$dry_run" -eq 1 ]; then
+    printf '+ %s || %s\n' "$(printf '%q ' "${check[@]}" | sed 's/ $//')" "$(printf '%q ' "${create[@]}" | sed 's/ $//')"
+  elif ! "${check[@]}" >/dev/null 2>&1; then
+    run "${create[@]}"
+  fi
+}
+run_tolerating_exists() {  # an index that already exists is not an error
+  printf '+ %s\n' "$*"
+  [ "$dry_run" -eq 1 ] && return 0
+  local out
+  if ! out=$(eval "$*" 2>&1); then
+    grep -qi "already exists" <<<"$out" || { echo "$out" >&2; return 1; }
+  fi
+}
+
+echo "# Deploying ${service} to project ${project}, region ${region}"
+echo "# image ${image}; runtime service account ${sa}"
+[ "$dry_run" -eq 1 ] && echo "# DRY RUN: nothing below is executed"
+
+echo "# 1. APIs"
+run gcloud services enable run.googleapis.com firestore.googleapis.com \
+  artifactregistry.googleapis.com cloudbuild.googleapis.com --project "$project"
+
+echo "# 2. Runtime service account: Firestore access only"
+run_if_absent gcloud iam service-accounts describe "$sa" --project "$project" -- \
+  gcloud iam service-accounts create "$sa_name" --project "$project" \
+  --display-name "TaskService on Cloud Run"
+run gcloud projects add-iam-policy-binding "$project" \
+  --member "serviceAccount:${sa}" --role roles/datastore.user --condition None
+
+echo "# 3. Firestore database, indexes, TTL"
+run_if_absent gcloud firestore databases describe --database "$database" --project "$project" -- \
+  gcloud firestore databases create --database "$database" --location "$region" \
+  --type firestore-native --project "$project"
+while IFS= read -r cmd; do
+  run_tolerating_exists "$cmd"
+done < <(python3 "$here/index_commands.py" "$here/firestore.indexes.json" \
+          --project "$project" --database "$database")
+
+if [ "$build" -eq 1 ]; then
+  echo "# 4. Build and push the image"
+  run_if_absent gcloud artifacts repositories describe taskservice --location "$region" --project "$project" -- \
+    gcloud artifacts repositories create taskservice --repository-format docker \
+    --location "$region" --project "$project"
+  run gcloud builds submit "$root" --tag "$image" --project "$project"
+fi
+
+echo "# 5. Cloud Run service (end-to-end HTTP/2, no public access)"
+rendered=$(mktemp "${TMPDIR:-/tmp}/${service}-service.XXXXXX.yaml")
+SERVICE="$service" REGION="$region" PROJECT_ID="$project" IMAGE="$image" \
+SERVICE_ACCOUNT="$sa" DATABASE="$database" python3 - "$here/service.yaml" "$rendered" <<'PY'
+import os, re, sys
+text = open(sys.argv[1]).read()
+names = ("SERVICE", "REGION", "PROJECT_ID", "IMAGE", "SERVICE_ACCOUNT", "DATABASE")
+text = re.sub(r"\$\{(%s)\}" % "|".join(names), lambda m: os.environ[m.group(1)], text)
+left = re.findall(r"\$\{[A-Z_]+\}", text)
+if left:
+    sys.exit(f"unrendered placeholders: {left}")
+open(sys.argv[2], "w").write(text)
+PY
+echo "# rendered manifest: ${rendered}"
+run gcloud run services replace "$rendered" --region "$region" --project "$project"
+
+echo "# 6. Who may call it"
+for member in "${invokers[@]}"; do
+  run gcloud run services add-iam-policy-binding "$service" --region "$region" \
+    --project "$project" --member "$member" --role roles/run.invoker
+done
+[ ${#invokers[@]} -gt 0 ] || echo "# (no --invoker given: only project owners can call it)"
+
+echo "# Call it:"
+echo "#   URL=\$(gcloud run services describe ${service} --region ${region} --project ${project} --format 'value(status.url)')"
+echo "#   grpcurl -H \"authorization: Bearer \$(gcloud auth print-identity-token)\" \${URL#https://}:443 list"

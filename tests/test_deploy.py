@@ -1,0 +1,130 @@
+"""The deploy plan (dry run), the Cloud Run manifest and the Dockerfile lint clean."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed; pip install -e '.[dev]'")
+    return found
+
+
+def _dry_run(*extra: str) -> str:
+    result = subprocess.run(
+        [
+            "bash",
+            str(DEPLOY / "deploy.sh"),
+            "--project",
+            "demo-proj",
+            "--region",
+            "europe-west1",
+            "--dry-run",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_dry_run_prints_the_whole_plan_in_order() -> None:
+    out = _dry_run(
+        "--invoker",
+        "serviceAccount:caller@demo-proj.iam.gserviceaccount.com",
+        "--invoker",
+        "serviceAccount:other@demo-proj.iam.gserviceaccount.com",
+        "--build",
+    )
+    commands = [line[2:] for line in out.splitlines() if line.startswith("+ ")]
+    assert all(c.startswith("gcloud ") for c in commands)
+    steps = [
+        "gcloud services enable run.googleapis.com firestore.googleapis.com",
+        "gcloud iam service-accounts describe taskservice-run@demo-proj.iam.gserviceaccount.com",
+        "gcloud projects add-iam-policy-binding demo-proj",
+        "gcloud firestore databases describe",
+        "gcloud firestore indexes composite create",
+        "gcloud firestore indexes fields update title",
+        "gcloud firestore fields ttls update expire_time --collection-group=tasks-requests",
+        "gcloud builds submit",
+        "gcloud run services replace",
+        "gcloud run services add-iam-policy-binding taskservice",
+    ]
+    positions = [next(i for i, c in enumerate(commands) if c.startswith(s)) for s in steps]
+    assert positions == sorted(positions), "steps out of order"
+    roles = re.findall(r"--role (\S+)", "\n".join(commands))
+    assert roles.count("roles/datastore.user") == 1  # the runtime account gets only this
+    assert roles.count("roles/run.invoker") == 2
+    assert set(roles) == {"roles/datastore.user", "roles/run.invoker"}
+    assert "allUsers" not in out and "--allow-unauthenticated" not in out
+    assert sum(c.startswith("gcloud firestore indexes composite create") for c in commands) == 60
+    assert 'grpcurl -H "authorization: Bearer $(gcloud auth print-identity-token)"' in out
+
+
+def test_rendered_manifest_is_valid_and_complete(tmp_path: Path) -> None:
+    out = _dry_run("--image", "europe-west1-docker.pkg.dev/demo-proj/taskservice/taskservice:v1")
+    rendered = Path(re.search(r"# rendered manifest: (\S+)", out).group(1))  # type: ignore[union-attr]
+    try:
+        text = rendered.read_text()
+        assert "${" not in text
+        assert "image: europe-west1-docker.pkg.dev/demo-proj/taskservice/taskservice:v1" in text
+        assert "serviceAccountName: taskservice-run@demo-proj.iam.gserviceaccount.com" in text
+        for manifest in (DEPLOY / "service.yaml", rendered):
+            lint = subprocess.run(
+                [_tool("yamllint"), "-s", "-c", str(ROOT / ".yamllint.yaml"), str(manifest)],
+                capture_output=True,
+                text=True,
+            )
+            assert lint.returncode == 0, lint.stdout + lint.stderr
+            schema = subprocess.run(
+                [
+                    _tool("check-jsonschema"),
+                    "--schemafile",
+                    str(DEPLOY / "service.schema.json"),
+                    str(manifest),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            assert schema.returncode == 0, schema.stdout + schema.stderr
+    finally:
+        rendered.unlink()
+
+
+def test_schema_rejects_a_broken_manifest(tmp_path: Path) -> None:
+    broken = (DEPLOY / "service.yaml").read_text().replace("name: h2c", "name: http1")
+    path = tmp_path / "broken.yaml"
+    path.write_text(broken)
+    schema = subprocess.run(
+        [_tool("check-jsonschema"), "--schemafile", str(DEPLOY / "service.schema.json"), str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert schema.returncode != 0
+
+
+def test_deploy_requires_project_and_region() -> None:
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "deploy.sh"), "--dry-run"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--project and --region are required" in result.stderr
+
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    result = subprocess.run(
+        [_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
