@@ -29,7 +29,7 @@ from google.protobuf import field_mask_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 from tasks.v1 import task_service_pb2 as pb
 
-from taskservice.client import connect
+from taskservice.client import bearer_token_credentials, connect
 
 CHUNK = 500
 _IMPORT_NAMESPACE = uuid.UUID("6f1d7f7e-7c47-4a53-9b5e-2b8f3c1d9a10")
@@ -207,7 +207,8 @@ def _line_error(err: grpc.aio.AioRpcError, chunk: Sequence[tuple[int, str]]) -> 
 
 async def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     output = Output(args.json, out)
-    async with connect(args.target) as client:
+    credentials = bearer_token_credentials(args.id_token) if args.id_token else None
+    async with connect(args.target, call_credentials=credentials) as client:
         stub = client.stub
         timeout = args.timeout
         if args.command == "create":
@@ -325,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default=os.environ.get("TASKCTL_TARGET", "localhost:8080"),
         help="host:port or https URL (env TASKCTL_TARGET; default localhost:8080)",
+    )
+    parser.add_argument(
+        "--id-token",
+        default=os.environ.get("TASKCTL_ID_TOKEN"),
+        help="bearer ID token for a TLS target (env TASKCTL_ID_TOKEN); default: fetched",
     )
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")

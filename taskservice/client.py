@@ -169,6 +169,11 @@ def _id_token_credentials(audience: str) -> grpc.CallCredentials:
     return grpc.metadata_call_credentials(plugin)
 
 
+def bearer_token_credentials(token: str) -> grpc.CallCredentials:
+    """A fixed bearer token, e.g. from `gcloud auth print-identity-token`."""
+    return grpc.access_token_call_credentials(token)
+
+
 def open_channel(
     target: str,
     *,

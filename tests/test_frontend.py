@@ -1,0 +1,162 @@
+"""TaskService behind a stand-in for Cloud Run's front end: Debian nginx
+terminating TLS + HTTP/2 and speaking h2c to the server (grpc_pass)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from tasks.v1 import task_service_pb2 as pb
+from tasks.v1 import task_service_pb2_grpc
+
+from taskservice.client import open_channel
+from taskservice.config import Config
+from taskservice.server import TaskServer
+from taskservice.store.sqlite import SqliteStore
+from tests.conftest import free_port, wait_for_port
+from tests.helpers import create_request, stream_of
+
+pytestmark = pytest.mark.slow
+
+NGINX_CONF = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {dir}/cert.pem;
+        ssl_certificate_key {dir}/key.pem;
+        client_max_body_size 0;
+        location / {{
+            grpc_pass grpc://127.0.0.1:{upstream};
+            grpc_read_timeout 300s;
+            grpc_send_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class FrontEnd:
+    port: int
+    certificate: bytes
+
+
+@pytest.fixture
+def upstream_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def front_end(tmp_path: Path, upstream_port: int) -> Iterator[FrontEnd]:
+    nginx = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None
+    )
+    if nginx is None:
+        pytest.skip("FRONT-END TEST SKIPPED: nginx is not installed (apt-get install nginx)")
+    d = tmp_path / "nginx"
+    (d / "tmp").mkdir(parents=True)
+    d.chmod(0o755)
+    (d / "tmp").chmod(0o777)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(d / "key.pem"),
+            "-out",
+            str(d / "cert.pem"),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, port=port, upstream=upstream_port))
+    process = subprocess.Popen(
+        [
+            nginx,
+            "-p",
+            str(d),
+            "-e",
+            str(d / "error.log"),
+            "-c",
+            str(d / "nginx.conf"),
+            "-g",
+            "daemon off;",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for_port("127.0.0.1", port, 10), "nginx did not start"
+        yield FrontEnd(port, (d / "cert.pem").read_bytes())
+    finally:
+        process.send_signal(3)  # SIGQUIT: graceful stop
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture
+async def upstream(tmp_path: Path, upstream_port: int) -> AsyncIterator[TaskServer]:
+    config = Config(host="127.0.0.1", port=upstream_port, grace_seconds=1.0)
+    server = TaskServer(config, SqliteStore(tmp_path / "tasks.db"))
+    await server.start()
+    yield server
+    await server.stop(grace=0)
+
+
+async def test_calls_through_tls_front_end(front_end: FrontEnd, upstream: TaskServer) -> None:
+    channel = open_channel(
+        f"https://localhost:{front_end.port}", root_certificates=front_end.certificate
+    )
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    try:
+        task = await stub.CreateTask(create_request("through nginx", task_id="via-nginx"))
+        assert await stub.GetTask(pb.GetTaskRequest(name=task.name)) == task
+        updated = await stub.UpdateTask(
+            pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="updated", etag=task.etag))
+        )
+        assert updated.title == "updated"
+
+        requests = [create_request(f"batch {i}", description="x" * 1500) for i in range(500)]
+        assert sum(r.ByteSize() for r in requests) > 750_000
+        response = await stub.BatchCreateTasks(stream_of(requests), timeout=60)
+        assert [t.title for t in response.tasks] == [f"batch {i}" for i in range(500)]
+        page = await stub.ListTasks(pb.ListTasksRequest(page_size=200))
+        assert len(page.tasks) == 200 and page.next_page_token
+
+        await stub.DeleteTask(pb.DeleteTaskRequest(name=task.name, etag=updated.etag))
+
+        # Upstream gone: the client gets UNAVAILABLE from the front end, fast.
+        await upstream.stop(grace=0)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(stub.ListTasks(pb.ListTasksRequest(), timeout=5), 10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
