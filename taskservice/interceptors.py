@@ -1,10 +1,14 @@
-"""Server interceptors: one structured access-log line per RPC, with the trace.
+"""The server interceptor every call passes: decoding, access log, trace.
 
-For every call it records the method, the gRPC code, latency, the peer, the
-request and response sizes (and the message count of a client stream), and
-binds the caller's trace (W3C `traceparent` or `x-cloud-trace-context`) to
-every log line written while the call runs. Payloads and credentials are never
-logged.
+- Decoding: requests arrive as bytes and are parsed here, so a message that is
+  not valid protobuf (corrupt wire format, invalid UTF-8 in a string) gets
+  INVALID_ARGUMENT instead of grpc's UNKNOWN with parser text.
+- Access log: one structured line per RPC after it ends: the method, the gRPC
+  code, latency, the peer, the request and response sizes (and the message
+  count of a client stream).
+- Trace: the caller's trace (W3C `traceparent` or `x-cloud-trace-context`) is
+  bound to every log line written while the call runs.
+Payloads and credentials are never logged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from taskservice.errors import InvalidArgument
 from taskservice.logging import CallTrace, current_trace
 
 log = logging.getLogger("taskservice.access")
@@ -61,16 +66,15 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method: str = handler_call_details.method
         trace = parse_trace(handler_call_details.invocation_metadata)
+        decode = handler.request_deserializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, method, trace),
-                request_deserializer=handler.request_deserializer,
+                _unary(handler.unary_unary, decode, method, trace),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _client_stream(handler.stream_unary, method, trace),
-                request_deserializer=handler.request_deserializer,
+                _client_stream(handler.stream_unary, decode, method, trace),
                 response_serializer=handler.response_serializer,
             )
         return handler  # server streams (health Watch, reflection) are not logged
@@ -123,26 +127,44 @@ def _emit(
     log.log(level, "%s %s", method, code, extra={"fields": fields})
 
 
-def _unary(behavior: Any, method: str, trace: CallTrace | None) -> Any:
-    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+def _decode(decode: Any, raw: bytes, field: str) -> Any:
+    if decode is None:
+        return raw
+    try:
+        return decode(raw)
+    except Exception:  # DecodeError and friends: the bytes are not the message
+        raise InvalidArgument(
+            [(field, "is not a valid protobuf message of the method's request type")],
+            reason="MALFORMED_REQUEST",
+        ) from None
+
+
+def _unary(behavior: Any, decode: Any, method: str, trace: CallTrace | None) -> Any:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         token = current_trace.set(trace)
         started = time.perf_counter()
         error: BaseException | None = None
         response = None
+        request_bytes = len(raw)
         try:
+            try:
+                request = _decode(decode, raw, "request")
+            except InvalidArgument as bad:
+                status = bad.to_grpc_status()
+                await context.abort(status.code, status.details, status.trailing_metadata)
             response = await behavior(request, context)
             return response
         except BaseException as exc:
             error = exc
             raise
         finally:
-            _emit(method, context, started, error, _size(request), _size(response), None)
+            _emit(method, context, started, error, request_bytes, _size(response), None)
             current_trace.reset(token)
 
     return handle
 
 
-def _client_stream(behavior: Any, method: str, trace: CallTrace | None) -> Any:
+def _client_stream(behavior: Any, decode: Any, method: str, trace: CallTrace | None) -> Any:
     async def handle(
         request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
@@ -151,9 +173,10 @@ def _client_stream(behavior: Any, method: str, trace: CallTrace | None) -> Any:
         counts = [0, 0]  # messages, bytes
 
         async def counted() -> AsyncIterator[Any]:
-            async for message in request_iterator:
+            async for raw in request_iterator:
+                counts[1] += len(raw)
+                message = _decode(decode, raw, f"requests[{counts[0]}]")
                 counts[0] += 1
-                counts[1] += _size(message)
                 yield message
 
         error: BaseException | None = None

@@ -27,9 +27,14 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 PROBE_TIMEOUT = 2.0
 PROBE_INTERVAL = 0.5
+# The largest valid request is a CreateTaskRequest of ~20 KB (every field at
+# its limit, 4-byte characters), far below Firestore's 1 MiB document; 64 KiB
+# leaves room for unknown fields and answers anything bigger with
+# RESOURCE_EXHAUSTED before it is parsed.
+MAX_REQUEST_BYTES = 64 * 1024
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]

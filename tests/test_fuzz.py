@@ -1,0 +1,232 @@
+"""Hostile input: property-based fuzzing of every RPC against a real server
+process. Every answer must be a canonical code other than INTERNAL/UNKNOWN,
+and the server must stay up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tasks.v1 import task_service_pb2 as pb
+from tasks.v1 import task_service_pb2_grpc
+
+from tests.conftest import free_port, wait_for_port
+from tests.reliability import record
+
+pytestmark = pytest.mark.slow
+
+ALLOWED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # over the 64 KiB message limit
+}
+EXAMPLES = int(os.environ.get("TASKSERVICE_FUZZ_EXAMPLES", "300"))
+CODES: Counter[str] = Counter()
+
+# Strings: any code point but lone surrogates (protobuf cannot send them; raw
+# invalid UTF-8 is covered by the bytes test), control characters, unicode,
+# path tricks, and now and then something huge.
+text = st.one_of(
+    st.text(st.characters(blacklist_categories=["Cs"]), max_size=80),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "tasks/",
+            "tasks/..",
+            "tasks/a/b",
+            "../x",
+            "/",
+            "\x00",
+            "é" * 201,
+            "tasks/" + "a" * 64,
+            "tasks/ok",
+            "*",
+            "STATE_OPEN",
+            'tags:"x"',
+        ]
+    ),
+    st.integers(1, 70_000).map(lambda n: "x" * n),
+)
+enum_number = st.one_of(st.integers(-5, 8), st.integers(-(2**31), 2**31 - 1))
+tags = st.lists(text, max_size=40)
+
+
+@st.composite
+def tasks(draw: Any) -> pb.Task:
+    task = pb.Task(
+        name=draw(text), title=draw(text), description=draw(text), tags=draw(tags), etag=draw(text)
+    )
+    task.priority = draw(enum_number)
+    task.state = draw(enum_number)
+    if draw(st.booleans()):
+        task.assignee = draw(text)
+    return task
+
+
+@st.composite
+def create_requests(draw: Any) -> pb.CreateTaskRequest:
+    request = pb.CreateTaskRequest(task_id=draw(text), request_id=draw(text))
+    if draw(st.booleans()):
+        request.task.CopyFrom(draw(tasks()))
+    return request
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "FIRESTORE_EMULATOR_HOST"}
+    env.update(
+        PORT=str(port),
+        TASKSERVICE_STORE="sqlite",
+        LOG_LEVEL="WARNING",
+        TASKSERVICE_SQLITE_PATH=str(tmp_path_factory.mktemp("fuzz") / "t.db"),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskservice"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert wait_for_port("127.0.0.1", port, 20)
+    yield f"127.0.0.1:{port}"
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=15)
+    assert alive, "the server died during fuzzing"
+    assert b"Traceback" not in err or b"error_id" in err
+    record("fuzz", inputs=sum(CODES.values()), codes=dict(CODES), server_exit=proc.returncode)
+    assert proc.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def stub(server: str) -> Iterator[task_service_pb2_grpc.TaskServiceStub]:
+    channel = grpc.insecure_channel(server)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    yield task_service_pb2_grpc.TaskServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+    channel.close()
+
+
+def check(call: Any, *args: Any) -> None:
+    try:
+        call(*args, timeout=10)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        code = err.code()
+        assert code in ALLOWED, f"{code}: {err.details()}"
+        assert "Traceback" not in (err.details() or "")
+    CODES[code.name] += 1
+
+
+fuzz = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@fuzz
+@given(request=create_requests())
+def test_create(stub: Any, request: pb.CreateTaskRequest) -> None:
+    check(stub.CreateTask, request)
+
+
+@fuzz
+@given(name=text)
+def test_get(stub: Any, name: str) -> None:
+    check(stub.GetTask, pb.GetTaskRequest(name=name))
+
+
+@fuzz
+@given(task=tasks(), paths=st.one_of(st.none(), st.lists(text, max_size=8)))
+def test_update(stub: Any, task: pb.Task, paths: list[str] | None) -> None:
+    request = pb.UpdateTaskRequest(task=task)
+    if paths is not None:
+        request.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=paths))
+    check(stub.UpdateTask, request)
+
+
+@fuzz
+@given(name=text, etag=text)
+def test_delete(stub: Any, name: str, etag: str) -> None:
+    check(stub.DeleteTask, pb.DeleteTaskRequest(name=name, etag=etag))
+
+
+@fuzz
+@given(page_size=enum_number, page_token=text, filter_=text, order_by=text)
+def test_list(stub: Any, page_size: int, page_token: str, filter_: str, order_by: str) -> None:
+    request = pb.ListTasksRequest(
+        page_size=page_size, page_token=page_token, filter=filter_, order_by=order_by
+    )
+    check(stub.ListTasks, request)
+
+
+@fuzz
+@given(requests=st.lists(create_requests(), max_size=6))
+def test_batch(stub: Any, requests: list[pb.CreateTaskRequest]) -> None:
+    check(stub.BatchCreateTasks, iter(requests))
+
+
+METHODS = ["CreateTask", "GetTask", "ListTasks", "UpdateTask", "DeleteTask"]
+
+
+@fuzz
+@given(
+    method=st.sampled_from(METHODS),
+    raw=st.one_of(
+        st.binary(max_size=300),
+        st.just(b"\x0a\x03\xed\xa0\x80"),  # a string field holding a lone surrogate (invalid UTF-8)
+        st.just(b"\x12\x05\x12\x03\xff\xfe\xfd"),
+    ),
+)
+def test_raw_bytes(server: str, method: str, raw: bytes) -> None:
+    with grpc.insecure_channel(server) as channel:
+        call = channel.unary_unary(f"/tasks.v1.TaskService/{method}")
+        check(call, raw)
+
+
+def test_raw_bytes_in_a_batch_stream(server: str) -> None:
+    with grpc.insecure_channel(server) as channel:
+        call = channel.stream_unary("/tasks.v1.TaskService/BatchCreateTasks")
+        valid = pb.CreateTaskRequest(task=pb.Task(title="ok")).SerializeToString()
+        try:
+            call(iter([valid, b"\xff\xff\xff"]), timeout=10)
+            raise AssertionError("a corrupt message must be rejected")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "requests[1]" in (err.details() or "")
+
+
+def test_limits_have_clear_errors(stub: Any) -> None:
+    huge = pb.CreateTaskRequest(task=pb.Task(title="x" * 70_000))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CreateTask(huge, timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    too_many = pb.CreateTaskRequest(task=pb.Task(title="t", tags=[f"t{i}" for i in range(33)]))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CreateTask(too_many, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "task.tags" in (info.value.details() or "")
+    # A filter reaching outside the allowed fields never reaches a query.
+    for bad in ['__name__ = "tasks/x"', 'title = "x"', 'create_time > "2020"', "description:*"]:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListTasks(pb.ListTasksRequest(filter=bad), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
