@@ -12,6 +12,7 @@ from dataclasses import dataclass
 _COLLECTION = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _PROJECT = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]|demo-[a-z0-9-]{1,60}")
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,11 @@ class Config:
     firestore_database: str = "(default)"
     collection: str = "tasks"
     grace_seconds: float = 8.0  # in-flight calls get this long after SIGTERM
+    auth: str = "none"  # "none" or "google-id-token"
+    audience: str = ""
+    allowed_callers: tuple[str, ...] = ()
+    certs_url: str = GOOGLE_CERTS_URL
+    reflection: bool = True
 
     @property
     def address(self) -> str:
@@ -73,6 +79,31 @@ def load(env: Mapping[str, str]) -> Config:
     sqlite_path = env.get("TASKSERVICE_SQLITE_PATH", "").strip() or "./tasks.db"
     grace = _int(env, "TASKSERVICE_GRACE_SECONDS", 8, 0, 60)
     host = env.get("TASKSERVICE_HOST", "").strip() or "[::]"
+    auth = env.get("TASKSERVICE_AUTH", "").strip().lower() or "none"
+    if auth not in ("none", "google-id-token"):
+        raise ConfigError(f"TASKSERVICE_AUTH={auth!r} must be 'none' or 'google-id-token'")
+    audience = env.get("TASKSERVICE_AUDIENCE", "").strip()
+    allowed = tuple(
+        e.strip().lower()
+        for e in env.get("TASKSERVICE_ALLOWED_CALLERS", "").split(",")
+        if e.strip()
+    )
+    if auth == "google-id-token":
+        if not audience:
+            raise ConfigError("TASKSERVICE_AUTH=google-id-token needs TASKSERVICE_AUDIENCE")
+        if not allowed:
+            raise ConfigError(
+                "TASKSERVICE_AUTH=google-id-token needs TASKSERVICE_ALLOWED_CALLERS (emails)"
+            )
+        bad = [e for e in allowed if not re.fullmatch(r"[^@\s,]+@[^@\s,]+", e)]
+        if bad:
+            raise ConfigError(f"TASKSERVICE_ALLOWED_CALLERS has entries that are not emails: {bad}")
+    certs_url = env.get("TASKSERVICE_CERTS_URL", "").strip() or GOOGLE_CERTS_URL
+    if not certs_url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+        raise ConfigError("TASKSERVICE_CERTS_URL must be https (or http on loopback)")
+    reflection = env.get("TASKSERVICE_REFLECTION", "").strip().lower() or "on"
+    if reflection not in ("on", "off"):
+        raise ConfigError(f"TASKSERVICE_REFLECTION={reflection!r} must be 'on' or 'off'")
     return Config(
         host=host,
         port=port,
@@ -82,4 +113,9 @@ def load(env: Mapping[str, str]) -> Config:
         firestore_database=database,
         collection=collection,
         grace_seconds=float(grace),
+        auth=auth,
+        audience=audience,
+        allowed_callers=allowed,
+        certs_url=certs_url,
+        reflection=reflection == "on",
     )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "taskservice"
@@ -45,7 +45,7 @@ class ServiceError(Exception):
 
     def to_grpc_status(self) -> grpc.Status:
         status = status_pb2.Status(
-            code=_RPC_CODES[self.code], message=self.message, details=self.details()
+            code=self.code.value[0], message=self.message, details=self.details()
         )
         result: grpc.Status = rpc_status.to_status(status)
         return result
@@ -124,16 +124,3 @@ class DeadlineExceeded(ServiceError):
 class Internal(ServiceError):
     code = grpc.StatusCode.INTERNAL
     reason = "INTERNAL"
-
-
-_RPC_CODES: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
-    grpc.StatusCode.ABORTED: code_pb2.ABORTED,
-    grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
-    grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
-    grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
-    grpc.StatusCode.UNKNOWN: code_pb2.UNKNOWN,
-}

@@ -48,14 +48,19 @@ class TaskServer:
         self.store = store if store is not None else open_store(config)
         json_logging.set_project(config.project or getattr(self.store, "project", ""))
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(
-            interceptors=(AccessLogInterceptor(),), options=SERVER_OPTIONS
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor()]
+        if config.auth == "google-id-token":
+            from taskservice.auth import AuthInterceptor, IdTokenVerifier
+
+            verifier = IdTokenVerifier(config.audience, config.allowed_callers, config.certs_url)
+            interceptors.append(AuthInterceptor(verifier))
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(self.store), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable(self.server, (SERVICE_NAME, health.SERVICE_NAME))
+        if config.reflection:
+            reflection.enable(self.server, (SERVICE_NAME, health.SERVICE_NAME))
         self.port = 0
         self._probe: asyncio.Task[None] | None = None
         self._stopping = False

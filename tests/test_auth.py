@@ -1,0 +1,239 @@
+"""TASKSERVICE_AUTH=google-id-token: tokens signed with a local RSA key whose
+certificate is served on loopback, as Google serves its own."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from google.auth import crypt, jwt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tasks.v1 import task_service_pb2 as pb
+from tasks.v1 import task_service_pb2_grpc
+
+from taskservice.config import Config, ConfigError, load
+from taskservice.server import TaskServer
+from taskservice.store.sqlite import SqliteStore
+from tests.conftest import Running, wait_serving
+from tests.helpers import create_request, expect_error, stream_of
+
+AUDIENCE = "https://taskservice-abc-ew.a.run.app"
+ALLOWED = "caller@demo-proj.iam.gserviceaccount.com"
+
+
+def _key_and_cert() -> tuple[bytes, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-signer")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return private, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class Signer:
+    def __init__(self) -> None:
+        self.private, self.cert = _key_and_cert()
+        self.rogue_private, _ = _key_and_cert()
+
+    def token(self, *, kid: str = "k1", rogue: bool = False, **overrides: Any) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": "https://accounts.google.com",
+            "aud": AUDIENCE,
+            "sub": "1234567890",
+            "email": ALLOWED,
+            "email_verified": True,
+            "iat": now,
+            "exp": now + 3600,
+        }
+        claims.update(overrides)
+        signer = crypt.RSASigner.from_string(self.rogue_private if rogue else self.private, kid)
+        return jwt.encode(signer, claims).decode()
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    return Signer()
+
+
+@pytest.fixture(scope="module")
+def certs_url(signer: Signer) -> Iterator[str]:
+    body = json.dumps({"k1": signer.cert}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "public, max-age=300")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/certs"
+    httpd.shutdown()
+
+
+async def _start(config: Config, db: Path) -> Running:
+    server = TaskServer(config, SqliteStore(db))
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    running = Running(
+        server,
+        channel,
+        task_service_pb2_grpc.TaskServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+    )
+    await wait_serving(running.health)
+    return running
+
+
+@pytest.fixture
+async def guarded(certs_url: str, tmp_path: Path) -> AsyncIterator[Running]:
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        auth="google-id-token",
+        audience=AUDIENCE,
+        allowed_callers=(ALLOWED,),
+        certs_url=certs_url,
+    )
+    running = await _start(config, tmp_path / "t.db")
+    yield running
+    await running.channel.close()
+    await running.server.stop(grace=0)
+
+
+def _bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def test_valid_allowed_caller_gets_in(guarded: Running, signer: Signer) -> None:
+    md = _bearer(signer.token())
+    task = await guarded.stub.CreateTask(create_request("t"), metadata=md)
+    assert (await guarded.stub.GetTask(pb.GetTaskRequest(name=task.name), metadata=md)) == task
+    batch = await guarded.stub.BatchCreateTasks(stream_of([create_request("b")]), metadata=md)
+    assert len(batch.tasks) == 1
+    upper = _bearer(signer.token(email=ALLOWED.upper()))
+    await guarded.stub.GetTask(pb.GetTaskRequest(name=task.name), metadata=upper)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: None,
+        lambda s: "garbage",
+        lambda s: "Basic dXNlcjpwYXNz",
+        lambda s: f"Bearer {s.token(exp=int(time.time()) - 600, iat=int(time.time()) - 4000)}",
+        lambda s: f"Bearer {s.token(aud='https://someone-else.a.run.app')}",
+        lambda s: f"Bearer {s.token(iss='https://evil.example')}",
+        lambda s: f"Bearer {s.token(rogue=True)}",
+        lambda s: f"Bearer {s.token(kid='unknown')}",
+        lambda s: f"Bearer {s.token(email_verified=False)}",
+        lambda s: f"Bearer {s.token()[:-5]}",
+        lambda s: "Bearer " + s.token().split(".")[0] + ".e30.",  # unsigned
+    ],
+)
+async def test_bad_credentials_are_unauthenticated_and_say_nothing_more(
+    guarded: Running, signer: Signer, make: Any
+) -> None:
+    header = make(signer)
+    md = (("authorization", header),) if header else ()
+    for call in (
+        guarded.stub.CreateTask(create_request("t"), metadata=md),
+        guarded.stub.ListTasks(pb.ListTasksRequest(), metadata=md),
+        guarded.stub.BatchCreateTasks(stream_of([create_request("t")]), metadata=md),
+    ):
+        details = await expect_error(call, grpc.StatusCode.UNAUTHENTICATED)
+        assert details.message == "missing or invalid credentials"
+        assert details.reason == "UNAUTHENTICATED"
+    listed = await guarded.stub.ListTasks(pb.ListTasksRequest(), metadata=_bearer(signer.token()))
+    assert list(listed.tasks) == []  # nothing was written
+
+
+async def test_valid_but_not_allowed_is_permission_denied(guarded: Running, signer: Signer) -> None:
+    md = _bearer(signer.token(email="stranger@demo-proj.iam.gserviceaccount.com"))
+    details = await expect_error(
+        guarded.stub.CreateTask(create_request("t"), metadata=md), grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert details.message == "the caller is not allowed to use this service"
+
+
+async def test_health_and_reflection_stay_open(guarded: Running) -> None:
+    response = await guarded.health.Check(health_pb2.HealthCheckRequest())
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(guarded.channel)
+    responses = [
+        r
+        async for r in stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+    ]
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert "tasks.v1.TaskService" in names
+
+
+async def test_reflection_can_be_turned_off(tmp_path: Path) -> None:
+    running = await _start(Config(host="127.0.0.1", port=0, reflection=False), tmp_path / "t.db")
+    try:
+        stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            ):
+                pass
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await running.channel.close()
+        await running.server.stop(grace=0)
+
+
+def test_auth_configuration_is_checked() -> None:
+    with pytest.raises(ConfigError, match="TASKSERVICE_AUDIENCE"):
+        load({"TASKSERVICE_AUTH": "google-id-token", "TASKSERVICE_ALLOWED_CALLERS": ALLOWED})
+    with pytest.raises(ConfigError, match="TASKSERVICE_ALLOWED_CALLERS"):
+        load({"TASKSERVICE_AUTH": "google-id-token", "TASKSERVICE_AUDIENCE": AUDIENCE})
+    with pytest.raises(ConfigError, match="TASKSERVICE_AUTH"):
+        load({"TASKSERVICE_AUTH": "basic"})
+    with pytest.raises(ConfigError, match="TASKSERVICE_REFLECTION"):
+        load({"TASKSERVICE_REFLECTION": "maybe"})
+    config = load(
+        {
+            "TASKSERVICE_AUTH": "google-id-token",
+            "TASKSERVICE_AUDIENCE": AUDIENCE,
+            "TASKSERVICE_ALLOWED_CALLERS": f" {ALLOWED} , Other@x.iam.gserviceaccount.com",
+            "TASKSERVICE_REFLECTION": "off",
+        }
+    )
+    assert config.allowed_callers == (ALLOWED, "other@x.iam.gserviceaccount.com")
+    assert config.reflection is False
