@@ -34,6 +34,8 @@ class Config:
     allowed_callers: tuple[str, ...] = ()
     certs_url: str = GOOGLE_CERTS_URL
     reflection: bool = True
+    stream_idle_seconds: float = 10.0  # a batch stream silent this long is ended
+    max_concurrent_rpcs: int = 1000  # beyond this, calls get RESOURCE_EXHAUSTED at once
 
     @property
     def address(self) -> str:
@@ -104,6 +106,8 @@ def load(env: Mapping[str, str]) -> Config:
     reflection = env.get("TASKSERVICE_REFLECTION", "").strip().lower() or "on"
     if reflection not in ("on", "off"):
         raise ConfigError(f"TASKSERVICE_REFLECTION={reflection!r} must be 'on' or 'off'")
+    idle = _int(env, "TASKSERVICE_STREAM_IDLE_SECONDS", 10, 1, 3600)
+    max_rpcs = _int(env, "TASKSERVICE_MAX_CONCURRENT_RPCS", 1000, 1, 100_000)
     return Config(
         host=host,
         port=port,
@@ -118,4 +122,6 @@ def load(env: Mapping[str, str]) -> Config:
         allowed_callers=allowed,
         certs_url=certs_url,
         reflection=reflection == "on",
+        stream_idle_seconds=float(idle),
+        max_concurrent_rpcs=max_rpcs,
     )

@@ -37,6 +37,10 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Ping idle clients so the resources of a vanished one are released.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.max_concurrent_streams", 256),  # per connection
 ]
 
 
@@ -54,10 +58,13 @@ class TaskServer:
 
             verifier = IdTokenVerifier(config.audience, config.allowed_callers, config.certs_url)
             interceptors.append(AuthInterceptor(verifier))
-        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
-        task_service_pb2_grpc.add_TaskServiceServicer_to_server(
-            TaskServicer(self.store), self.server
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=SERVER_OPTIONS,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
+        servicer = TaskServicer(self.store, stream_idle_seconds=config.stream_idle_seconds)
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
             reflection.enable(self.server, (SERVICE_NAME, health.SERVICE_NAME))

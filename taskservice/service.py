@@ -102,11 +102,32 @@ def _rpc(method: Handler[R]) -> Handler[R]:
     return handler
 
 
+async def _idle_limited(
+    messages: AsyncIterator[pb.CreateTaskRequest], idle_seconds: float
+) -> AsyncIterator[pb.CreateTaskRequest]:
+    """The stream's messages; a client silent for idle_seconds is cut off, so
+    a stalled stream cannot hold a call slot forever."""
+    iterator = aiter(messages)
+    while True:
+        try:
+            async with asyncio.timeout(idle_seconds):
+                message = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no message for {idle_seconds:g} s; the stream was ended and nothing was written",
+                reason="STREAM_IDLE",
+            ) from None
+        yield message
+
+
 class TaskServicer(pb_grpc.TaskServiceServicer):
     """Serves tasks.v1.TaskService over any TaskStore."""
 
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(self, store: TaskStore, stream_idle_seconds: float = 10.0) -> None:
         self.store = store
+        self.stream_idle_seconds = stream_idle_seconds
 
     @_rpc
     async def CreateTask(
@@ -170,7 +191,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         items: list[NewTask] = []
         task_ids: dict[str, int] = {}
         request_ids: dict[str, int] = {}
-        async for request in request_iterator:
+        async for request in _idle_limited(request_iterator, self.stream_idle_seconds):
             index = len(items)
             if index >= MAX_BATCH:
                 raise InvalidArgument(
