@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -254,3 +256,50 @@ async def running(store: TaskStore) -> AsyncIterator[Running]:
     yield r
     await r.channel.close()
     await r.server.stop(grace=1)
+
+
+class ServerProcess:
+    """`python -m taskservice` in a subprocess, on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        full = {
+            k: v
+            for k, v in os.environ.items()
+            if k
+            not in ("K_SERVICE", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT", "FIRESTORE_EMULATOR_HOST")
+        }
+        full.update(PORT=str(self.port), TASKSERVICE_HOST="127.0.0.1", LOG_LEVEL="WARNING")
+        full.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "taskservice"],
+            env=full,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        if not wait_for_port("127.0.0.1", self.port, 30):
+            self.proc.kill()
+            raise RuntimeError("the server did not listen")
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self, timeout: float = 15) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err.decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=15)
