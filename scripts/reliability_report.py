@@ -28,11 +28,11 @@ TESTS = [
 ]
 WHAT = {
     "frozen_backend": "Firestore emulator frozen (SIGSTOP) for 6 s under 16 writers, then SIGCONT",
-    "sigterm_under_load": "SIGTERM with 64 calls in flight (creates, updates, 20-item batch streams)",
+    "sigterm_under_load": "SIGTERM with 64 calls in flight (creates, updates, batch streams)",
     "sqlite_sigkill": "SIGKILL of the SQLite server under 16 writers, then restart",
     "stalled_streams": "50 batch streams send one message and stall; GetTask latency meanwhile",
     "soak_sqlite": "64 mixed callers (create/get/list/update/delete/batch/etag races), SQLite",
-    "soak_firestore": "64 mixed callers (create/get/list/update/delete/batch/etag races), Firestore emulator",
+    "soak_firestore": "the same 64 mixed callers on the Firestore emulator",
     "fuzz": "hypothesis over every RPC's fields, plus raw non-protobuf bytes",
 }
 

@@ -122,3 +122,23 @@ async def test_store_that_appears_later_turns_health_serving() -> None:
     finally:
         await running.channel.close()
         await running.server.stop(grace=0)
+
+
+async def test_without_a_client_deadline_the_server_cap_still_answers(
+    black_hole: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskservice import service
+
+    monkeypatch.setattr(service, "MAX_CALL_SECONDS", 1.0)  # 30 s in production
+    running = await _server_over(black_hole)
+    try:
+        started = time.monotonic()
+        details = await expect_error(
+            running.stub.GetTask(pb.GetTaskRequest(name="tasks/x")),  # no deadline
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        assert time.monotonic() - started < 2
+        assert details.reason == "DEADLINE_EXCEEDED"
+    finally:
+        await running.channel.close()
+        await running.server.stop(grace=0)
