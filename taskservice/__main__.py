@@ -28,6 +28,12 @@ async def serve() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # From here on a repeated SIGTERM/SIGINT is ignored: the drain must finish,
+    # and asyncio would otherwise restore the default (fatal) disposition when
+    # the loop closes, while the process is still tearing down.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     log.info("shutdown requested; draining for up to %.0f s", config.grace_seconds)
     await server.stop()
 

@@ -137,7 +137,9 @@ async def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_calls(
     await sent.wait()
     started = time.monotonic()
     p.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.1)
+    p.proc.send_signal(signal.SIGTERM)  # a second one must not cut the drain short
+    await asyncio.sleep(0.1)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.GetTask(pb.GetTaskRequest(name="tasks/x"), timeout=3)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
