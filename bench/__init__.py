@@ -1,0 +1,1 @@
+"""The TaskService benchmark harness: `python -m bench [--quick]`."""

@@ -1,0 +1,541 @@
+"""TaskService benchmarks, all in one run so ratios are fair on a noisy machine.
+
+    python -m bench [--quick] [--out docs]
+
+Starts everything itself on loopback (the Firestore emulator, an echo server,
+TaskService on each store), then measures:
+- ceilings: the bare grpc.aio echo server (same options, a Task-sized reply)
+  and the emulator driven directly by google-cloud-firestore's AsyncClient;
+- TaskService Get/Create/Update/List (h2load, 1/16/64 in flight), Delete and
+  BatchCreateTasks (grpc.aio client) on both stores: calls/s, p50/p99, server
+  CPU µs per call (/proc), RSS;
+- Firestore RPCs and billed documents per call (counted on the store's channel);
+- GetTask p99 while 500-task batches commit (does SQLite stall the loop?);
+- cold start (launch to SERVING, median of 5) and import time.
+Writes OUT/benchmarks.json, OUT/benchmarks.md and OUT/benchmarks.png.
+Needs h2load (Debian nghttp2-client) and, for the chart, matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tasks.v1 import task_service_pb2 as pb
+from tasks.v1 import task_service_pb2_grpc
+
+from tests.support import CallCounter, emulator_jar, free_port, launch_emulator, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SERVICE = "/tasks.v1.TaskService/"
+
+
+# -- processes ----------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FIRESTORE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "K_SERVICE")
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def start_taskservice(store: str, workdir: Path, emulator: str | None) -> Server:
+    port = free_port()
+    env = _env(
+        PORT=str(port),
+        TASKSERVICE_HOST="127.0.0.1",
+        TASKSERVICE_STORE=store,
+        TASKSERVICE_SQLITE_PATH=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.db"),
+    )
+    if store == "firestore":
+        assert emulator
+        env.update(
+            FIRESTORE_EMULATOR_HOST=emulator,
+            GOOGLE_CLOUD_PROJECT=f"demo-bench-{uuid.uuid4().hex[:8]}",
+        )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskservice"],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Server(proc, port)
+    wait_serving(server.target, 30)
+    return server
+
+
+def wait_serving(target: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.01)
+    raise TimeoutError(f"{target} never became SERVING")
+
+
+# -- load -----------------------------------------------------------------------
+
+
+def grpc_frame(message: Any) -> bytes:
+    data = message.SerializeToString()
+    return b"\x00" + len(data).to_bytes(4, "big") + data
+
+
+def h2load(server: Server, method: str, request: Any, inflight: int, calls: int) -> dict[str, Any]:
+    """Unary calls from nghttp2's h2load; latencies from its per-request log."""
+    with tempfile.TemporaryDirectory() as tmp:
+        body = Path(tmp) / "body"
+        body.write_bytes(grpc_frame(request))
+        log = Path(tmp) / "log"
+        connections = 1 if inflight == 1 else 4
+        cpu0 = server.cpu_s()
+        started = time.monotonic()
+        result = subprocess.run(
+            [
+                "h2load",
+                "-n",
+                str(calls),
+                "-c",
+                str(connections),
+                "-m",
+                str(inflight // connections),
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                "-d",
+                str(body),
+                "--log-file",
+                str(log),
+                f"http://{server.target}{SERVICE}{method}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        elapsed = time.monotonic() - started
+        cpu = server.cpu_s() - cpu0
+        rows = [line.split("\t") for line in log.read_text().splitlines() if line]
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout + result.stderr)
+    ok = [int(r[2]) / 1000 for r in rows if r[1] == "200"]
+    ok.sort()
+    rate = next(
+        (
+            float(line.split()[3])
+            for line in result.stdout.splitlines()
+            if line.startswith("finished in")
+        ),
+        len(ok) / elapsed,
+    )
+    return {
+        "calls": len(rows),
+        "http_ok": len(ok),
+        "calls_per_s": round(rate, 1),
+        "p50_ms": round(ok[len(ok) // 2], 3),
+        "p99_ms": round(ok[int(len(ok) * 0.99)], 3),
+        "server_cpu_us_per_call": round(cpu / max(len(rows), 1) * 1e6, 1),
+        "rss_mb": round(server.rss_mb(), 1),
+    }
+
+
+async def python_load(server: Server, make_call: Any, inflight: int, calls: int) -> dict[str, Any]:
+    """Calls from a grpc.aio client (for streams and per-call distinct requests)."""
+    channel = grpc.aio.insecure_channel(server.target)
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    latencies: list[float] = []
+    counter = iter(range(calls))
+    cpu0 = server.cpu_s()
+    started = time.monotonic()
+
+    async def worker() -> None:
+        for i in counter:
+            t0 = time.perf_counter()
+            await make_call(stub, i)
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(inflight)))
+    elapsed = time.monotonic() - started
+    cpu = server.cpu_s() - cpu0
+    await channel.close()
+    latencies.sort()
+    return {
+        "calls": len(latencies),
+        "calls_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3),
+        "server_cpu_us_per_call": round(cpu / len(latencies) * 1e6, 1),
+        "rss_mb": round(server.rss_mb(), 1),
+    }
+
+
+def _stream(requests: list[pb.CreateTaskRequest]) -> Any:
+    async def gen() -> Any:
+        for r in requests:
+            yield r
+
+    return gen()
+
+
+def _batch(n: int, prefix: str) -> list[pb.CreateTaskRequest]:
+    return [
+        pb.CreateTaskRequest(task=pb.Task(title=f"{prefix} {i}", tags=["bench"])) for i in range(n)
+    ]
+
+
+# -- the run --------------------------------------------------------------------
+
+
+async def bench_store(
+    store: str, workdir: Path, emulator: str | None, quick: bool
+) -> dict[str, Any]:
+    server = start_taskservice(store, workdir, emulator)
+    out: dict[str, Any] = {"rpcs": {}}
+    n_unary = 1500 if quick else 6000
+    n_single = 200 if quick else 600
+    try:
+        channel = grpc.aio.insecure_channel(server.target)
+        stub = task_service_pb2_grpc.TaskServiceStub(channel)
+        for _ in range(20):  # 10,000 tasks for ListTasks
+            await stub.BatchCreateTasks(_stream(_batch(500, "seed")), timeout=120)
+        get_task = await stub.CreateTask(
+            pb.CreateTaskRequest(
+                task=pb.Task(title="bench get", description="x" * 50, tags=["ops", "docs"]),
+                task_id="bench-get",
+            )
+        )
+        await stub.CreateTask(pb.CreateTaskRequest(task=pb.Task(title="u"), task_id="bench-upd"))
+        unary = {
+            "GetTask": pb.GetTaskRequest(name=get_task.name),
+            "CreateTask": pb.CreateTaskRequest(task=pb.Task(title="created by h2load", tags=["b"])),
+            "UpdateTask": pb.UpdateTaskRequest(task=pb.Task(name="tasks/bench-upd", title="v")),
+            "ListTasks": pb.ListTasksRequest(page_size=20),
+        }
+        for method, request in unary.items():  # each body must really succeed
+            await getattr(stub, method)(request, timeout=30)
+        for method, request in unary.items():
+            out["rpcs"][method] = {}
+            for inflight in (1, 16, 64):
+                n = n_single if inflight == 1 else n_unary
+                if method == "ListTasks":
+                    n //= 3
+                out["rpcs"][method][inflight] = h2load(server, method, request, inflight, n)
+                print(
+                    f"  {store} {method} x{inflight}: {out['rpcs'][method][inflight]}", flush=True
+                )
+
+        out["rpcs"]["DeleteTask"] = {}
+        for inflight in (1, 16, 64):
+            n = n_single if inflight == 1 else n_unary // 3
+            victims = [
+                t.name
+                for b in range(0, n, 500)
+                for t in (
+                    await stub.BatchCreateTasks(_stream(_batch(min(500, n - b), "del")))
+                ).tasks
+            ]
+
+            async def delete(s: Any, i: int, victims: list[str] = victims) -> None:
+                await s.DeleteTask(pb.DeleteTaskRequest(name=victims[i]), timeout=30)
+
+            out["rpcs"]["DeleteTask"][inflight] = await python_load(server, delete, inflight, n)
+            print(
+                f"  {store} DeleteTask x{inflight}: {out['rpcs']['DeleteTask'][inflight]}",
+                flush=True,
+            )
+
+        batches = []
+        for _ in range(3 if quick else 6):
+            t0 = time.perf_counter()
+            response = await stub.BatchCreateTasks(_stream(_batch(500, "batch")), timeout=120)
+            assert len(response.tasks) == 500
+            batches.append(500 / (time.perf_counter() - t0))
+        out["batch_500_tasks_per_s"] = round(statistics.median(batches), 1)
+        print(
+            f"  {store} BatchCreateTasks(500): {out['batch_500_tasks_per_s']} tasks/s", flush=True
+        )
+
+        # GetTask latency while 500-task batches commit: does the store stall the loop?
+        quiet = h2load(server, "GetTask", unary["GetTask"], 16, n_unary // 2)
+        busy_stop = asyncio.Event()
+
+        async def batches_forever() -> None:
+            while not busy_stop.is_set():
+                await stub.BatchCreateTasks(_stream(_batch(500, "busy")), timeout=120)
+
+        busy = asyncio.ensure_future(batches_forever())
+        await asyncio.sleep(0.2)
+        during = await asyncio.to_thread(
+            h2load, server, "GetTask", unary["GetTask"], 16, n_unary // 2
+        )
+        busy_stop.set()
+        await busy
+        out["get_p99_ms_quiet"] = quiet["p99_ms"]
+        out["get_p99_ms_during_batches"] = during["p99_ms"]
+
+        rss_first = server.rss_mb()
+        for method, request in unary.items():  # a repeated pass: does memory grow?
+            if method != "ListTasks":
+                h2load(server, method, request, 64, n_unary)
+        out["rss_mb_after_run"] = round(rss_first, 1)
+        out["rss_mb_after_repeat"] = round(server.rss_mb(), 1)
+        await channel.close()
+    finally:
+        server.stop()
+    return out
+
+
+def bench_echo(workdir: Path, quick: bool) -> dict[str, Any]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.echo", str(port)],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Server(proc, port)
+    assert wait_for_port("127.0.0.1", port, 20)
+    out = {}
+    try:
+        for inflight in (1, 16, 64):
+            n = (200 if quick else 600) if inflight == 1 else (1500 if quick else 6000)
+            out[inflight] = h2load(
+                server, "GetTask", pb.GetTaskRequest(name="tasks/x"), inflight, n
+            )
+            print(f"  echo GetTask x{inflight}: {out[inflight]}", flush=True)
+    finally:
+        server.stop()
+    return out
+
+
+def bench_direct(emulator: str, quick: bool) -> dict[str, Any]:
+    out = {}
+    seconds = "4" if quick else "10"
+    for op in ("get", "set", "query20"):
+        env = _env(FIRESTORE_EMULATOR_HOST=emulator, GOOGLE_CLOUD_PROJECT=f"demo-direct-{op}")
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.firestore_direct", op, "64", seconds],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-2000:])
+        out[op] = json.loads(result.stdout.strip().splitlines()[-1])
+        print(f"  direct firestore {op} x64: {out[op]}", flush=True)
+    return out
+
+
+async def firestore_costs(emulator: str) -> dict[str, Any]:
+    """Firestore RPCs and documents read per TaskService call, on the real channel."""
+    from taskservice.config import Config
+    from taskservice.server import TaskServer
+    from taskservice.store.firestore import FirestoreStore
+
+    counter = CallCounter()
+    store = FirestoreStore(
+        grpc.aio.insecure_channel(emulator, interceptors=counter.interceptors()),
+        project=f"demo-cost-{uuid.uuid4().hex[:8]}",
+        extra_metadata=(("authorization", "Bearer owner"),),
+    )
+    server = TaskServer(Config(host="127.0.0.1", port=0), store)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    costs: dict[str, Any] = {}
+
+    async def measure(name: str, call: Any) -> Any:
+        counter.reset()
+        result = await call
+        costs[name] = {
+            "rpcs": sum(counter.calls.values()),
+            "by_method": dict(counter.calls),
+            "documents_read": counter.documents,
+        }
+        return result
+
+    try:
+        wait = time.monotonic() + 30
+        while time.monotonic() < wait and not server._probe.done():  # type: ignore[union-attr]
+            await asyncio.sleep(0.05)
+        await stub.BatchCreateTasks(_stream(_batch(30, "c")))
+        task = await measure(
+            "CreateTask", stub.CreateTask(pb.CreateTaskRequest(task=pb.Task(title="c")))
+        )
+        await measure("GetTask", stub.GetTask(pb.GetTaskRequest(name=task.name)))
+        task = await measure(
+            "UpdateTask",
+            stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="u"))),
+        )
+        await measure("ListTasks (page of 20)", stub.ListTasks(pb.ListTasksRequest(page_size=20)))
+        await measure("DeleteTask", stub.DeleteTask(pb.DeleteTaskRequest(name=task.name)))
+        await measure("BatchCreateTasks (500)", stub.BatchCreateTasks(_stream(_batch(500, "b"))))
+    finally:
+        await channel.close()
+        await server.stop(grace=0)
+    return costs
+
+
+def cold_starts(workdir: Path, emulator: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for store in ("sqlite", "firestore"):
+        if store == "firestore" and emulator is None:
+            continue
+        times = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            server = start_taskservice(store, workdir, emulator)
+            times.append(time.monotonic() - t0)
+            server.stop()
+        out[store] = {
+            "median_s": round(statistics.median(times), 3),
+            "runs_s": [round(t, 3) for t in times],
+        }
+    for module in ("taskservice.server", "taskservice.store.firestore"):
+        code = f"import time; t=time.perf_counter(); import {module}; print(time.perf_counter()-t)"
+        runs = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", code],
+                    env=_env(),
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            for _ in range(3)
+        ]
+        out[f"import {module}"] = {"median_s": round(statistics.median(runs), 3)}
+    return out
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {
+        "python": platform.python_version(),
+        "machine": f"{platform.system()} {platform.machine()}",
+        "cpus": str(os.cpu_count()),
+    }
+    for dist in ("grpcio", "protobuf", "google-cloud-firestore"):
+        out[dist] = version(dist)
+    h2 = subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout.strip()
+    out["h2load"] = h2.split()[-1] if h2 else "?"
+    return out
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument(
+        "--quick", action="store_true", help="about a minute; default: a few minutes"
+    )
+    parser.add_argument("--out", default=str(ROOT / "docs"))
+    args = parser.parse_args()
+    if shutil.which("h2load") is None:
+        print("bench: h2load not found (apt-get install nghttp2-client)", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "versions": versions(),
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    jar = emulator_jar()
+    emulator_proc = None
+    emulator = None
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        try:
+            if jar is not None:
+                port = free_port()
+                emulator_proc = launch_emulator(jar, port, workdir / "emulator.log")
+                assert wait_for_port("127.0.0.1", port, 60)
+                emulator = f"127.0.0.1:{port}"
+            else:
+                print("bench: FIRESTORE SKIPPED: the emulator is not installed", file=sys.stderr)
+            print("echo ceiling", flush=True)
+            results["echo"] = bench_echo(workdir, args.quick)
+            results["stores"] = {}
+            for store in ("sqlite", "firestore"):
+                if store == "firestore" and emulator is None:
+                    continue
+                print(f"TaskService on {store}", flush=True)
+                results["stores"][store] = await bench_store(store, workdir, emulator, args.quick)
+            if emulator is not None:
+                print("Firestore direct-client ceilings", flush=True)
+                results["firestore_direct"] = bench_direct(emulator, args.quick)
+                results["firestore_costs"] = await firestore_costs(emulator)
+            print("cold start", flush=True)
+            results["cold_start"] = cold_starts(workdir, emulator)
+        finally:
+            if emulator_proc is not None:
+                emulator_proc.terminate()
+                emulator_proc.wait(10)
+    from bench.report import write_report
+
+    write_report(results, out_dir)
+    print(f"wrote {out_dir / 'benchmarks.md'}, benchmarks.json, benchmarks.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,55 @@
+"""The framework's own ceiling: a bare grpc.aio server answering GetTask with a
+canned Task of the same size as TaskService's, with the same server options,
+one process, no store, no interceptors.
+
+    python -m bench.echo PORT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from tasks.v1 import task_service_pb2 as pb
+from tasks.v1 import task_service_pb2_grpc
+
+from taskservice.server import SERVER_OPTIONS
+
+TASK = pb.Task(
+    name="tasks/0b6c1e9a-3f1e-4a55-9d7e-2f3c8f1f0a11",
+    title="Write the runbook for the on-call rotation",
+    description="Cover paging, escalation and the first five minutes.",
+    priority=pb.Task.PRIORITY_HIGH,
+    state=pb.Task.STATE_OPEN,
+    assignee="ana@example.com",
+    tags=["ops", "docs"],
+    create_time=timestamp_pb2.Timestamp(seconds=1_790_000_000, nanos=123_456_789),
+    update_time=timestamp_pb2.Timestamp(seconds=1_790_000_000, nanos=123_456_789),
+    etag="18ec1452fe7c8c68",
+)
+
+
+class Echo(task_service_pb2_grpc.TaskServiceServicer):
+    async def GetTask(self, request: pb.GetTaskRequest, context: Any) -> pb.Task:
+        return TASK
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    task_service_pb2_grpc.add_TaskServiceServicer_to_server(Echo(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1])))

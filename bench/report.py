@@ -1,0 +1,229 @@
+"""Turns one benchmark run into benchmarks.json, benchmarks.md and benchmarks.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for each target of issue 4 that this run measured."""
+    out: list[tuple[str, str, bool]] = []
+    echo = r["echo"]
+    stores = r.get("stores", {})
+    if "sqlite" in stores:
+        s = stores["sqlite"]["rpcs"]
+        for method, share in (("GetTask", 0.70), ("CreateTask", 0.50)):
+            ratio = s[method][16]["calls_per_s"] / echo[16]["calls_per_s"]
+            out.append(
+                (
+                    f"{method} on SQLite at 16 in flight ≥ {share:.0%} of echo calls/s",
+                    f"{ratio:.0%} ({s[method][16]['calls_per_s']:.0f}"
+                    f" vs {echo[16]['calls_per_s']:.0f})",
+                    ratio >= share,
+                )
+            )
+        cpu = s["GetTask"][16]["server_cpu_us_per_call"] / echo[16]["server_cpu_us_per_call"]
+        out.append(
+            (
+                "server CPU per GetTask ≤ 1.5x echo's CPU per call",
+                f"{cpu:.2f}x ({s['GetTask'][16]['server_cpu_us_per_call']:.0f} vs "
+                f"{echo[16]['server_cpu_us_per_call']:.0f} µs)",
+                cpu <= 1.5,
+            )
+        )
+    costs = r.get("firestore_costs", {})
+    want = {
+        "CreateTask": 1,
+        "GetTask": 1,
+        "DeleteTask": 1,
+        "UpdateTask": 2,
+        "ListTasks (page of 20)": 1,
+        "BatchCreateTasks (500)": 1,
+    }
+    for name, rpcs in want.items():
+        if name in costs:
+            got = costs[name]
+            out.append(
+                (
+                    f"Firestore RPCs per {name} = {rpcs}",
+                    f"{got['rpcs']} ({got['by_method']}), documents read {got['documents_read']}",
+                    got["rpcs"] == rpcs and (name != "CreateTask" or got["documents_read"] == 0),
+                )
+            )
+    direct = r.get("firestore_direct")
+    if direct and "firestore" in stores:
+        f = stores["firestore"]["rpcs"]
+        for method, op in (("GetTask", "get"), ("CreateTask", "set")):
+            ratio = f[method][64]["calls_per_s"] / direct[op]["calls_per_s"]
+            out.append(
+                (
+                    f"{method} on the emulator at 64 in flight ≥ 70% of the direct client's {op}",
+                    f"{ratio:.0%} ({f[method][64]['calls_per_s']:.0f}"
+                    f" vs {direct[op]['calls_per_s']:.0f})",
+                    ratio >= 0.70,
+                )
+            )
+        budget = 1.25 * (direct["get"]["client_cpu_us_per_op"] + echo[64]["server_cpu_us_per_call"])
+        used = f["GetTask"][64]["server_cpu_us_per_call"]
+        out.append(
+            (
+                "server CPU per GetTask on Firestore ≤ 1.25 x (direct get + echo)",
+                f"{used:.0f} µs vs budget {budget:.0f} µs",
+                used <= budget,
+            )
+        )
+        rate = stores["firestore"]["batch_500_tasks_per_s"]
+        out.append(
+            (
+                "BatchCreateTasks(500) on the emulator ≥ 2,000 tasks/s",
+                f"{rate:.0f} tasks/s",
+                rate >= 2000,
+            )
+        )
+    cold = r.get("cold_start", {})
+    for store, limit in (("sqlite", 1.0), ("firestore", 1.5)):
+        if store in cold:
+            out.append(
+                (
+                    f"cold start to SERVING on {store} ≤ {limit} s (median of 5)",
+                    f"{cold[store]['median_s']} s",
+                    cold[store]["median_s"] <= limit,
+                )
+            )
+    for store, s in stores.items():
+        out.append(
+            (
+                f"RSS after the full run ≤ 120 MB ({store})",
+                f"{s['rss_mb_after_run']} MB",
+                s["rss_mb_after_run"] <= 120,
+            )
+        )
+        growth = s["rss_mb_after_repeat"] - s["rss_mb_after_run"]
+        out.append(
+            (f"no RSS growth over a repeated pass ({store})", f"{growth:+.1f} MB", growth <= 2.0)
+        )
+    return out
+
+
+def _chart(r: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    methods = ["GetTask", "CreateTask", "UpdateTask", "ListTasks", "DeleteTask"]
+    fig, axes = plt.subplots(1, max(1, len(r.get("stores", {}))), figsize=(12, 4.5), squeeze=False)
+    for ax, (store, s) in zip(axes[0], r.get("stores", {}).items(), strict=False):
+        width = 0.27
+        for k, inflight in enumerate((1, 16, 64)):
+            values = [s["rpcs"][m][inflight]["calls_per_s"] for m in methods]
+            ax.bar(
+                [i + (k - 1) * width for i in range(len(methods))],
+                values,
+                width,
+                label=f"{inflight} in flight",
+            )
+        ax.axhline(
+            r["echo"][64]["calls_per_s"],
+            color="black",
+            linestyle="--",
+            label="echo ceiling (64 in flight)",
+        )
+        ax.set_xticks(range(len(methods)), methods, rotation=20)
+        ax.set_title(f"TaskService on {store}: calls/s")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(r: dict[str, Any], out: Path) -> None:
+    (out / "benchmarks.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    charted = _chart(r, out / "benchmarks.png")
+    v = r["versions"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"`python -m bench{' --quick' if r['quick'] else ''}` on {r['date']}: {v['machine']},"
+        f" {v['cpus']} CPUs, Python {v['python']}, grpcio {v['grpcio']}, protobuf {v['protobuf']},"
+        f" google-cloud-firestore {v['google-cloud-firestore']}, h2load {v['h2load']}."
+        " Everything on loopback in one run (the load generator shares the 2 cores);"
+        " Firestore is the official emulator. Raw figures: `benchmarks.json`.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in _targets(r)]
+    lines += [
+        "",
+        "## Unary calls",
+        "",
+        "| server | RPC | in flight | calls/s | p50 ms | p99 ms | server CPU µs/call | RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for inflight, row in r["echo"].items():
+        lines.append(
+            f"| echo (ceiling) | GetTask | {inflight} | {row['calls_per_s']} | {row['p50_ms']} |"
+            f" {row['p99_ms']} | {row['server_cpu_us_per_call']} | {row['rss_mb']} |"
+        )
+    for store, s in r.get("stores", {}).items():
+        for method, rows in s["rpcs"].items():
+            for inflight, row in rows.items():
+                lines.append(
+                    f"| {store} | {method} | {inflight} | {row['calls_per_s']} |"
+                    f" {row['p50_ms']} | {row['p99_ms']} | {row['server_cpu_us_per_call']} |"
+                    f" {row['rss_mb']} |"
+                )
+    lines += [
+        "",
+        "## Streams, stalls, memory",
+        "",
+        "| store | figure | value |",
+        "| --- | --- | --- |",
+    ]
+    for store, s in r.get("stores", {}).items():
+        lines += [
+            f"| {store} | BatchCreateTasks of 500, end to end |"
+            f" {s['batch_500_tasks_per_s']} tasks/s |",
+            f"| {store} | GetTask p99 at 16 in flight, quiet | {s['get_p99_ms_quiet']} ms |",
+            f"| {store} | GetTask p99 at 16 in flight while 500-task batches commit |"
+            f" {s['get_p99_ms_during_batches']} ms |",
+            f"| {store} | RSS after the run / after a repeated pass |"
+            f" {s['rss_mb_after_run']} / {s['rss_mb_after_repeat']} MB |",
+        ]
+    if "firestore_direct" in r:
+        lines += [
+            "",
+            "## Firestore emulator, direct client (the backend's ceiling, 64 in flight)",
+            "",
+            "| operation | calls/s | p50 ms | p99 ms | client CPU µs/op |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for op, row in r["firestore_direct"].items():
+            lines.append(
+                f"| {op} | {row['calls_per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |"
+                f" {row['client_cpu_us_per_op']:.0f} |"
+            )
+    if "firestore_costs" in r:
+        lines += [
+            "",
+            "## Firestore cost per TaskService call",
+            "",
+            "| call | Firestore RPCs | by method | billed documents read |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, c in r["firestore_costs"].items():
+            lines.append(f"| {name} | {c['rpcs']} | {c['by_method']} | {c['documents_read']} |")
+    lines += ["", "## Cold start", "", "| what | median s | runs |", "| --- | --- | --- |"]
+    for name, c in r.get("cold_start", {}).items():
+        lines.append(f"| {name} | {c['median_s']} | {c.get('runs_s', '')} |")
+    if charted:
+        lines += ["", "![calls/s by RPC and concurrency vs. the echo ceiling](benchmarks.png)", ""]
+    (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
