@@ -11,11 +11,11 @@ LOG_LEVEL (default INFO).
 from __future__ import annotations
 
 import contextvars
-import datetime as dt
 import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,20 @@ def set_project(project: str) -> None:
     _project = project
 
 
+_second = -1
+_second_text = ""
+
+
+def _rfc3339(created: float) -> str:
+    """UTC time with microseconds; the seconds part is formatted once per second."""
+    global _second, _second_text
+    whole = int(created)
+    if whole != _second:
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = whole
+    return f"{_second_text}.{int((created - whole) * 1e6):06d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -55,7 +69,7 @@ class JsonFormatter(logging.Formatter):
         entry: dict[str, Any] = {
             "severity": _SEVERITY.get(record.levelno, "DEFAULT"),
             "message": message,
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+            "time": _rfc3339(record.created),
             "logger": record.name,
         }
         trace = current_trace.get()
@@ -77,6 +91,12 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str | None = None) -> None:
     """Sends the root logger's records to stderr as JSON lines."""
+    # Fields the JSON lines never show: skip computing them for every record
+    # (finding the caller walks the stack on each call).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

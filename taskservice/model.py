@@ -34,6 +34,11 @@ class State(enum.IntEnum):
     CANCELLED = 4
 
 
+# Members by number: a tuple index is several times cheaper than Priority(n).
+PRIORITIES: tuple[Priority, ...] = tuple(Priority)
+STATES: tuple[State, ...] = tuple(State)
+
+
 @dataclass(frozen=True, slots=True)
 class TaskContent:
     """The fields a caller sets; validated before a store sees them."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,7 +19,7 @@ from tasks.v1 import task_service_pb2, task_service_pb2_grpc
 from taskservice import logging as json_logging
 from taskservice import reflection
 from taskservice.config import Config
-from taskservice.interceptors import AccessLogInterceptor
+from taskservice.interceptors import Instrumented
 from taskservice.service import TaskServicer
 from taskservice.store import TaskStore, open_store
 
@@ -52,7 +53,7 @@ class TaskServer:
         self.store = store if store is not None else open_store(config)
         json_logging.set_project(config.project or getattr(self.store, "project", ""))
         self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth == "google-id-token":
             from taskservice.auth import AuthInterceptor, IdTokenVerifier
 
@@ -64,10 +65,11 @@ class TaskServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         servicer = TaskServicer(self.store, stream_idle_seconds=config.stream_idle_seconds)
-        task_service_pb2_grpc.add_TaskServiceServicer_to_server(servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        registrar: Any = Instrumented(self.server)
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(servicer, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         if config.reflection:
-            reflection.enable(self.server, (SERVICE_NAME, health.SERVICE_NAME))
+            reflection.enable(registrar, (SERVICE_NAME, health.SERVICE_NAME))
         self.port = 0
         self._probe: asyncio.Task[None] | None = None
         self._stopping = False

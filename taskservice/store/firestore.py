@@ -48,11 +48,11 @@ from taskservice.errors import (
     Unavailable,
 )
 from taskservice.model import (
+    PRIORITIES,
+    STATES,
     ListQuery,
     ListResult,
     NewTask,
-    Priority,
-    State,
     Task,
     TaskContent,
     TaskFilter,
@@ -114,8 +114,8 @@ def _content(fields: Any) -> TaskContent:
     return TaskContent(
         title=fields["title"].string_value,
         description=fields["description"].string_value,
-        priority=Priority(fields["priority"].integer_value),
-        state=State(fields["state"].integer_value),
+        priority=PRIORITIES[fields["priority"].integer_value],
+        state=STATES[fields["state"].integer_value],
         assignee=fields["assignee"].string_value,
         tags=tuple(v.string_value for v in fields["tags"].array_value.values),
     )

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,12 +30,12 @@ from taskservice.errors import (
     Unavailable,
 )
 from taskservice.model import (
+    PRIORITIES,
+    STATES,
     ListQuery,
     ListResult,
     NewTask,
     OrderField,
-    Priority,
-    State,
     Task,
     TaskContent,
     TaskPatch,
@@ -66,6 +68,23 @@ CREATE TABLE IF NOT EXISTS requests (
 """
 _COLUMNS = "task_id, title, description, priority, state, assignee, tags, create_ns, update_ns"
 _READ_THREADS = 2
+_GROUP_MAX = 256  # writes committed together at most
+
+
+@dataclass(frozen=True, slots=True)
+class _WriteOp:
+    fn: Callable[[sqlite3.Connection], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _row_to_task(row: Sequence[Any]) -> Task:
@@ -74,8 +93,8 @@ def _row_to_task(row: Sequence[Any]) -> Task:
         content=TaskContent(
             title=row[1],
             description=row[2],
-            priority=Priority(row[3]),
-            state=State(row[4]),
+            priority=PRIORITIES[row[3]],
+            state=STATES[row[4]],
             assignee=row[5],
             tags=tuple(json.loads(row[6])),
         ),
@@ -95,65 +114,129 @@ class SqliteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        self._writes: queue.SimpleQueue[_WriteOp | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="sqlite-read")
+        self._loop_conn: sqlite3.Connection | None = None
         self._ready = False
 
     # -- plumbing ---------------------------------------------------------
 
+    def _open(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a write is on disk before it is acknowledged, even on power loss.
+        conn.execute("PRAGMA synchronous = FULL")
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a write is on disk before it is acknowledged, even on power loss.
-            conn.execute("PRAGMA synchronous = FULL")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
+            conn = self._local.conn = self._open(10_000)
         return conn
 
-    async def _run(
-        self, pool: ThreadPoolExecutor, fn: Callable[[sqlite3.Connection], T], timeout: float
-    ) -> T:
-        def work() -> T:
-            return fn(self._connection())
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> T:
+        """Runs fn in a write transaction on the writer thread.
 
+        Group commit: the writer takes every write waiting in the queue, runs
+        each in its own SAVEPOINT inside one transaction, and commits once, so
+        concurrent writes share one fsync. A write is acknowledged only after
+        that commit; a failing write rolls back to its savepoint alone.
+        """
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_loop, name="sqlite-write", daemon=True
+            )
+            self._writer.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._writes.put(_WriteOp(fn, loop, future))
+        try:
+            async with asyncio.timeout(timeout):
+                result: T = await future
+                return result
+        except TimeoutError:
+            raise DeadlineExceeded("the store did not answer in time") from None
+
+    def _write_loop(self) -> None:
+        conn: sqlite3.Connection | None = None
+        while True:
+            first = self._writes.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < _GROUP_MAX:
+                try:
+                    more = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._writes.put(None)  # stop after this group
+                    break
+                group.append(more)
+            outcomes: list[tuple[_WriteOp, bool, Any]] = []
+            try:
+                if conn is None:
+                    conn = self._open(10_000)
+                    if not self._ready:
+                        conn.executescript(_SCHEMA)
+                        self._ready = True
+                conn.execute("BEGIN IMMEDIATE")
+                for op in group:
+                    if op.future.done():  # the caller gave up: do not write
+                        continue
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        outcomes.append((op, True, op.fn(conn)))
+                        conn.execute("RELEASE op")
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        outcomes.append((op, False, exc))
+                conn.execute("COMMIT")
+            except Exception as exc:  # the file cannot be opened or written
+                if conn is not None and conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                failure = Unavailable("the task database is unavailable")
+                failure.__cause__ = exc
+                outcomes = [(op, False, failure) for op in group]
+            for op, ok, value in outcomes:
+                if ok:
+                    op.loop.call_soon_threadsafe(_settle, op.future, value, None)
+                else:
+                    if isinstance(value, sqlite3.Error):
+                        unavailable = Unavailable("the task database is unavailable")
+                        unavailable.__cause__ = value
+                        value = unavailable
+                    op.loop.call_soon_threadsafe(_settle, op.future, None, value)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> T:
+        """Runs fn on the event loop's own connection: WAL readers never wait
+        for the writer, and a point read costs less than a hop to a thread.
+        If the file is busy anyway (recovery, a checkpoint), the read moves to
+        the reader pool, which waits."""
+        if not self._ready:
+            await self._write(lambda conn: None, timeout)  # the writer creates the schema
+        try:
+            if self._loop_conn is None:
+                self._loop_conn = self._open(0)
+            return fn(self._loop_conn)
+        except sqlite3.OperationalError:
+            pass
+        except (sqlite3.Error, OSError) as exc:
+            raise Unavailable("the task database is unavailable") from exc
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(loop.run_in_executor(pool, work), timeout)
+            async with asyncio.timeout(timeout):
+                return await loop.run_in_executor(self._readers, lambda: fn(self._connection()))
         except TimeoutError:
             raise DeadlineExceeded("the store did not answer in time") from None
         except sqlite3.OperationalError as exc:  # locked, disk I/O, unopenable file
             raise Unavailable("the task database is unavailable") from exc
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> T:
-        if not self._ready:
-            await self._run(self._writer, self._init_schema, timeout)
-
-        def in_transaction(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
-
-        return await self._run(self._writer, in_transaction, timeout)
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> T:
-        if not self._ready:
-            await self._run(self._writer, self._init_schema, timeout)
-        return await self._run(self._readers, fn, timeout)
-
-    def _init_schema(self, conn: sqlite3.Connection) -> None:
-        if not self._ready:
-            conn.executescript(_SCHEMA)
-            self._ready = True
 
     @staticmethod
     def _next_version(previous_ns: int) -> int:
@@ -320,9 +403,13 @@ class SqliteStore:
         return await self._read(run, timeout)
 
     async def close(self) -> None:
-        self._writer.shutdown(wait=True)
+        if self._writer is not None:
+            self._writes.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
         self._readers.shutdown(wait=True)
         with self._lock:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+        self._loop_conn = None
