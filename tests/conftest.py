@@ -117,8 +117,12 @@ async def wait_serving(health: health_pb2_grpc.HealthStub, timeout: float = 10.0
         await asyncio.sleep(0.05)
 
 
-async def start_server(store: TaskStore) -> Running:
-    server = TaskServer(Config(host="127.0.0.1", port=0, grace_seconds=2.0), store)
+async def start_server(
+    store: TaskStore, config: Config | None = None, *, ready: bool = True
+) -> Running:
+    """A TaskServer on 127.0.0.1:0 with a channel to it; waits for SERVING
+    unless ready=False (a store that is down on purpose)."""
+    server = TaskServer(config or Config(host="127.0.0.1", port=0, grace_seconds=2.0), store)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     running = Running(
@@ -127,7 +131,8 @@ async def start_server(store: TaskStore) -> Running:
         task_service_pb2_grpc.TaskServiceStub(channel),
         health_pb2_grpc.HealthStub(channel),
     )
-    await wait_serving(running.health)
+    if ready:
+        await wait_serving(running.health)
     return running
 
 

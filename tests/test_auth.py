@@ -19,15 +19,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from google.auth import crypt, jwt
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
-from tasks.v1 import task_service_pb2_grpc
 
 from taskservice.config import Config, ConfigError, load
-from taskservice.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import Running, wait_serving
+from tests.conftest import Running, start_server
 from tests.helpers import create_request, expect_error, stream_of
 
 AUDIENCE = "https://taskservice-abc-ew.a.run.app"
@@ -105,17 +103,7 @@ def certs_url(signer: Signer) -> Iterator[str]:
 
 
 async def _start(config: Config, db: Path) -> Running:
-    server = TaskServer(config, SqliteStore(db))
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    running = Running(
-        server,
-        channel,
-        task_service_pb2_grpc.TaskServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
-    await wait_serving(running.health)
-    return running
+    return await start_server(SqliteStore(db), config)
 
 
 @pytest.fixture

@@ -13,13 +13,13 @@ from grpc_health.v1 import health_pb2
 from tasks.v1 import task_service_pb2 as pb
 
 from taskservice.config import Config
-from taskservice.server import TaskServer
 from taskservice.store.firestore import FirestoreStore
 from tests.conftest import (
     Running,
     emulator_jar,
     free_port,
     launch_emulator,
+    start_server,
     wait_for_port,
     wait_serving,
 )
@@ -27,19 +27,9 @@ from tests.helpers import create_request, expect_error, stream_of
 
 
 async def _server_over(target: str) -> Running:
-    from grpc_health.v1 import health_pb2_grpc
-    from tasks.v1 import task_service_pb2_grpc
-
     store = FirestoreStore(grpc.aio.insecure_channel(target), project="demo-outage")
-    server = TaskServer(Config(host="127.0.0.1", port=0, grace_seconds=1.0), store)
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    return Running(
-        server,
-        channel,
-        task_service_pb2_grpc.TaskServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
+    config = Config(host="127.0.0.1", port=0, grace_seconds=1.0)
+    return await start_server(store, config, ready=False)
 
 
 @pytest.fixture

@@ -8,38 +8,26 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
 from taskservice.config import Config
-from taskservice.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import Running, wait_serving
+from tests.conftest import Running, start_server
 from tests.helpers import create_request, expect_error
 from tests.reliability import record
 
 pytestmark = pytest.mark.slow
 
 
-async def _start(tmp_path: Path, **config: object) -> Running:
-    server = TaskServer(
-        Config(host="127.0.0.1", port=0, **config),  # type: ignore[arg-type]
-        SqliteStore(tmp_path / "t.db"),
+async def _start(tmp_path: Path, **config: Any) -> Running:
+    return await start_server(
+        SqliteStore(tmp_path / "t.db"), Config(host="127.0.0.1", port=0, **config)
     )
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    running = Running(
-        server,
-        channel,
-        task_service_pb2_grpc.TaskServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
-    await wait_serving(running.health)
-    return running
 
 
 async def _stalled(
