@@ -122,6 +122,47 @@ async def _idle_limited(
         yield message
 
 
+async def _read_batch(messages: AsyncIterator[pb.CreateTaskRequest]) -> list[NewTask]:
+    """Validates a BatchCreateTasks stream into NewTasks, naming requests[i]."""
+    items: list[NewTask] = []
+    task_ids: dict[str, int] = {}
+    request_ids: dict[str, int] = {}
+    async for request in messages:
+        index = len(items)
+        if index >= MAX_BATCH:
+            raise InvalidArgument(
+                [("requests", f"at most {MAX_BATCH} tasks per call; nothing was written")],
+                reason="BATCH_TOO_LARGE",
+            )
+        try:
+            item = validation.new_task(request)
+        except InvalidArgument as err:
+            raise err.prefixed(f"requests[{index}]") from None
+        if request.task_id and item.task_id in task_ids:
+            raise InvalidArgument(
+                [(f"requests[{index}].task_id", f"repeats requests[{task_ids[item.task_id]}]")]
+            )
+        if item.request_id is not None and item.request_id in request_ids:
+            first = request_ids[item.request_id]
+            raise InvalidArgument([(f"requests[{index}].request_id", f"repeats requests[{first}]")])
+        task_ids[item.task_id] = index
+        if item.request_id is not None:
+            request_ids[item.request_id] = index
+        items.append(item)
+    return items
+
+
+async def _drain(messages: AsyncIterator[pb.CreateTaskRequest], limit: int) -> None:
+    count = 0
+    try:
+        async for _ in messages:
+            count += 1
+            if count >= limit:
+                return
+    except ServiceError:
+        return  # idle or malformed: stop reading, the first error stands
+
+
 class TaskServicer(pb_grpc.TaskServiceServicer):
     """Serves tasks.v1.TaskService over any TaskStore."""
 
@@ -188,33 +229,16 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         request_iterator: AsyncIterator[pb.CreateTaskRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.BatchCreateTasksResponse:
-        items: list[NewTask] = []
-        task_ids: dict[str, int] = {}
-        request_ids: dict[str, int] = {}
-        async for request in _idle_limited(request_iterator, self.stream_idle_seconds):
-            index = len(items)
-            if index >= MAX_BATCH:
-                raise InvalidArgument(
-                    [("requests", f"at most {MAX_BATCH} tasks per call; nothing was written")],
-                    reason="BATCH_TOO_LARGE",
-                )
-            try:
-                item = validation.new_task(request)
-            except InvalidArgument as err:
-                raise err.prefixed(f"requests[{index}]") from None
-            if request.task_id and item.task_id in task_ids:
-                raise InvalidArgument(
-                    [(f"requests[{index}].task_id", f"repeats requests[{task_ids[item.task_id]}]")]
-                )
-            if item.request_id is not None and item.request_id in request_ids:
-                first = request_ids[item.request_id]
-                raise InvalidArgument(
-                    [(f"requests[{index}].request_id", f"repeats requests[{first}]")]
-                )
-            task_ids[item.task_id] = index
-            if item.request_id is not None:
-                request_ids[item.request_id] = index
-            items.append(item)
+        messages = _idle_limited(request_iterator, self.stream_idle_seconds)
+        try:
+            items = await _read_batch(messages)
+        except InvalidArgument as err:
+            if err.reason != "BATCH_TOO_LARGE":
+                # Read what the client is still sending (a batch is bounded)
+                # before answering, so it receives this status rather than a
+                # transport error for a stream closed under its feet.
+                await _drain(messages, MAX_BATCH)
+            raise
         if not items:
             return pb.BatchCreateTasksResponse()
         try:

@@ -614,3 +614,14 @@ async def test_bad_filters_are_rejected_naming_filter(running: Running, bad: str
 async def test_bad_order_by(running: Running, bad: str) -> None:
     details = await expect_error(running.stub.ListTasks(pb.ListTasksRequest(order_by=bad)), IA)
     assert details.fields == ["order_by"]
+
+
+async def test_an_early_invalid_item_still_answers_invalid_argument(running: Running) -> None:
+    """The client is still streaming when the server finds item 0 bad: it must
+    get INVALID_ARGUMENT, not a transport error for a stream cut short."""
+    for _ in range(5):
+        requests = [create_request(f"t{i}", description="d" * 1500) for i in range(499)]
+        requests[0].task.title = ""
+        details = await expect_error(running.stub.BatchCreateTasks(stream_of(requests)), IA)
+        assert details.fields == ["requests[0].task.title"]
+    assert list((await running.stub.ListTasks(pb.ListTasksRequest())).tasks) == []
