@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc as pb_grpc
 
@@ -32,15 +32,12 @@ from taskservice.filtering import parse_filter
 from taskservice.model import Cursor, ListQuery, NewTask, Task, sort_time
 from taskservice.pagination import decode_token, encode_token, fingerprint
 from taskservice.store import MAX_BATCH, TaskStore
+from taskservice.timestamps import timestamp_from_ns
 
 log = logging.getLogger(__name__)
 
 MAX_CALL_SECONDS = 30.0  # server-side cap on a call with no deadline
 R = TypeVar("R")
-
-
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 def to_proto(task: Task) -> pb.Task:
@@ -52,8 +49,8 @@ def to_proto(task: Task) -> pb.Task:
         priority=pb.Task.Priority.ValueType(c.priority),
         state=pb.Task.State.ValueType(c.state),
         tags=c.tags,
-        create_time=_timestamp(task.create_time_ns),
-        update_time=_timestamp(task.update_time_ns),
+        create_time=timestamp_from_ns(task.create_time_ns),
+        update_time=timestamp_from_ns(task.update_time_ns),
         etag=task.etag,
     )
     if c.assignee:

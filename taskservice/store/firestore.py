@@ -35,7 +35,7 @@ from google.cloud.firestore_v1.types import document as _document
 from google.cloud.firestore_v1.types import firestore as _firestore
 from google.cloud.firestore_v1.types import query as _query
 from google.cloud.firestore_v1.types import write as _write
-from google.protobuf import timestamp_pb2, wrappers_pb2
+from google.protobuf import wrappers_pb2
 
 from taskservice.errors import (
     AlreadyExists,
@@ -61,6 +61,7 @@ from taskservice.model import (
     version_of,
 )
 from taskservice.store import REQUEST_ID_TTL_NS
+from taskservice.timestamps import timestamp_from_ns
 
 if TYPE_CHECKING:
     from taskservice.config import Config
@@ -93,10 +94,6 @@ _REQUEST_TIME = FieldTransform.REQUEST_TIME
 
 def _ns(ts: Any) -> int:
     return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
-
-
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 def _fields(content: TaskContent) -> dict[str, Any]:
@@ -354,7 +351,7 @@ class FirestoreStore:
 
     def _request_write(self, item: NewTask) -> Any:
         assert item.request_id is not None
-        expire = _timestamp(time.time_ns() + REQUEST_ID_TTL_NS)
+        expire = timestamp_from_ns(time.time_ns() + REQUEST_ID_TTL_NS)
         return Write(
             update=Document(
                 name=self._request_name(item.request_id),
@@ -376,28 +373,23 @@ class FirestoreStore:
         names = [self._name(item.task_id) for item in items]
         names += [self._request_name(i.request_id) for i in items if i.request_id is not None]
         found = await self._get_docs(names, timeout)
-        owners: dict[str, str] = {}  # task_id -> request_id that created it
-        followups: list[str] = []
+        claimed: dict[int, str] = {}  # item index -> task_id its request_id created
         for index, item in enumerate(items):
             if index in resolved or item.request_id is None:
                 continue
             marker = found.get(self._request_name(item.request_id))
-            if marker is None:
-                continue
-            task_id = marker.fields["task_id"].string_value
-            owners[task_id] = item.request_id
-            doc = found.get(self._name(task_id))
-            if doc is None:
-                followups.append(task_id)
-        if followups:
+            if marker is not None:
+                claimed[index] = marker.fields["task_id"].string_value
+        missing = [t for t in claimed.values() if self._name(t) not in found]
+        if missing:
             found.update(
-                await self._get_docs([self._name(t) for t in followups], deadline - loop.time())
+                await self._get_docs([self._name(t) for t in missing], deadline - loop.time())
             )
         for index, item in enumerate(items):
             if index in resolved:
                 continue
-            if item.request_id is not None and self._request_name(item.request_id) in found:
-                task_id = found[self._request_name(item.request_id)].fields["task_id"].string_value
+            if index in claimed:
+                task_id = claimed[index]
                 doc = found.get(self._name(task_id))
                 if doc is None:
                     raise FailedPrecondition(
@@ -467,7 +459,7 @@ class FirestoreStore:
             version = version_of(expected_etag)
             if version is None:
                 raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
-            precondition = Precondition(update_time=_timestamp(version))
+            precondition = Precondition(update_time=timestamp_from_ns(version))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
@@ -507,7 +499,7 @@ class FirestoreStore:
             sq.start_at.CopyFrom(
                 QueryCursor(
                     values=[
-                        Value(timestamp_value=_timestamp(query.after.time_ns)),
+                        Value(timestamp_value=timestamp_from_ns(query.after.time_ns)),
                         Value(reference_value=self._name(query.after.task_id)),
                     ],
                     before=False,
