@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from taskservice.errors import InvalidArgument
-from taskservice.logging import CallTrace, current_trace
+from taskservice.logging import CallTrace, current_trace, log_fields
 
 log = logging.getLogger("taskservice.access")
 
@@ -115,27 +115,29 @@ def _emit(
     started: float,
     error: BaseException | None,
     request_bytes: int,
-    response_bytes: int,
+    response: Any,
     messages: int | None,
 ) -> None:
     code = _code(context, error)
-    fields: dict[str, Any] = {
-        "grpc.method": method,
-        "grpc.code": code,
-        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-        "peer": context.peer(),
-        "request_bytes": request_bytes,
-        "response_bytes": response_bytes,
-    }
-    if messages is not None:
-        fields["request_messages"] = messages
     if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
         level = logging.ERROR
     elif method.startswith(_QUIET_PREFIXES):
         level = logging.DEBUG  # health probes and reflection: every few seconds, all alike
     else:
         level = logging.INFO
-    log.log(level, "%s %s", method, code, extra={"fields": fields})
+    if not log.isEnabledFor(level):
+        return
+    fields: dict[str, Any] = {
+        "grpc.method": method,
+        "grpc.code": code,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        "peer": context.peer(),
+        "request_bytes": request_bytes,
+        "response_bytes": _size(response),
+    }
+    if messages is not None:
+        fields["request_messages"] = messages
+    log_fields(log, level, f"{method} {code}", fields)
 
 
 def _decode(decode: Any, raw: bytes, field: str) -> Any:
@@ -169,7 +171,7 @@ def _unary(behavior: Any, decode: Any, method: str) -> Any:
             error = exc
             raise
         finally:
-            _emit(method, context, started, error, request_bytes, _size(response), None)
+            _emit(method, context, started, error, request_bytes, response, None)
             current_trace.reset(token)
 
     return handle
@@ -199,7 +201,7 @@ def _client_stream(behavior: Any, decode: Any, method: str) -> Any:
             error = exc
             raise
         finally:
-            _emit(method, context, started, error, counts[1], _size(response), counts[0])
+            _emit(method, context, started, error, counts[1], response, counts[0])
             current_trace.reset(token)
 
     return handle

@@ -106,3 +106,37 @@ async def test_unhandled_error_is_internal_with_an_error_id(
     assert "secret internal detail" in str(logged[0]["message"])
     access = [e for e in _lines(captured) if e["logger"] == "taskservice.access"]
     assert access[-1]["grpc.code"] == "INTERNAL" and access[-1]["severity"] == "ERROR"
+
+
+def test_access_short_cut_writes_the_line_the_logging_chain_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """log_fields skips LogRecords only when configure()'s handler is the sole
+    one: the line must be the same as through the chain, and any other handler
+    (a test's, an operator's) still gets the record."""
+    short, chain = io.StringIO(), io.StringIO()
+    handler = json_logging.JsonLinesHandler(short)
+    handler.setFormatter(json_logging.JsonFormatter())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setattr(json_logging, "_handler", handler)
+    logger = logging.getLogger("taskservice.access")
+    fields = {"grpc.method": "/x/Y", "grpc.code": "OK", "latency_ms": 1.5, "peer": 'a"b'}
+    token = json_logging.current_trace.set(json_logging.CallTrace("ab" * 16, "cd" * 8, True))
+    try:
+        json_logging.log_fields(logger, logging.INFO, "/x/Y OK", fields)
+        json_logging.log_fields(logger, logging.DEBUG, "below the level", fields)
+        other = logging.StreamHandler(chain)
+        other.setFormatter(json_logging.JsonFormatter())
+        monkeypatch.setattr(root, "handlers", [handler, other])
+        json_logging.log_fields(logger, logging.INFO, "/x/Y OK", fields)
+    finally:
+        json_logging.current_trace.reset(token)
+    first, second = (json.loads(line) for line in short.getvalue().splitlines())
+    [through_chain] = _lines(chain)
+    for entry in (first, second, through_chain):
+        del entry["time"]
+    assert first == second == through_chain
+    assert first["peer"] == 'a"b' and first["trace_id"] == "ab" * 16
+    assert first["severity"] == "INFO" and first["logger"] == "taskservice.access"

@@ -95,13 +95,27 @@ async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
     channel_to.append(channel)
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
     await wait_serving(health_pb2_grpc.HealthStub(channel))
-    task = await stub.CreateTask(create_request("persisted", task_id="keep-me"), timeout=5)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    task = await stub.CreateTask(
+        create_request("persisted", task_id="keep-me"),
+        timeout=5,
+        metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),),
+    )
     p.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(p.finish, 10) == 0
     lines = [json.loads(line) for line in p.output.splitlines() if line.startswith("{")]
     start = [entry for entry in lines if "listening on" in entry["message"]]
     assert len(start) == 1 and start[0]["store"] == "sqlite" and str(port) in start[0]["address"]
     assert all({"severity", "message", "time"} <= entry.keys() for entry in lines)
+    # The access line, written by the process's own handler (the short cut in
+    # taskservice.logging.log_fields), buffered and still flushed by exit.
+    [access] = [e for e in lines if e.get("grpc.method") == "/tasks.v1.TaskService/CreateTask"]
+    assert access["severity"] == "INFO" and access["logger"] == "taskservice.access"
+    assert access["message"] == "/tasks.v1.TaskService/CreateTask OK"
+    assert access["grpc.code"] == "OK" and access["trace_id"] == trace_id
+    assert access["logging.googleapis.com/spanId"] == "00f067aa0ba902b7"
+    assert access["request_bytes"] > 0 and access["response_bytes"] > 0
+    assert access["latency_ms"] > 0 and access["peer"].startswith("ipv4:127.0.0.1:")
     assert (tmp_path / "tasks.db").exists()
 
     p2 = _start(launch, env, tmp_path)
