@@ -78,13 +78,14 @@ class _WriteOp:
     future: asyncio.Future[Any]
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _settle_all(results: list[tuple[_WriteOp, bool, Any]]) -> None:
+    for op, ok, value in results:
+        if op.future.done():  # the caller gave up
+            continue
+        if ok:
+            op.future.set_result(value)
+        else:
+            op.future.set_exception(value)
 
 
 def _row_to_task(row: Sequence[Any]) -> Task:
@@ -204,15 +205,16 @@ class SqliteStore:
                 failure = Unavailable("the task database is unavailable")
                 failure.__cause__ = exc
                 outcomes = [(op, False, failure) for op in group]
+            settled: dict[asyncio.AbstractEventLoop, list[tuple[_WriteOp, bool, Any]]] = {}
             for op, ok, value in outcomes:
-                if ok:
-                    op.loop.call_soon_threadsafe(_settle, op.future, value, None)
-                else:
-                    if isinstance(value, sqlite3.Error):
-                        unavailable = Unavailable("the task database is unavailable")
-                        unavailable.__cause__ = value
-                        value = unavailable
-                    op.loop.call_soon_threadsafe(_settle, op.future, None, value)
+                if not ok and isinstance(value, sqlite3.Error):
+                    unavailable = Unavailable("the task database is unavailable")
+                    unavailable.__cause__ = value
+                    value = unavailable
+                settled.setdefault(op.loop, []).append((op, ok, value))
+            # One wake-up of the loop per group, not one per write.
+            for loop, results in settled.items():
+                loop.call_soon_threadsafe(_settle_all, results)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> T:
         """Runs fn on the event loop's own connection: WAL readers never wait
