@@ -32,7 +32,6 @@ from taskservice.filtering import parse_filter
 from taskservice.model import Cursor, ListQuery, NewTask, Task, sort_time
 from taskservice.pagination import decode_token, encode_token, fingerprint
 from taskservice.store import MAX_BATCH, TaskStore
-from taskservice.timestamps import timestamp_from_ns
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +48,13 @@ def to_proto(task: Task) -> pb.Task:
         priority=pb.Task.Priority.ValueType(c.priority),
         state=pb.Task.State.ValueType(c.state),
         tags=c.tags,
-        create_time=timestamp_from_ns(task.create_time_ns),
-        update_time=timestamp_from_ns(task.update_time_ns),
         etag=task.etag,
     )
+    # Set in place: building Timestamp messages and copying them in costs twice as much.
+    created = message.create_time
+    created.seconds, created.nanos = divmod(task.create_time_ns, 1_000_000_000)
+    updated = message.update_time
+    updated.seconds, updated.nanos = divmod(task.update_time_ns, 1_000_000_000)
     if c.assignee:
         message.assignee = c.assignee
     return message

