@@ -39,6 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
+from bench.echo import TASK as ECHO_TASK
 from tests.support import CallCounter, emulator_jar, free_port, launch_emulator, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,8 +147,20 @@ def grpc_frame(message: Any) -> bytes:
     return b"\x00" + len(data).to_bytes(4, "big") + data
 
 
-def h2load(server: Server, method: str, request: Any, inflight: int, calls: int) -> dict[str, Any]:
-    """Unary calls from nghttp2's h2load; latencies from its per-request log."""
+def h2load(
+    server: Server,
+    method: str,
+    request: Any,
+    inflight: int,
+    calls: int,
+    response_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Unary calls from nghttp2's h2load; latencies from its per-request log.
+
+    h2load counts HTTP statuses, and a failed gRPC call is an HTTP 200 too
+    (its status is in the trailers, with no DATA). With response_bytes, the
+    framed size of one successful response, the share of calls that got a
+    response body is estimated from the DATA bytes received: "grpc_ok"."""
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "body"
         body.write_bytes(grpc_frame(request))
@@ -183,6 +196,14 @@ def h2load(server: Server, method: str, request: Any, inflight: int, calls: int)
         rows = [line.split("\t") for line in log.read_text().splitlines() if line]
     if result.returncode != 0:
         raise RuntimeError(result.stdout + result.stderr)
+    data = next(
+        (
+            int(line.split("(")[-1].split(")")[0])
+            for line in result.stdout.splitlines()
+            if line.startswith("traffic:")
+        ),
+        0,
+    )
     ok = [int(r[2]) / 1000 for r in rows if r[1] == "200"]
     ok.sort()
     rate = next(
@@ -201,6 +222,11 @@ def h2load(server: Server, method: str, request: Any, inflight: int, calls: int)
         "p99_ms": round(ok[int(len(ok) * 0.99)], 3),
         "server_cpu_us_per_call": round(cpu / max(len(rows), 1) * 1e6, 1),
         "rss_mb": round(server.rss_mb(), 1),
+        **(
+            {"grpc_ok": round(min(1.0, data / (response_bytes * max(len(rows), 1))), 3)}
+            if response_bytes
+            else {}
+        ),
     }
 
 
@@ -271,13 +297,15 @@ async def bench_store(
         )
         await stub.CreateTask(pb.CreateTaskRequest(task=pb.Task(title="u"), task_id="bench-upd"))
         unary = {
+            # First, while the collection holds the 10,000 seeded tasks.
+            "ListTasks": pb.ListTasksRequest(page_size=20),
             "GetTask": pb.GetTaskRequest(name=get_task.name),
             "CreateTask": pb.CreateTaskRequest(task=pb.Task(title="created by h2load", tags=["b"])),
             "UpdateTask": pb.UpdateTaskRequest(task=pb.Task(name="tasks/bench-upd", title="v")),
-            "ListTasks": pb.ListTasksRequest(page_size=20),
         }
+        sizes = {}
         for method, request in unary.items():  # each body must really succeed
-            await getattr(stub, method)(request, timeout=30)
+            sizes[method] = len(grpc_frame(await getattr(stub, method)(request, timeout=30)))
         for method, request in unary.items():
             out["rpcs"][method] = {}
             for inflight in (1, 16, 64):
@@ -287,7 +315,9 @@ async def bench_store(
                     # page over 10,000 documents runs at a few calls/s there).
                     # At 64 in flight it overloads the emulator: one round only.
                     n = n // 3 if store == "sqlite" else {1: 10, 16: 48, 64: 64}[inflight]
-                out["rpcs"][method][inflight] = h2load(server, method, request, inflight, n)
+                out["rpcs"][method][inflight] = h2load(
+                    server, method, request, inflight, n, sizes[method]
+                )
                 print(
                     f"  {store} {method} x{inflight}: {out['rpcs'][method][inflight]}", flush=True
                 )
@@ -324,7 +354,7 @@ async def bench_store(
         )
 
         # GetTask latency while 500-task batches commit: does the store stall the loop?
-        quiet = h2load(server, "GetTask", unary["GetTask"], 16, n_unary // 2)
+        quiet = h2load(server, "GetTask", unary["GetTask"], 16, n_unary // 2, sizes["GetTask"])
         busy_stop = asyncio.Event()
 
         async def batches_forever() -> None:
@@ -334,7 +364,7 @@ async def bench_store(
         busy = asyncio.ensure_future(batches_forever())
         await asyncio.sleep(0.2)
         during = await asyncio.to_thread(
-            h2load, server, "GetTask", unary["GetTask"], 16, n_unary // 2
+            h2load, server, "GetTask", unary["GetTask"], 16, n_unary // 2, sizes["GetTask"]
         )
         busy_stop.set()
         await busy
@@ -383,13 +413,15 @@ def interleaved_ratios(workdir: Path, quick: bool) -> dict[str, Any]:
                 ),
                 timeout=30,
             )
+            create = pb.CreateTaskRequest(task=pb.Task(title="created by h2load", tags=["b"]))
+            create_bytes = len(grpc_frame(stub.CreateTask(create, timeout=30)))
         get = pb.GetTaskRequest(name=task.name)
-        create = pb.CreateTaskRequest(task=pb.Task(title="created by h2load", tags=["b"]))
+        echo_bytes = len(grpc_frame(ECHO_TASK))
         n = 3000 if quick else 6000
         for _ in range(3 if quick else 5):
-            e = h2load(echo, "GetTask", pb.GetTaskRequest(name="tasks/x"), 16, n)
-            g = h2load(server, "GetTask", get, 16, n)
-            c = h2load(server, "CreateTask", create, 16, n)
+            e = h2load(echo, "GetTask", pb.GetTaskRequest(name="tasks/x"), 16, n, echo_bytes)
+            g = h2load(server, "GetTask", get, 16, n, len(grpc_frame(task)))
+            c = h2load(server, "CreateTask", create, 16, n, create_bytes)
             row = {
                 "echo_per_s": e["calls_per_s"],
                 "get_per_s": g["calls_per_s"],
@@ -398,6 +430,7 @@ def interleaved_ratios(workdir: Path, quick: bool) -> dict[str, Any]:
                 "create_ratio": round(c["calls_per_s"] / e["calls_per_s"], 3),
                 "echo_cpu_us": e["server_cpu_us_per_call"],
                 "get_cpu_us": g["server_cpu_us_per_call"],
+                "grpc_ok": min(e["grpc_ok"], g["grpc_ok"], c["grpc_ok"]),
             }
             rounds.append(row)
             print(f"  interleaved round {len(rounds)}: {row}", flush=True)
@@ -419,7 +452,12 @@ def bench_echo(workdir: Path, quick: bool) -> dict[str, Any]:
         for inflight in (1, 16, 64):
             n = (200 if quick else 600) if inflight == 1 else (1500 if quick else 6000)
             out[inflight] = h2load(
-                server, "GetTask", pb.GetTaskRequest(name="tasks/x"), inflight, n
+                server,
+                "GetTask",
+                pb.GetTaskRequest(name="tasks/x"),
+                inflight,
+                n,
+                len(grpc_frame(ECHO_TASK)),
             )
             print(f"  echo GetTask x{inflight}: {out[inflight]}", flush=True)
     finally:
