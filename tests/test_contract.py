@@ -311,6 +311,26 @@ async def test_concurrent_updates_lose_no_write(running: Running) -> None:
     assert list(final.tags) == ["t1", "t2"]
 
 
+async def test_a_burst_of_blind_updates_to_one_task_all_succeed(running: Running) -> None:
+    """32 callers update the same task at once, without etags: each call is
+    applied (none is answered ABORTED), and the task ends as one of them left it."""
+    task = await running.stub.CreateTask(create_request("t"))
+    titles = [f"writer {i}" for i in range(32)]
+    results = await asyncio.gather(
+        *(
+            running.stub.UpdateTask(
+                pb.UpdateTaskRequest(task=pb.Task(name=task.name, title=t)), timeout=20
+            )
+            for t in titles
+        )
+    )
+    assert sorted(r.title for r in results) == sorted(titles)
+    assert len({r.etag for r in results}) == len(titles)  # 32 distinct versions
+    final = await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
+    assert final.title in titles
+    assert final.etag == max(results, key=lambda r: r.update_time.ToNanoseconds()).etag
+
+
 async def test_etag_compare_and_swap_counter_has_exactly_one_winner_per_etag(
     running: Running,
 ) -> None:

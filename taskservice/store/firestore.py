@@ -87,7 +87,12 @@ FIRESTORE_HOST = "firestore.googleapis.com:443"
 SCOPES = ("https://www.googleapis.com/auth/datastore",)
 _SERVICE = "/google.firestore.v1.Firestore/"
 _RETRYABLE_READ = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-_UPDATE_ATTEMPTS = 8
+# A guarded read-modify-write that loses a race retries after a random pause
+# of up to 5, 10, 20, ... 200 ms: 32 writers at once on one document all
+# succeed on the emulator (8 immediate retries left about a third ABORTED).
+_UPDATE_ATTEMPTS = 24
+_UPDATE_BACKOFF_FIRST = 0.005
+_UPDATE_BACKOFF_MAX = 0.2
 _READ_ATTEMPTS = 3
 _REQUEST_TIME = FieldTransform.REQUEST_TIME
 
@@ -418,7 +423,8 @@ class FirestoreStore:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         name = self._name(task_id)
-        for _ in range(_UPDATE_ATTEMPTS):
+        backoff = _UPDATE_BACKOFF_FIRST
+        for attempt in range(1, _UPDATE_ATTEMPTS + 1):
             doc = await self._get_doc(name, deadline - loop.time())
             if doc is None:
                 raise NotFound(f"tasks/{task_id} does not exist")
@@ -438,9 +444,20 @@ class FirestoreStore:
             try:
                 response = await self._commit_writes([write], deadline - loop.time())
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                    continue  # changed or deleted since the read: read again
-                raise _store_error(exc) from None
+                if exc.code() not in (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.NOT_FOUND,
+                ):
+                    raise _store_error(exc) from None
+                # Changed (or deleted) since the read: read again, after a
+                # random pause, so that a crowd of writers to one document
+                # spreads out instead of colliding again in lockstep.
+                pause = random.uniform(0, backoff)
+                if attempt == _UPDATE_ATTEMPTS or deadline - loop.time() <= pause:
+                    break
+                await asyncio.sleep(pause)
+                backoff = min(backoff * 2, _UPDATE_BACKOFF_MAX)
+                continue
             result = response.write_results[0]
             return Task(
                 task_id,
