@@ -6,12 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+# A failed call brings no DATA at all; a successful one's size can differ from
+# the probe's by a byte or two (timestamps are varints), hence the tolerance.
+OK_SHARE = 0.97
+
 
 def _ok(row: dict[str, Any]) -> str:
     if "grpc_ok" not in row:
         return "-"  # measured by the grpc.aio client, which fails loudly
     share = row["grpc_ok"]
-    return f"{share:.0%}" if share >= 0.99 else f"**{share:.0%}**"
+    return f"{share:.1%}" if share >= OK_SHARE else f"**{share:.1%}**"
 
 
 def _direct_ceiling(r: dict[str, Any]) -> dict[str, Any] | None:
@@ -41,8 +45,8 @@ def _targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 (
                     f"{method} on SQLite at 16 in flight ≥ {share:.0%} of echo calls/s",
                     f"{ratio:.0%} (median of interleaved rounds: {each})"
-                    + ("" if ok >= 0.99 else f", but only {ok:.0%} of calls succeeded"),
-                    ratio >= share and ok >= 0.99,
+                    + ("" if ok >= OK_SHARE else f", but only {ok:.0%} of calls succeeded"),
+                    ratio >= share and ok >= OK_SHARE,
                 )
             )
         out.append(
@@ -103,8 +107,8 @@ def _targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 (
                     f"{method} on the emulator at 64 in flight ≥ 70% of the direct client's {op}",
                     f"{ratio:.0%} ({row['calls_per_s']:.0f} vs {direct[op]['calls_per_s']:.0f})"
-                    + ("" if ok >= 0.99 else f", but only {ok:.0%} of calls succeeded"),
-                    ratio >= 0.70 and ok >= 0.99,
+                    + ("" if ok >= OK_SHARE else f", but only {ok:.0%} of calls succeeded"),
+                    ratio >= 0.70 and ok >= OK_SHARE,
                 )
             )
         budget = 1.25 * (direct["get"]["client_cpu_us_per_op"] + echo[64]["server_cpu_us_per_call"])
@@ -209,7 +213,8 @@ def write_report(r: dict[str, Any], out: Path) -> None:
         "",
         "gRPC OK: the share of calls that got a response body (h2load counts a failed"
         " gRPC call as HTTP 200; the harness estimates successes from the DATA bytes"
-        " received). Calls/s of a row below 100% count failures too.",
+        " received, within 3%: sizes vary by a byte or two). A bold share means calls"
+        " failed, and that row's calls/s counts them.",
         "",
         "| server | RPC | in flight | calls/s | p50 ms | p99 ms | server CPU µs/call | RSS MB"
         " | gRPC OK |",
@@ -306,3 +311,21 @@ def write_report(r: dict[str, Any], out: Path) -> None:
     if charted:
         lines += ["", "![calls/s by RPC and concurrency vs. the echo ceiling](benchmarks.png)", ""]
     (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
+
+
+def _int_keys(o: Any) -> Any:
+    """JSON turns the in-flight keys (1, 16, 64) into strings; turn them back."""
+    if isinstance(o, dict):
+        return {(int(k) if k.isdigit() else k): _int_keys(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_int_keys(x) for x in o]
+    return o
+
+
+if __name__ == "__main__":
+    # python -m bench.report [docs/benchmarks.json]: re-render the Markdown and
+    # the chart from a run's raw figures (after changing this module, say).
+    import sys
+
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks.json")
+    write_report(_int_keys(json.loads(source.read_text())), source.parent)
