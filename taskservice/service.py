@@ -32,6 +32,7 @@ from taskservice.filtering import parse_filter
 from taskservice.model import Cursor, ListQuery, NewTask, Task, sort_time
 from taskservice.pagination import decode_token, encode_token, fingerprint
 from taskservice.store import MAX_BATCH, TaskStore
+from taskservice.timestamps import set_from_ns
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,8 @@ def to_proto(task: Task) -> pb.Task:
         tags=c.tags,
         etag=task.etag,
     )
-    # Set in place: building Timestamp messages and copying them in costs twice as much.
-    created = message.create_time
-    created.seconds, created.nanos = divmod(task.create_time_ns, 1_000_000_000)
-    updated = message.update_time
-    updated.seconds, updated.nanos = divmod(task.update_time_ns, 1_000_000_000)
+    set_from_ns(message.create_time, task.create_time_ns)
+    set_from_ns(message.update_time, task.update_time_ns)
     if c.assignee:
         message.assignee = c.assignee
     return message
