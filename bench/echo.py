@@ -8,7 +8,6 @@ one process, no store, no interceptors.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from typing import Any
 
@@ -17,7 +16,7 @@ from google.protobuf import timestamp_pb2
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from taskservice.server import SERVER_OPTIONS
+from taskservice.server import SERVER_OPTIONS, wait_for_stop_signal
 
 TASK = pb.Task(
     name="tasks/0b6c1e9a-3f1e-4a55-9d7e-2f3c8f1f0a11",
@@ -43,11 +42,7 @@ async def serve(port: int) -> None:
     task_service_pb2_grpc.add_TaskServiceServicer_to_server(Echo(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     await server.stop(0)
 
 

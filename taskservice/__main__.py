@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from taskservice import logging as json_logging
@@ -18,22 +17,12 @@ log = logging.getLogger("taskservice")
 
 
 async def serve() -> None:
-    from taskservice.server import TaskServer
+    from taskservice.server import TaskServer, wait_for_stop_signal
 
     config = load(os.environ)
     server = TaskServer(config)
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    # From here on a repeated SIGTERM/SIGINT is ignored: the drain must finish,
-    # and asyncio would otherwise restore the default (fatal) disposition when
-    # the loop closes, while the process is still tearing down.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-        signal.signal(sig, signal.SIG_IGN)
+    await wait_for_stop_signal()
     log.info("shutdown requested; draining for up to %.0f s", config.grace_seconds)
     await server.stop()
 

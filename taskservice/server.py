@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from typing import Any
 
 import grpc
@@ -127,3 +128,18 @@ class TaskServer:
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
+
+
+async def wait_for_stop_signal() -> None:
+    """Returns at the first SIGTERM or SIGINT. From then on both are ignored:
+    the drain must finish, and asyncio would otherwise restore the default
+    (fatal) disposition when the loop closes, while the process is still
+    tearing down."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
