@@ -56,6 +56,17 @@ def container_env() -> dict[str, str]:
     return env
 
 
+def _inspect(env: dict[str, str], kind: str, template: str, name: str) -> str:
+    """One field of a podman image or container, by Go template."""
+    return subprocess.run(
+        ["podman", kind, "inspect", "-f", template, name],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def image(container_env: dict[str, str]) -> Iterator[str]:
     tag = f"localhost/taskservice:smoke-{uuid.uuid4().hex[:8]}"
@@ -68,13 +79,7 @@ def image(container_env: dict[str, str]) -> Iterator[str]:
         timeout=1200,
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    size = subprocess.run(
-        ["podman", "image", "inspect", "-f", "{{.Size}}", tag],
-        env=container_env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    size = _inspect(container_env, "image", "{{.Size}}", tag)
     print(f"\nimage {tag}: built in {time.monotonic() - started:.1f} s, {int(size) / 1e6:.0f} MB")
     yield tag
     subprocess.run(["podman", "rmi", "-f", tag], env=container_env, capture_output=True)
@@ -84,13 +89,7 @@ def test_image_serves_and_stops_cleanly(
     container_env: dict[str, str], image: str, emulator: Emulator
 ) -> None:
     env = container_env
-    user = subprocess.run(
-        ["podman", "image", "inspect", "-f", "{{.Config.User}}", image],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    user = _inspect(env, "image", "{{.Config.User}}", image)
     assert user not in ("", "0", "root")
     port = free_port()
     name = f"taskservice-smoke-{uuid.uuid4().hex[:8]}"
@@ -162,13 +161,7 @@ def test_image_serves_and_stops_cleanly(
         )
         stopped_in = time.monotonic() - started
         assert stop.returncode == 0, stop.stderr
-        code = subprocess.run(
-            ["podman", "inspect", "-f", "{{.State.ExitCode}}", name],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        code = _inspect(env, "container", "{{.State.ExitCode}}", name)
         print(f"podman stop took {stopped_in:.2f} s, exit code {code}")
         assert code == "0"
         assert stopped_in < 5
