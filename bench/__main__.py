@@ -142,6 +142,19 @@ def wait_serving(target: str, timeout: float) -> None:
 # -- load -----------------------------------------------------------------------
 
 
+# What the unary runs send. GetTask reads a task the size of the echo's reply;
+# every CreateTask creates the same small task (with a new id each time).
+GET_TARGET = pb.Task(title="bench get", description="x" * 50, tags=["ops", "docs"])
+CREATE = pb.CreateTaskRequest(task=pb.Task(title="created by h2load", tags=["b"]))
+
+
+def create_get_target(server: Server, task_id: str = "") -> pb.Task:
+    """Creates the task the GetTask runs read."""
+    with grpc.insecure_channel(server.target) as channel:
+        stub = task_service_pb2_grpc.TaskServiceStub(channel)
+        return stub.CreateTask(pb.CreateTaskRequest(task=GET_TARGET, task_id=task_id), timeout=30)
+
+
 def grpc_frame(message: Any) -> bytes:
     data = message.SerializeToString()
     return b"\x00" + len(data).to_bytes(4, "big") + data
@@ -289,18 +302,13 @@ async def bench_store(
         stub = task_service_pb2_grpc.TaskServiceStub(channel)
         for _ in range(20):  # 10,000 tasks for ListTasks
             await stub.BatchCreateTasks(_stream(_batch(500, "seed")), timeout=120)
-        get_task = await stub.CreateTask(
-            pb.CreateTaskRequest(
-                task=pb.Task(title="bench get", description="x" * 50, tags=["ops", "docs"]),
-                task_id="bench-get",
-            )
-        )
+        get_task = await asyncio.to_thread(create_get_target, server, "bench-get")
         await stub.CreateTask(pb.CreateTaskRequest(task=pb.Task(title="u"), task_id="bench-upd"))
         unary = {
             # First, while the collection holds the 10,000 seeded tasks.
             "ListTasks": pb.ListTasksRequest(page_size=20),
             "GetTask": pb.GetTaskRequest(name=get_task.name),
-            "CreateTask": pb.CreateTaskRequest(task=pb.Task(title="created by h2load", tags=["b"])),
+            "CreateTask": CREATE,
             "UpdateTask": pb.UpdateTaskRequest(task=pb.Task(name="tasks/bench-upd", title="v")),
         }
         sizes = {}
@@ -405,23 +413,17 @@ def interleaved_ratios(workdir: Path, quick: bool) -> dict[str, Any]:
     server = start_taskservice("sqlite", workdir, None)
     rounds: list[dict[str, float]] = []
     try:
+        task = create_get_target(server)
         with grpc.insecure_channel(server.target) as channel:
             stub = task_service_pb2_grpc.TaskServiceStub(channel)
-            task = stub.CreateTask(
-                pb.CreateTaskRequest(
-                    task=pb.Task(title="bench get", description="x" * 50, tags=["ops", "docs"])
-                ),
-                timeout=30,
-            )
-            create = pb.CreateTaskRequest(task=pb.Task(title="created by h2load", tags=["b"]))
-            create_bytes = len(grpc_frame(stub.CreateTask(create, timeout=30)))
+            create_bytes = len(grpc_frame(stub.CreateTask(CREATE, timeout=30)))
         get = pb.GetTaskRequest(name=task.name)
         echo_bytes = len(grpc_frame(ECHO_TASK))
         n = 3000 if quick else 6000
         for _ in range(3 if quick else 5):
             e = h2load(echo, "GetTask", pb.GetTaskRequest(name="tasks/x"), 16, n, echo_bytes)
             g = h2load(server, "GetTask", get, 16, n, len(grpc_frame(task)))
-            c = h2load(server, "CreateTask", create, 16, n, create_bytes)
+            c = h2load(server, "CreateTask", CREATE, 16, n, create_bytes)
             row = {
                 "echo_per_s": e["calls_per_s"],
                 "get_per_s": g["calls_per_s"],
@@ -498,16 +500,12 @@ def warm_emulator(workdir: Path, emulator: str) -> list[dict[str, float]]:
     server = start_taskservice("firestore", workdir, emulator)
     rounds: list[dict[str, float]] = []
     try:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = task_service_pb2_grpc.TaskServiceStub(channel)
-            task = stub.CreateTask(pb.CreateTaskRequest(task=pb.Task(title="warm")), timeout=30)
-        get = pb.GetTaskRequest(name=task.name)
-        create = pb.CreateTaskRequest(task=pb.Task(title="warm", tags=["b"]))
+        get = pb.GetTaskRequest(name=create_get_target(server).name)
         for _ in range(10):
             t0 = time.monotonic()
             row = {
                 "get_per_s": h2load(server, "GetTask", get, 64, 3000)["calls_per_s"],
-                "create_per_s": h2load(server, "CreateTask", create, 64, 3000)["calls_per_s"],
+                "create_per_s": h2load(server, "CreateTask", CREATE, 64, 3000)["calls_per_s"],
             }
             bench_direct(emulator, quick=True, seconds="2", record=False)
             row["seconds"] = round(time.monotonic() - t0, 1)

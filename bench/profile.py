@@ -16,7 +16,6 @@ permission over the server (root, or kernel.yama.ptrace_scope=0).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import re
 import shutil
@@ -28,11 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 from tasks.v1 import task_service_pb2 as pb
-from tasks.v1 import task_service_pb2_grpc
 
-from bench.__main__ import ROOT, h2load, start_echo, start_taskservice
+from bench.__main__ import (
+    CREATE,
+    ROOT,
+    create_get_target,
+    h2load,
+    start_echo,
+    start_taskservice,
+)
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -65,27 +69,16 @@ def summarize(raw: Path, top: int = 15) -> tuple[list[tuple[str, float]], list[t
     )
 
 
-async def profile(target: str, out: Path, calls: int, workdir: Path) -> dict[str, Any]:
+def profile(target: str, out: Path, calls: int, workdir: Path) -> dict[str, Any]:
     """target: "echo-GetTask" (the ceiling), "sqlite-GetTask" or "sqlite-CreateTask"."""
     server_kind, method = target.split("-")
     server = start_echo() if server_kind == "echo" else start_taskservice("sqlite", workdir, None)
     try:
         request: Any = pb.GetTaskRequest(name="tasks/x")
-        if server_kind == "sqlite":
-            channel = grpc.aio.insecure_channel(server.target)
-            stub = task_service_pb2_grpc.TaskServiceStub(channel)
-            task = await stub.CreateTask(
-                pb.CreateTaskRequest(
-                    task=pb.Task(title="bench get", description="x" * 50, tags=["ops", "docs"])
-                )
-            )
-            await channel.close()
-            request = {
-                "GetTask": pb.GetTaskRequest(name=task.name),
-                "CreateTask": pb.CreateTaskRequest(
-                    task=pb.Task(title="created by h2load", tags=["b"])
-                ),
-            }[method]
+        if method == "CreateTask":
+            request = CREATE
+        elif server_kind == "sqlite":
+            request = pb.GetTaskRequest(name=create_get_target(server).name)
         h2load(server, method, request, 16, 1000)  # warm
         results = {}
         for fmt, suffix in (("flamegraph", "svg"), ("raw", "txt")):
@@ -146,7 +139,7 @@ def write_markdown(found: dict[str, dict[str, Any]], out: Path) -> None:
     (out / "profiles.md").write_text("\n".join(lines) + "\n")
 
 
-async def main() -> int:
+def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("--out", default=str(ROOT / "docs" / "profiles"))
     parser.add_argument("--calls", type=int, default=8000)
@@ -163,7 +156,7 @@ async def main() -> int:
     found = {}
     with tempfile.TemporaryDirectory() as tmp:
         for target in args.targets:
-            found[target] = await profile(target, out, args.calls, Path(tmp))
+            found[target] = profile(target, out, args.calls, Path(tmp))
             print(f"{target}: {found[target]['load']}", flush=True)
     write_markdown(found, out)
     print(f"wrote {out / 'profiles.md'}")
@@ -171,4 +164,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())
