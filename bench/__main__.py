@@ -156,7 +156,7 @@ def create_get_target(server: Server, task_id: str = "") -> pb.Task:
 
 
 def grpc_frame(message: Any) -> bytes:
-    data = message.SerializeToString()
+    data: bytes = message.SerializeToString()
     return b"\x00" + len(data).to_bytes(4, "big") + data
 
 
@@ -447,7 +447,7 @@ def interleaved_ratios(workdir: Path, quick: bool) -> dict[str, Any]:
     }
 
 
-def bench_echo(workdir: Path, quick: bool) -> dict[str, Any]:
+def bench_echo(workdir: Path, quick: bool) -> dict[int, dict[str, Any]]:
     server = start_echo()
     out = {}
     try:
