@@ -82,14 +82,17 @@ def launch_emulator(jar: str, port: int, log: Path | None = None) -> subprocess.
 
 @dataclass
 class CallCounter:
-    """Counts Firestore RPCs (by method) and documents returned, on the real channel."""
+    """Counts Firestore RPCs (by method), documents returned (billed reads) and
+    documents written by successful commits (billed writes), on the real channel."""
 
     calls: dict[str, int] = field(default_factory=dict)
     documents: int = 0
+    written: int = 0
 
     def reset(self) -> None:
         self.calls.clear()
         self.documents = 0
+        self.written = 0
 
     def count(self, details: Any) -> str:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
@@ -108,12 +111,15 @@ class _CountUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         name = self.counter.count(details)
         call = await continuation(details, request)
-        if name == "GetDocument":
+        if name in ("GetDocument", "Commit"):
             try:
                 await call
-                self.counter.documents += 1
             except grpc.aio.AioRpcError:
-                pass
+                return call
+            if name == "GetDocument":
+                self.counter.documents += 1
+            else:
+                self.counter.written += len(request.writes)
         return call
 
 

@@ -29,19 +29,21 @@ async def test_round_trips_per_call(counted: tuple[Running, CallCounter]) -> Non
 
     counter.reset()
     task = await stub.CreateTask(create_request("t", tags=["a"]))
-    assert counter.calls == {"Commit": 1} and counter.documents == 0
+    assert counter.calls == {"Commit": 1} and counter.documents == 0 and counter.written == 1
 
     counter.reset()
     await stub.CreateTask(create_request("t", request_id=str(uuid.uuid4())))
     assert counter.calls == {"Commit": 1} and counter.documents == 0
+    assert counter.written == 2  # the task and its request-id marker
 
     counter.reset()
     await stub.GetTask(pb.GetTaskRequest(name=task.name))
-    assert counter.calls == {"GetDocument": 1} and counter.documents == 1
+    assert counter.calls == {"GetDocument": 1} and counter.documents == 1 and counter.written == 0
 
     counter.reset()
     updated = await stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="u")))
     assert counter.calls == {"GetDocument": 1, "Commit": 1} and counter.documents == 1
+    assert counter.written == 1
 
     counter.reset()
     await stub.UpdateTask(
@@ -59,7 +61,7 @@ async def test_round_trips_per_call(counted: tuple[Running, CallCounter]) -> Non
 
     counter.reset()
     await stub.DeleteTask(pb.DeleteTaskRequest(name=task.name))
-    assert counter.calls == {"Commit": 1} and counter.documents == 0
+    assert counter.calls == {"Commit": 1} and counter.documents == 0 and counter.written == 1
 
     other = await stub.CreateTask(create_request("t"))
     counter.reset()
@@ -74,3 +76,4 @@ async def test_batch_of_500_is_one_commit(counted: tuple[Running, CallCounter]) 
     response = await running.stub.BatchCreateTasks(stream_of(requests))
     assert len(response.tasks) == 500
     assert counter.calls == {"Commit": 1} and counter.documents == 0
+    assert counter.written == 1000  # 500 tasks and 500 request-id markers
