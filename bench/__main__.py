@@ -361,6 +361,19 @@ async def bench_store(
             f"  {store} BatchCreateTasks(500): {out['batch_500_tasks_per_s']} tasks/s", flush=True
         )
 
+        async def batch(s: Any, i: int) -> None:
+            response = await s.BatchCreateTasks(_stream(_batch(500, f"b{i}")), timeout=120)
+            assert len(response.tasks) == 500
+
+        # Streams of 500 at 1, 16 and 64 in flight: calls/s counts streams.
+        out["rpcs"]["BatchCreateTasks"] = {}
+        for inflight in (1, 16, 64):
+            n = {1: 3 if quick else 6, 16: 16 if quick else 32, 64: 64}[inflight]
+            row = await python_load(server, batch, inflight, n)
+            row["tasks_per_s"] = round(row["calls_per_s"] * 500, 1)
+            out["rpcs"]["BatchCreateTasks"][inflight] = row
+            print(f"  {store} BatchCreateTasks(500) x{inflight}: {row}", flush=True)
+
         # GetTask latency while 500-task batches commit: does the store stall the loop?
         quiet = h2load(server, "GetTask", unary["GetTask"], 16, n_unary // 2, sizes["GetTask"])
         busy_stop = asyncio.Event()
@@ -546,6 +559,7 @@ async def firestore_costs(emulator: str) -> dict[str, Any]:
             "rpcs": sum(counter.calls.values()),
             "by_method": dict(counter.calls),
             "documents_read": counter.documents,
+            "documents_written": counter.written,
         }
         return result
 
