@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from taskservice import logging as json_logging
+from taskservice import jsonlog
 from taskservice.config import ConfigError, load
 
 log = logging.getLogger("taskservice")
@@ -28,7 +28,7 @@ async def serve() -> None:
 
 
 def main() -> int:
-    json_logging.configure()
+    jsonlog.configure()
     try:
         asyncio.run(serve())
     except ConfigError as err:

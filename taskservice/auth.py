@@ -2,14 +2,19 @@
 
 Cloud Run IAM (roles/run.invoker) is the front door; this is defense in depth.
 With TASKSERVICE_AUTH=google-id-token every TaskService call must carry
-`authorization: Bearer <ID token>` whose signature (Google's published
-certificates), expiry, issuer and audience (TASKSERVICE_AUDIENCE) verify, and
-whose verified email is on TASKSERVICE_ALLOWED_CALLERS. Missing or invalid
-token: UNAUTHENTICATED; valid but not allowed: PERMISSION_DENIED; the messages
-say no more than the code. Health and reflection stay open for probes.
+exactly one `authorization: Bearer <ID token>` header (the scheme in any
+case, RFC 6750) whose signature (Google's published certificates), expiry,
+not-before time, issuer and audience (TASKSERVICE_AUDIENCE) verify, and whose
+verified email is on TASKSERVICE_ALLOWED_CALLERS. Missing, repeated or invalid
+credentials: UNAUTHENTICATED; valid but not allowed: PERMISSION_DENIED; the
+messages say no more than the code. Health and reflection stay open for
+probes (the call pipeline bounds them apart from TaskService calls).
 
-Certificates are fetched off the event loop, cached for their max-age, and
-refetched (at most every 30 s) when a token names an unknown key. Verified
+Certificates are fetched off the event loop by one fetch at a time that every
+waiting caller shares; each caller waits at most until its own deadline. They
+are cached for their max-age and refetched (at most every 30 s) when a token
+names an unknown key. A failed fetch is not repeated for a growing pause (1 s,
+doubling to 60 s), during which callers get UNAVAILABLE at once. Verified
 tokens are cached until they expire, so a caller's repeated calls cost one
 dictionary look-up.
 """
@@ -22,13 +27,10 @@ import logging
 import re
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
-
-import grpc
+from collections.abc import Callable, Iterable, Sequence
 
 from taskservice.config import GOOGLE_CERTS_URL
-from taskservice.errors import ServiceError, Unavailable
+from taskservice.errors import DeadlineExceeded, PermissionDenied, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +38,25 @@ ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _MAX_CACHED_TOKENS = 4096
 _REFETCH_INTERVAL = 30.0
+_FETCH_TIMEOUT = 5.0
+_RETRY_FIRST = 1.0
+_RETRY_MAX = 60.0
+_CLOCK_SKEW = 30
 _MAX_AGE = re.compile(r"max-age=(\d+)")
 
 
-class Unauthenticated(ServiceError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "UNAUTHENTICATED"
-
-
-class PermissionDenied(ServiceError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "PERMISSION_DENIED"
-
-
 def _fetch_certs(url: str) -> tuple[dict[str, str], float]:
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with urllib.request.urlopen(url, timeout=_FETCH_TIMEOUT) as response:
         certs = json.loads(response.read())
         match = _MAX_AGE.search(response.headers.get("Cache-Control", ""))
     max_age = float(match.group(1)) if match else 300.0
     if not isinstance(certs, dict):
         raise ValueError("certificate document is not an object")
     return {str(k): str(v) for k, v in certs.items()}, max_age
+
+
+def _denied() -> Unauthenticated:
+    return Unauthenticated("missing or invalid credentials")
 
 
 class IdTokenVerifier:
@@ -76,43 +76,69 @@ class IdTokenVerifier:
         self._certs: dict[str, str] = {}
         self._certs_expire = 0.0
         self._last_fetch = -_REFETCH_INTERVAL
-        self._fetching: asyncio.Lock | None = None
+        self._fetch: asyncio.Task[None] | None = None
+        self._retry_at = 0.0  # no fetch before this (after a failure)
+        self._retry_pause = _RETRY_FIRST
         self._verified: dict[str, tuple[str, float]] = {}  # token -> (email, exp)
 
-    async def _certificates(self, kid: str | None) -> dict[str, str]:
+    async def _refresh(self) -> None:
+        try:
+            certs, max_age = await asyncio.to_thread(_fetch_certs, self.certs_url)
+        except Exception as exc:
+            self._retry_at = self._clock() + self._retry_pause
+            log.warning(
+                "cannot fetch token certificates (%s); next try in %.0f s", exc, self._retry_pause
+            )
+            self._retry_pause = min(self._retry_pause * 2, _RETRY_MAX)
+            raise
+        self._certs = certs
+        self._last_fetch = self._clock()
+        self._certs_expire = self._last_fetch + max_age
+        self._retry_pause = _RETRY_FIRST
+
+    async def _certificates(self, kid: str | None, timeout: float) -> dict[str, str]:
         now = self._clock()
         stale = now >= self._certs_expire
         unknown = kid is not None and kid not in self._certs
         if not stale and not (unknown and now - self._last_fetch >= _REFETCH_INTERVAL):
             return self._certs
-        if self._fetching is None:
-            self._fetching = asyncio.Lock()
-        async with self._fetching:
-            if self._clock() - self._last_fetch < 1.0 and self._certs:
-                return self._certs  # another call just fetched
-            try:
-                certs, max_age = await asyncio.to_thread(_fetch_certs, self.certs_url)
-            except Exception as exc:
-                log.warning("cannot fetch token certificates: %s", exc)
-                if self._certs:
-                    return self._certs
-                raise Unavailable("cannot verify credentials right now; retry") from None
-            self._certs = certs
-            self._last_fetch = self._clock()
-            self._certs_expire = self._last_fetch + max_age
+        if now < self._retry_at:  # a recent fetch failed: do not hammer the endpoint
+            if self._certs:
+                return self._certs
+            raise Unavailable(
+                "cannot verify credentials right now; retry", reason="AUTH_UNAVAILABLE"
+            )
+        if self._fetch is None or self._fetch.done():
+            self._fetch = asyncio.create_task(self._refresh())
+            self._fetch.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._fetch)
+        except TimeoutError:
+            raise DeadlineExceeded("the call ran out of time verifying credentials") from None
+        except Exception:
+            if self._certs:
+                return self._certs
+            raise Unavailable(
+                "cannot verify credentials right now; retry", reason="AUTH_UNAVAILABLE"
+            ) from None
         return self._certs
 
-    async def verify(self, authorization: str | None) -> str:
-        """The caller's email; raises Unauthenticated or PermissionDenied."""
-        denied = Unauthenticated("missing or invalid credentials")
-        if not authorization or not authorization.startswith("Bearer "):
-            raise denied
-        token = authorization[len("Bearer ") :].strip()
+    async def verify(self, authorizations: Sequence[str], timeout: float) -> str:
+        """The caller's email, from the call's `authorization` header values;
+        raises Unauthenticated or PermissionDenied. Waits at most `timeout`
+        seconds for certificates."""
+        if len(authorizations) != 1:
+            raise _denied()  # none, or two: never guess which one counts
+        scheme, _, token = authorizations[0].strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise _denied()
         cached = self._verified.get(token)
         if cached is not None and cached[1] > self._clock():
             email = cached[0]
         else:
-            email, expires = await self._verify_token(token, denied)
+            email, expires = await self._verify_token(token, timeout)
             if len(self._verified) >= _MAX_CACHED_TOKENS:
                 self._verified.clear()
             self._verified[token] = (email, expires)
@@ -120,89 +146,29 @@ class IdTokenVerifier:
             raise PermissionDenied("the caller is not allowed to use this service")
         return email
 
-    async def _verify_token(self, token: str, denied: Unauthenticated) -> tuple[str, float]:
+    async def _verify_token(self, token: str, timeout: float) -> tuple[str, float]:
         from google.auth import exceptions, jwt
 
         try:
             header = jwt.decode_header(token)  # type: ignore[no-untyped-call]
         except (ValueError, exceptions.GoogleAuthError):
-            raise denied from None
+            raise _denied() from None
         kid = header.get("kid") if isinstance(header, dict) else None
-        certs = await self._certificates(kid if isinstance(kid, str) else None)
+        certs = await self._certificates(kid if isinstance(kid, str) else None, timeout)
         try:
             claims = jwt.decode(  # type: ignore[no-untyped-call]
-                token, certs=certs, audience=self.audience, clock_skew_in_seconds=30
+                token, certs=certs, audience=self.audience, clock_skew_in_seconds=_CLOCK_SKEW
             )
         except (ValueError, exceptions.GoogleAuthError):
-            raise denied from None
+            raise _denied() from None
         if claims.get("iss") not in ISSUERS:
-            raise denied
+            raise _denied()
+        not_before = claims.get("nbf")
+        if not_before is not None and (
+            not isinstance(not_before, int | float) or not_before > self._clock() + _CLOCK_SKEW
+        ):
+            raise _denied()
         email = claims.get("email")
         if not isinstance(email, str) or claims.get("email_verified") is not True:
-            raise denied
+            raise _denied()
         return email.lower(), float(claims.get("exp", 0))
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Admits only verified, allowed callers to everything but health and reflection."""
-
-    def __init__(self, verifier: IdTokenVerifier) -> None:
-        self.verifier = verifier
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return handler
-        authorization = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization" and isinstance(value, str):
-                authorization = value
-        try:
-            await self.verifier.verify(authorization)
-        except ServiceError as err:
-            return _refusing(handler, err)
-        return handler
-
-
-def _refusing(
-    handler: grpc.RpcMethodHandler[Any, Any], err: ServiceError
-) -> grpc.RpcMethodHandler[Any, Any]:
-    status = err.to_grpc_status()
-
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(status.code, status.details, status.trailing_metadata)
-
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            refuse,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            refuse,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(status.code, status.details, status.trailing_metadata)
-        yield  # pragma: no cover - makes this an async generator
-
-    factory = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.unary_stream is not None
-        else grpc.stream_stream_rpc_method_handler
-    )
-    return factory(  # fail closed for any streaming method added later
-        refuse_stream,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )

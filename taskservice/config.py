@@ -35,7 +35,10 @@ class Config:
     certs_url: str = GOOGLE_CERTS_URL
     reflection: bool = True
     stream_idle_seconds: float = 10.0  # a batch stream silent this long is ended
-    max_concurrent_rpcs: int = 1000  # beyond this, calls get RESOURCE_EXHAUSTED at once
+    stream_max_seconds: float = 60.0  # a batch stream longer than this is ended
+    max_concurrent_rpcs: int = 1000  # TaskService calls; beyond: RESOURCE_EXHAUSTED at once
+    max_tool_streams: int = 100  # open health Watch and reflection streams
+    tool_stream_idle_seconds: float = 300.0  # such a stream idle this long is ended
 
     @property
     def address(self) -> str:
@@ -107,7 +110,10 @@ def load(env: Mapping[str, str]) -> Config:
     if reflection not in ("on", "off"):
         raise ConfigError(f"TASKSERVICE_REFLECTION={reflection!r} must be 'on' or 'off'")
     idle = _int(env, "TASKSERVICE_STREAM_IDLE_SECONDS", 10, 1, 3600)
+    stream_max = _int(env, "TASKSERVICE_STREAM_MAX_SECONDS", 60, 1, 3600)
     max_rpcs = _int(env, "TASKSERVICE_MAX_CONCURRENT_RPCS", 1000, 1, 100_000)
+    max_tool_streams = _int(env, "TASKSERVICE_MAX_TOOL_STREAMS", 100, 1, 100_000)
+    tool_idle = _int(env, "TASKSERVICE_TOOL_STREAM_IDLE_SECONDS", 300, 1, 86_400)
     return Config(
         host=host,
         port=port,
@@ -123,5 +129,8 @@ def load(env: Mapping[str, str]) -> Config:
         certs_url=certs_url,
         reflection=reflection == "on",
         stream_idle_seconds=float(idle),
+        stream_max_seconds=float(stream_max),
         max_concurrent_rpcs=max_rpcs,
+        max_tool_streams=max_tool_streams,
+        tool_stream_idle_seconds=float(tool_idle),
     )

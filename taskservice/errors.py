@@ -1,26 +1,56 @@
-"""Domain errors and their wire form: canonical codes with google.rpc.Status details.
+"""Domain errors: what went wrong, in terms a caller can act on.
 
-Stores and validation raise ServiceError subclasses; the servicer turns them
-into a grpc status carrying an ErrorInfo (always) and a BadRequest (for
-INVALID_ARGUMENT). Messages are written for the caller: never internal text.
+Validation, the stores, auth and the servicer raise ServiceError subclasses;
+none of them knows the wire. Each carries a canonical code (Code, the gRPC
+numbering), an UPPER_SNAKE_CASE reason, metadata for the ErrorInfo, and for
+InvalidArgument the violated fields. taskservice.status turns one into a gRPC
+status. Messages are written for the caller: never internal text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+import enum
+from collections.abc import Mapping, Sequence
 
 DOMAIN = "taskservice"
+# How many violations an InvalidArgument spells out; the rest are counted.
+# Keeps the work and the status of a request with thousands of bad fields small.
+VIOLATIONS_SHOWN = 10
+
+Violation = tuple[str, str]  # (field path, what is wrong with it)
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """text, cut to `limit` characters: for echoing caller input in a message."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Code(enum.IntEnum):
+    """The canonical status codes (google.rpc.Code; the same numbers as gRPC)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
 
 class ServiceError(Exception):
     """An error the caller should see, with a canonical code and a reason."""
 
-    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    code: Code = Code.UNKNOWN
     reason: str = "UNKNOWN"
 
     def __init__(
@@ -28,7 +58,7 @@ class ServiceError(Exception):
         message: str,
         *,
         reason: str | None = None,
-        metadata: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -36,56 +66,52 @@ class ServiceError(Exception):
         if reason is not None:
             self.reason = reason
 
-    def details(self) -> list[any_pb2.Any]:
-        info = any_pb2.Any()
-        info.Pack(
-            error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
-        )
-        return [info]
-
-    def to_grpc_status(self) -> grpc.Status:
-        status = status_pb2.Status(
-            code=self.code.value[0], message=self.message, details=self.details()
-        )
-        result: grpc.Status = rpc_status.to_status(status)
-        return result
-
 
 class InvalidArgument(ServiceError):
-    """Bad input; violations name each offending field path."""
+    """Bad input; violations name each offending field path.
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    Only the first VIOLATIONS_SHOWN violations are kept (and spelled out in
+    the message); metadata["violation_count"] says how many there were when
+    that is more.
+    """
+
+    code = Code.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, violations: Sequence[tuple[str, str]], *, reason: str | None = None) -> None:
-        self.violations = list(violations)
-        super().__init__("; ".join(f"{f}: {d}" for f, d in self.violations), reason=reason)
-
-    def details(self) -> list[any_pb2.Any]:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in self.violations
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(bad)
-        return [*super().details(), packed]
+    def __init__(
+        self,
+        violations: Sequence[Violation],
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        total: int | None = None,
+    ) -> None:
+        self.total = len(violations) if total is None else total
+        self.violations = list(violations[:VIOLATIONS_SHOWN])
+        message = "; ".join(f"{f}: {d}" for f, d in self.violations)
+        extra = dict(metadata or {})
+        if self.total > len(self.violations):
+            message += f" (and {self.total - len(self.violations)} more)"
+            extra["violation_count"] = str(self.total)
+        super().__init__(message, reason=reason, metadata=extra)
 
     def prefixed(self, prefix: str) -> InvalidArgument:
         """The same violations with field paths under `prefix` (e.g. requests[3])."""
         return InvalidArgument(
-            [(f"{prefix}.{f}", d) for f, d in self.violations], reason=self.reason
+            [(f"{prefix}.{f}", d) for f, d in self.violations],
+            reason=self.reason,
+            metadata={k: v for k, v in self.metadata.items() if k != "violation_count"},
+            total=self.total,
         )
 
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = Code.NOT_FOUND
     reason = "TASK_NOT_FOUND"
 
 
 class AlreadyExists(ServiceError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = Code.ALREADY_EXISTS
     reason = "TASK_ALREADY_EXISTS"
 
     def __init__(self, message: str, *, index: int = 0, name: str = "") -> None:
@@ -95,32 +121,57 @@ class AlreadyExists(ServiceError):
 
 
 class EtagMismatch(ServiceError):
-    code = grpc.StatusCode.ABORTED
+    code = Code.ABORTED
     reason = "ETAG_MISMATCH"
 
 
 class Conflict(ServiceError):
     """Too much contention to apply a write; safe to retry."""
 
-    code = grpc.StatusCode.ABORTED
+    code = Code.ABORTED
     reason = "CONCURRENT_MODIFICATION"
 
 
 class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = Code.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
 
 
+class OutOfRange(ServiceError):
+    code = Code.OUT_OF_RANGE
+    reason = "OUT_OF_RANGE"
+
+
+class ResourceExhausted(ServiceError):
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+
 class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Code.UNAVAILABLE
     reason = "STORE_UNAVAILABLE"
 
 
 class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = Code.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(ServiceError):
+    code = Code.CANCELLED
+    reason = "CANCELLED"
+
+
 class Internal(ServiceError):
-    code = grpc.StatusCode.INTERNAL
+    code = Code.INTERNAL
     reason = "INTERNAL"
+
+
+class Unauthenticated(ServiceError):
+    code = Code.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    code = Code.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"

@@ -8,17 +8,19 @@ Grammar (whitespace-insensitive):
                  | "tags" ":" STRING
     STRING      := '"' ( any character but '"' and '\\' | '\\' '"' | '\\' '\\' )* '"'
 Each field may appear once. Anything else is rejected with a message naming
-the problem; nothing unparsed ever reaches a store query.
+the problem; nothing unparsed ever reaches a store query. A tag is compared
+in NFC, the form tags are stored in.
 """
 
 from __future__ import annotations
 
 import re
 
-from taskservice.errors import InvalidArgument
+from taskservice.errors import InvalidArgument, clip
+from taskservice.limits import MAX_FILTER_LENGTH
 from taskservice.model import Priority, State, TaskFilter
+from taskservice.validation import normalize_tag
 
-MAX_FILTER_LENGTH = 1024
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<string>"(?:[^"\\]|\\.)*")
@@ -76,7 +78,9 @@ def parse_filter(text: str) -> TaskFilter:
         (k1, field), (k2, op), (k3, value) = tokens[i : i + 3]
         if k1 != "word" or field not in _FIELDS:
             allowed = ", ".join(_FIELDS)
-            raise _invalid(f"unsupported field {field!r}; filterable fields are {allowed}")
+            raise _invalid(
+                f"unsupported field {clip(field, 64)!r}; filterable fields are {allowed}"
+            )
         if k2 != "op" or op != _FIELDS[field]:
             raise _invalid(f"{field} must be followed by {_FIELDS[field]!r}")
         if field in seen:
@@ -96,11 +100,16 @@ def parse_filter(text: str) -> TaskFilter:
         kind, word = tokens[i]
         if kind != "word" or word != "AND":
             raise _invalid(
-                f"expected AND, found {word!r}; only AND-joined restrictions are supported"
+                f"expected AND, found {clip(word, 64)!r}; only AND-joined restrictions are"
+                " supported"
             )
         i += 1
+    tag = strings.get("tags")
     return TaskFilter(
-        state=state, priority=priority, assignee=strings.get("assignee"), tag=strings.get("tags")
+        state=state,
+        priority=priority,
+        assignee=strings.get("assignee"),
+        tag=None if tag is None else normalize_tag(tag),
     )
 
 
@@ -110,5 +119,5 @@ def _enum_name(enum: type[State] | type[Priority], prefix: str, value: str, kind
     member = enum.__members__.get(name)
     if member is None or member.value == 0:
         choices = ", ".join(prefix + m.name for m in enum if m.value)
-        raise _invalid(f"{value!r} is not one of {choices}")
+        raise _invalid(f"{clip(value, 64)!r} is not one of {choices}")
     return name

@@ -2,6 +2,11 @@
 
 Protobuf types stop at the servicer; stores see only what is defined here.
 Times are integer nanoseconds since the Unix epoch (UTC), by the store's clock.
+
+A stored version is named by its write time in whole microseconds (Firestore's
+update_time precision; the SQLite store keeps to it), so its etag, the
+version in hex, can be checked without a read: an etag that is not a positive
+multiple of 1,000 ns below 2**63 was never issued by either store.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 
 _ETAG = re.compile(r"[0-9a-f]{1,16}")
+VERSION_STEP_NS = 1_000  # versions are whole microseconds
+_MAX_VERSION = 2**63 - 1
 MUTABLE_FIELDS: tuple[str, ...] = ("title", "description", "priority", "state", "assignee", "tags")
 
 
@@ -150,7 +157,10 @@ def etag_for(version_ns: int) -> str:
 
 
 def version_of(etag: str) -> int | None:
-    """The write time an etag stands for, or None when it is not one of ours."""
+    """The version an etag names, or None when no store could have issued it."""
     if _ETAG.fullmatch(etag) is None:
         return None
-    return int(etag, 16)
+    version = int(etag, 16)
+    if version <= 0 or version > _MAX_VERSION or version % VERSION_STEP_NS:
+        return None
+    return version

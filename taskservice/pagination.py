@@ -2,9 +2,16 @@
 
 A token holds the cursor (sort time and task id of the last task returned) and
 a fingerprint of the query it belongs to (filter and order, not page size),
-sealed with a keyed checksum. A token that was altered, truncated, or sent
-with another filter or order_by is rejected as INVALID_ARGUMENT. The checksum
-guards integrity, not secrecy: a token reveals nothing a caller could not list.
+with a checksum. A token that was altered, truncated, or sent with another
+filter or order_by is rejected as INVALID_ARGUMENT.
+
+The checksum guards integrity against accidents (a token cut short, mangled
+in a URL, or sent with another query), not authenticity: its key is a
+constant in this source, so anyone can mint a token. That is harmless by
+design, because a decoded cursor is validated like any input (a task id of
+the service's form, a time that a task could have) before it reaches a store,
+and the furthest a minted cursor can lead is to a position in a listing the
+caller could page to anyway. A token reveals nothing a caller could not list.
 """
 
 from __future__ import annotations
@@ -14,15 +21,20 @@ import binascii
 import hashlib
 import hmac
 import struct
+import time
 
 from taskservice.errors import InvalidArgument
+from taskservice.limits import MAX_PAGE_TOKEN_LENGTH
 from taskservice.model import Cursor, Ordering, TaskFilter
+from taskservice.validation import TASK_ID
 
 _VERSION = 1
 _KEY = b"taskservice.v1.page-token"
 _HEAD = struct.Struct(">B8sq")  # version, query fingerprint, sort time (ns)
 _MAC_SIZE = 12
-MAX_TOKEN_LENGTH = 512
+# A cursor's time is a task's create or update time: never negative, and
+# never far ahead of this clock (a day leaves room for skew between clocks).
+_FUTURE_SLACK_NS = 24 * 3600 * 10**9
 
 
 def fingerprint(task_filter: TaskFilter, ordering: Ordering) -> bytes:
@@ -47,7 +59,7 @@ def _invalid(problem: str) -> InvalidArgument:
 def decode_token(token: str, query_fingerprint: bytes) -> Cursor:
     """The cursor in `token`; INVALID_ARGUMENT unless it is intact and was
     issued for the same filter and order."""
-    if len(token) > MAX_TOKEN_LENGTH:
+    if len(token) > MAX_PAGE_TOKEN_LENGTH:
         raise _invalid("is not a token this service issued")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
@@ -67,4 +79,8 @@ def decode_token(token: str, query_fingerprint: bytes) -> Cursor:
         task_id = payload[_HEAD.size :].decode()
     except UnicodeDecodeError:
         raise _invalid("is corrupted or was altered") from None
+    if TASK_ID.fullmatch(task_id) is None or not (
+        0 <= time_ns <= time.time_ns() + _FUTURE_SLACK_NS
+    ):
+        raise _invalid("is not a token this service issued")
     return Cursor(time_ns=time_ns, task_id=task_id)

@@ -1,9 +1,11 @@
 """Builds, starts and stops the grpc.aio server.
 
 TaskServer owns the lifecycle: it registers TaskService, gRPC health and
-server reflection; reports NOT_SERVING until the store answers a first probe
-and from the moment shutdown starts; and on stop refuses new calls, gives
-in-flight calls a grace period, then closes the store.
+server reflection (v1 and v1alpha) behind the call pipeline
+(taskservice.calls); reports NOT_SERVING until the store answers a first
+probe and from the moment shutdown starts; and on stop ends every open health
+Watch and reflection stream at once, refuses new calls, gives in-flight calls
+a grace period, then closes the store.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import signal
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from tasks.v1 import task_service_pb2, task_service_pb2_grpc
 
-from taskservice import logging as json_logging
-from taskservice import reflection
+from taskservice import jsonlog, reflection
+from taskservice.calls import CallGate, CallLimits, CallPipeline, PipelineRegistrar
 from taskservice.config import Config
-from taskservice.interceptors import Instrumented
+from taskservice.health import NOT_SERVING, SERVING, HealthService
+from taskservice.health import SERVICE_NAME as HEALTH_SERVICE
+from taskservice.limits import MAX_REQUEST_BYTES
 from taskservice.service import TaskServicer
 from taskservice.store import TaskStore, open_store
 
@@ -29,11 +33,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 PROBE_TIMEOUT = 2.0
 PROBE_INTERVAL = 0.5
-# The largest valid request is a CreateTaskRequest of ~20 KB (every field at
-# its limit, 4-byte characters), far below Firestore's 1 MiB document; 64 KiB
-# leaves room for unknown fields and answers anything bigger with
-# RESOURCE_EXHAUSTED before it is parsed.
-MAX_REQUEST_BYTES = 64 * 1024
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -52,33 +51,41 @@ class TaskServer:
     def __init__(self, config: Config, store: TaskStore | None = None) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config)
-        json_logging.set_project(config.project or getattr(self.store, "project", ""))
-        self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        jsonlog.set_project(config.project or getattr(self.store, "project", ""))
+        self.health = HealthService((SERVICE_NAME,))
+        verifier = None
         if config.auth == "google-id-token":
-            from taskservice.auth import AuthInterceptor, IdTokenVerifier
+            from taskservice.auth import IdTokenVerifier
 
             verifier = IdTokenVerifier(config.audience, config.allowed_callers, config.certs_url)
-            interceptors.append(AuthInterceptor(verifier))
-        self.server = grpc.aio.server(
-            interceptors=interceptors,
-            options=SERVER_OPTIONS,
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        self.gate = CallGate(
+            CallLimits(
+                max_calls=config.max_concurrent_rpcs,
+                max_tool_streams=config.max_tool_streams,
+                tool_stream_idle_seconds=config.tool_stream_idle_seconds,
+            )
         )
-        servicer = TaskServicer(self.store, stream_idle_seconds=config.stream_idle_seconds)
-        registrar: Any = Instrumented(self.server)
+        # No maximum_concurrent_rpcs: gRPC's own bound counts every call alike
+        # (probes, streams, unauthenticated callers); the gate counts them apart.
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        registrar: Any = PipelineRegistrar(self.server, CallPipeline(self.gate, verifier))
+        servicer = TaskServicer(
+            self.store,
+            stream_idle_seconds=config.stream_idle_seconds,
+            stream_max_seconds=config.stream_max_seconds,
+        )
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(servicer, registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         if config.reflection:
-            reflection.enable(registrar, (SERVICE_NAME, health.SERVICE_NAME))
+            served = reflection.ReflectionService((SERVICE_NAME, HEALTH_SERVICE))
+            for name in (reflection.V1, reflection.V1ALPHA):
+                registrar.add_registered_method_handlers(name, reflection.method_handlers(served))
         self.port = 0
         self._probe: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port."""
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self.server.add_insecure_port(self.config.address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address}")
@@ -108,26 +115,24 @@ class TaskServer:
                     log.warning("store not ready (%s: %s); retrying", type(cause).__name__, cause)
                 await asyncio.sleep(PROBE_INTERVAL)
                 continue
-            for name in ("", SERVICE_NAME):
-                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set_all(SERVING)
             log.info("store ready; serving")
             return
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once, refuse new calls, let in-flight ones finish
-        within `grace` seconds, then close the store."""
+        """NOT_SERVING at once, end the long-lived streams, refuse new calls,
+        let in-flight ones finish within `grace` seconds, then close the store."""
         if self._stopping:
             return
         self._stopping = True
-        await self.health.enter_graceful_shutdown()
+        self.health.set_all(NOT_SERVING, final=True)
         if self._probe is not None:
             self._probe.cancel()
+        await asyncio.sleep(0)  # let open Watch streams send NOT_SERVING first
+        self.gate.draining.set()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.store.close()
         log.info("stopped")
-
-    async def wait_for_termination(self) -> None:
-        await self.server.wait_for_termination()
 
 
 async def wait_for_stop_signal() -> None:

@@ -1,102 +1,44 @@
-"""The tasks.v1.TaskService servicer: validate, call the store, convert.
+"""The tasks.v1.TaskService servicer: parse, call the store, convert back.
 
-It is thin on purpose: validation.py turns requests into domain values, the
-store does the work, and this module converts domain tasks back to protobuf.
-It never knows which store it has. Every store call gets the time left of the
-caller's deadline, capped at MAX_CALL_SECONDS when the caller set none.
+It is thin on purpose: taskservice.convert turns requests into domain values
+and results into messages, the store does the work, and errors raised on the
+way are turned into statuses by the call pipeline (taskservice.calls). It
+never knows which store it has. Every store call gets the time left of the
+caller's deadline, at most limits.MAX_STORE_CALL_SECONDS.
+
+BatchCreateTasks reads its whole stream before it writes anything, within the
+stream's idle and total time limits, then gives a reset already on the wire
+BATCH_CANCEL_GRACE_SECONDS to arrive: a call cancelled before its commit
+starts writes nothing (one whose cancel races the commit may still commit,
+which is why retries carry request_id).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc as pb_grpc
 
-from taskservice import validation
+from taskservice import convert
+from taskservice.calls import time_left
 from taskservice.errors import (
     AlreadyExists,
+    Cancelled,
     DeadlineExceeded,
-    Internal,
     InvalidArgument,
     ServiceError,
 )
-from taskservice.filtering import parse_filter
-from taskservice.model import Cursor, ListQuery, NewTask, Task, sort_time
-from taskservice.pagination import decode_token, encode_token, fingerprint
-from taskservice.store import MAX_BATCH, TaskStore
-from taskservice.timestamps import set_from_ns
+from taskservice.limits import BATCH_CANCEL_GRACE_SECONDS, MAX_BATCH
+from taskservice.model import NewTask
+from taskservice.store import TaskStore
 
-log = logging.getLogger(__name__)
-
-MAX_CALL_SECONDS = 30.0  # server-side cap on a call with no deadline
-R = TypeVar("R")
-
-
-def to_proto(task: Task) -> pb.Task:
-    c = task.content
-    message = pb.Task(
-        name="tasks/" + task.task_id,
-        title=c.title,
-        description=c.description,
-        priority=pb.Task.Priority.ValueType(c.priority),
-        state=pb.Task.State.ValueType(c.state),
-        tags=c.tags,
-        etag=task.etag,
-    )
-    set_from_ns(message.create_time, task.create_time_ns)
-    set_from_ns(message.update_time, task.update_time_ns)
-    if c.assignee:
-        message.assignee = c.assignee
-    return message
-
-
-def time_left(context: grpc.aio.ServicerContext[Any, Any]) -> float:
-    remaining = context.time_remaining()
-    if remaining is None:
-        return MAX_CALL_SECONDS
-    return max(0.0, min(remaining, MAX_CALL_SECONDS))
-
-
-Handler = Callable[..., Awaitable[R]]
-
-
-def _rpc(method: Handler[R]) -> Handler[R]:
-    """Turns ServiceErrors into their status and anything unexpected into a
-    generic INTERNAL (logged with an error id, never sent to the caller)."""
-
-    @functools.wraps(method)
-    async def handler(
-        self: TaskServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> R:
-        try:
-            return await method(self, request, context)
-        except ServiceError as err:
-            status = err.to_grpc_status()
-        except TimeoutError:
-            status = DeadlineExceeded("the call ran out of time").to_grpc_status()
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception:
-            error_id = uuid.uuid4().hex[:16]
-            log.exception(
-                "unhandled error in %s (error_id=%s)",
-                method.__name__,
-                error_id,
-                extra={"fields": {"error_id": error_id}},
-            )
-            status = Internal(f"internal error (error_id={error_id})").to_grpc_status()
-        await context.abort(status.code, status.details, status.trailing_metadata)
-        raise AssertionError("abort returned")  # pragma: no cover
-
-    return handler
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 async def _idle_limited(
@@ -119,36 +61,6 @@ async def _idle_limited(
         yield message
 
 
-async def _read_batch(messages: AsyncIterator[pb.CreateTaskRequest]) -> list[NewTask]:
-    """Validates a BatchCreateTasks stream into NewTasks, naming requests[i]."""
-    items: list[NewTask] = []
-    task_ids: dict[str, int] = {}
-    request_ids: dict[str, int] = {}
-    async for request in messages:
-        index = len(items)
-        if index >= MAX_BATCH:
-            raise InvalidArgument(
-                [("requests", f"at most {MAX_BATCH} tasks per call; nothing was written")],
-                reason="BATCH_TOO_LARGE",
-            )
-        try:
-            item = validation.new_task(request)
-        except InvalidArgument as err:
-            raise err.prefixed(f"requests[{index}]") from None
-        if request.task_id and item.task_id in task_ids:
-            raise InvalidArgument(
-                [(f"requests[{index}].task_id", f"repeats requests[{task_ids[item.task_id]}]")]
-            )
-        if item.request_id is not None and item.request_id in request_ids:
-            first = request_ids[item.request_id]
-            raise InvalidArgument([(f"requests[{index}].request_id", f"repeats requests[{first}]")])
-        task_ids[item.task_id] = index
-        if item.request_id is not None:
-            request_ids[item.request_id] = index
-        items.append(item)
-    return items
-
-
 async def _drain(messages: AsyncIterator[pb.CreateTaskRequest], limit: int) -> None:
     count = 0
     try:
@@ -163,81 +75,60 @@ async def _drain(messages: AsyncIterator[pb.CreateTaskRequest], limit: int) -> N
 class TaskServicer(pb_grpc.TaskServiceServicer):
     """Serves tasks.v1.TaskService over any TaskStore."""
 
-    def __init__(self, store: TaskStore, stream_idle_seconds: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        stream_idle_seconds: float = 10.0,
+        stream_max_seconds: float = 60.0,
+    ) -> None:
         self.store = store
         self.stream_idle_seconds = stream_idle_seconds
+        self.stream_max_seconds = stream_max_seconds
 
-    @_rpc
-    async def CreateTask(
-        self, request: pb.CreateTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.Task:
-        new = validation.new_task(request)
+    async def CreateTask(self, request: pb.CreateTaskRequest, context: Context) -> pb.Task:
+        new = convert.parse_create_request(request)
         tasks = await self.store.create_many([new], time_left(context))
-        return to_proto(tasks[0])
+        return convert.to_proto(tasks[0])
 
-    @_rpc
-    async def GetTask(
-        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.Task:
-        task_id = validation.task_id_from_name(request.name, "name")
-        return to_proto(await self.store.get(task_id, time_left(context)))
+    async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.Task:
+        task_id = convert.parse_get_request(request)
+        return convert.to_proto(await self.store.get(task_id, time_left(context)))
 
-    @_rpc
     async def ListTasks(
-        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ListTasksRequest, context: Context
     ) -> pb.ListTasksResponse:
-        limit = validation.page_size(request.page_size)
-        task_filter = parse_filter(request.filter)
-        ordering = validation.ordering(request.order_by)
-        query_fp = fingerprint(task_filter, ordering)
-        after: Cursor | None = None
-        if request.page_token:
-            after = decode_token(request.page_token, query_fp)
-        result = await self.store.list(
-            ListQuery(filter=task_filter, ordering=ordering, limit=limit, after=after),
-            time_left(context),
-        )
-        next_token = ""
-        if result.more and result.tasks:
-            last = result.tasks[-1]
-            next_token = encode_token(Cursor(sort_time(last, ordering), last.task_id), query_fp)
-        return pb.ListTasksResponse(
-            tasks=[to_proto(t) for t in result.tasks], next_page_token=next_token
-        )
+        parsed = convert.parse_list_request(request)
+        result = await self.store.list(parsed.query, time_left(context))
+        return convert.list_response(result, parsed)
 
-    @_rpc
-    async def UpdateTask(
-        self, request: pb.UpdateTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.Task:
-        task_id, patch, etag = validation.update(request)
-        return to_proto(await self.store.update(task_id, patch, etag, time_left(context)))
+    async def UpdateTask(self, request: pb.UpdateTaskRequest, context: Context) -> pb.Task:
+        parsed = convert.parse_update_request(request)
+        task = await self.store.update(
+            parsed.task_id, parsed.patch, parsed.expected_version, time_left(context)
+        )
+        return convert.to_proto(task)
 
-    @_rpc
-    async def DeleteTask(
-        self, request: pb.DeleteTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> empty_pb2.Empty:
-        task_id, etag = validation.delete(request)
-        await self.store.delete(task_id, etag, time_left(context))
+    async def DeleteTask(self, request: pb.DeleteTaskRequest, context: Context) -> empty_pb2.Empty:
+        parsed = convert.parse_delete_request(request)
+        await self.store.delete(parsed.task_id, parsed.expected_version, time_left(context))
         return empty_pb2.Empty()
 
-    @_rpc
     async def BatchCreateTasks(
-        self,
-        request_iterator: AsyncIterator[pb.CreateTaskRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, request_iterator: AsyncIterator[pb.CreateTaskRequest], context: Context
     ) -> pb.BatchCreateTasksResponse:
-        messages = _idle_limited(request_iterator, self.stream_idle_seconds)
-        try:
-            items = await _read_batch(messages)
-        except InvalidArgument as err:
-            if err.reason != "BATCH_TOO_LARGE":
-                # Read what the client is still sending (a batch is bounded)
-                # before answering, so it receives this status rather than a
-                # transport error for a stream closed under its feet.
-                await _drain(messages, MAX_BATCH)
-            raise
+        items = await self._read_batch(request_iterator)
         if not items:
             return pb.BatchCreateTasksResponse()
+        # The stream has ended. A client that cancels (grpc-js: END_STREAM,
+        # then RST_STREAM) must not find its batch written. Once gRPC core has
+        # taken the half-close as the call's close, it only notices a reset
+        # that follows when it next sends on the stream: so send the response
+        # headers now, give a reset already on the wire the grace to arrive
+        # (this call is then cancelled, in the sleep), and check once more.
+        await context.send_initial_metadata(())
+        await asyncio.sleep(BATCH_CANCEL_GRACE_SECONDS)
+        if context.cancelled() or context.done():
+            raise Cancelled("the call was cancelled; nothing was written")
         try:
             tasks = await self.store.create_many(items, time_left(context))
         except AlreadyExists as err:
@@ -246,4 +137,32 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
                 index=err.index,
                 name=err.name,
             ) from None
-        return pb.BatchCreateTasksResponse(tasks=[to_proto(t) for t in tasks])
+        return pb.BatchCreateTasksResponse(tasks=[convert.to_proto(t) for t in tasks])
+
+    async def _read_batch(
+        self, request_iterator: AsyncIterator[pb.CreateTaskRequest]
+    ) -> list[NewTask]:
+        """The whole stream, validated, within the idle limit and the stream's
+        total time limit (stream_max_seconds; the caller's deadline, when it is
+        sooner, ends the call anyway)."""
+        messages = _idle_limited(request_iterator, self.stream_idle_seconds)
+        limit = self.stream_max_seconds
+        deadline = asyncio.get_running_loop().time() + limit
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await convert.read_batch(messages)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the stream took longer than {limit:g} s; it was ended and nothing was written",
+                reason="STREAM_TOO_SLOW",
+            ) from None
+        except InvalidArgument as err:
+            if err.reason not in ("BATCH_TOO_LARGE", "BATCH_RESPONSE_TOO_LARGE"):
+                # Read what the client is still sending (a batch is bounded,
+                # and so is the time to read it) before answering, so it
+                # receives this status rather than a transport error for a
+                # stream closed under its feet.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        await _drain(messages, MAX_BATCH)
+            raise

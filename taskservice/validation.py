@@ -1,43 +1,49 @@
-"""Request validation: protobuf requests in, domain values out, or InvalidArgument.
+"""The rules for each value a caller sends, checked once, here.
 
-Every violation names the field path the caller sent (task.title, task_id,
-update_mask, page_size, ...). Lengths count characters (code points), not
-bytes. All violations of one message are reported together.
+Functions take plain values (no protobuf: taskservice.convert reads the
+messages) and either return the value as the service will use it or append a
+(field path, problem) violation to `out`. Lengths count characters (code
+points), not bytes. A text made only of whitespace and invisible characters
+(format characters such as U+200B and U+FEFF, and fillers such as U+3164)
+counts as blank. Tags are NFC-normalized before they are checked, stored or
+compared, so two spellings of one tag are one tag.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import unicodedata
+from collections.abc import Sequence
 
-from tasks.v1 import task_service_pb2 as pb
-
-from taskservice.errors import InvalidArgument
+from taskservice.errors import InvalidArgument, Violation, clip
+from taskservice.limits import (
+    ASSIGNEE_MAX,
+    DEFAULT_PAGE_SIZE,
+    DESCRIPTION_MAX,
+    MAX_MASK_PATHS,
+    MAX_PAGE_SIZE,
+    TAG_MAX,
+    TAGS_MAX,
+    TITLE_MAX,
+)
 from taskservice.model import (
     MUTABLE_FIELDS,
-    NewTask,
     OrderField,
     Ordering,
     Priority,
     State,
-    TaskContent,
-    TaskPatch,
     version_of,
 )
-
-TITLE_MAX = 200
-DESCRIPTION_MAX = 2000
-ASSIGNEE_MAX = 256
-TAG_MAX = 64
-TAGS_MAX = 32
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 200
 
 TASK_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CONTROL_EXCEPT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_OUTPUT_ONLY = frozenset({"name", "create_time", "update_time", "etag"})
+# Letters and marks that render as nothing (Hangul and Mongolian fillers, the
+# braille blank, the combining grapheme joiner), beside the format characters.
+_INVISIBLE = frozenset("\u034f\u115f\u1160\u180e\u2800\u3164\uffa0")
+OUTPUT_ONLY_FIELDS = ("name", "create_time", "update_time", "etag")
 _ORDERINGS = {
     "create_time desc": Ordering(OrderField.CREATE_TIME, descending=True),
     "create_time": Ordering(OrderField.CREATE_TIME, descending=False),
@@ -47,8 +53,6 @@ _ORDERINGS = {
 _PRIORITIES = {p.value for p in Priority}
 _STATES = {s.value for s in State if s.value}
 
-Violations = list[tuple[str, str]]
-
 
 def new_task_id() -> str:
     """A random (version 4) UUID in its canonical text form; the same as
@@ -56,6 +60,11 @@ def new_task_id() -> str:
     h = os.urandom(16).hex()
     variant = "89ab"[int(h[16], 16) & 3]
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
+
+
+def is_blank(text: str) -> bool:
+    """True when text shows nothing: only whitespace and invisible characters."""
+    return all(ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) == "Cf" for ch in text)
 
 
 def task_id_from_name(name: str, field: str) -> str:
@@ -71,174 +80,134 @@ def task_id_from_name(name: str, field: str) -> str:
     return task_id
 
 
-def _title(value: str, path: str, out: Violations) -> None:
-    if not value.strip():
-        out.append((path, "is required and must not be blank"))
-    elif len(value) > TITLE_MAX:
+def check_task_id(value: str, path: str, out: list[Violation]) -> None:
+    if TASK_ID.fullmatch(value) is None:
+        out.append((path, "must match ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ (1-63 characters)"))
+
+
+def request_id(value: str, path: str, out: list[Violation]) -> str | None:
+    """The request_id in canonical (lower-case) form; None when unset."""
+    if not value:
+        return None
+    if _UUID.fullmatch(value) is None:
+        out.append((path, "must be a UUID, e.g. 123e4567-e89b-42d3-a456-426614174000"))
+        return None
+    return value.lower()
+
+
+def check_title(value: str, path: str, out: list[Violation]) -> None:
+    if len(value) > TITLE_MAX:
         out.append((path, f"must be at most {TITLE_MAX} characters, got {len(value)}"))
     elif _CONTROL.search(value):
         out.append((path, "must not contain control characters"))
+    elif is_blank(value):
+        out.append((path, "is required and must not be blank (or only invisible characters)"))
 
 
-def _description(value: str, path: str, out: Violations) -> None:
+def check_description(value: str, path: str, out: list[Violation]) -> None:
     if len(value) > DESCRIPTION_MAX:
         out.append((path, f"must be at most {DESCRIPTION_MAX} characters, got {len(value)}"))
     elif _CONTROL_EXCEPT_WHITESPACE.search(value):
         out.append((path, "must not contain control characters other than tab and newline"))
 
 
-def _assignee(value: str, path: str, out: Violations) -> None:
+def check_assignee(value: str, path: str, out: list[Violation]) -> None:
     if len(value) > ASSIGNEE_MAX:
         out.append((path, f"must be at most {ASSIGNEE_MAX} characters, got {len(value)}"))
     elif _CONTROL.search(value):
         out.append((path, "must not contain control characters"))
 
 
-def _tags(values: list[str], path: str, out: Violations) -> None:
+def normalize_tag(tag: str) -> str:
+    return unicodedata.normalize("NFC", tag)
+
+
+def tags(values: Sequence[str], path: str, out: list[Violation]) -> tuple[str, ...]:
+    """The tags, NFC-normalized; every rule checked on the normalized form."""
     if len(values) > TAGS_MAX:
         out.append((path, f"must hold at most {TAGS_MAX} tags, got {len(values)}"))
-        return
-    seen: set[str] = set()
-    for i, tag in enumerate(values):
-        if not tag.strip():
-            out.append((f"{path}[{i}]", "must not be empty or blank"))
-        elif len(tag) > TAG_MAX:
+        return ()
+    normalized = tuple(normalize_tag(t) for t in values)
+    seen: dict[str, int] = {}
+    for i, tag in enumerate(normalized):
+        if len(tag) > TAG_MAX:
             out.append((f"{path}[{i}]", f"must be at most {TAG_MAX} characters, got {len(tag)}"))
         elif _CONTROL.search(tag):
             out.append((f"{path}[{i}]", "must not contain control characters"))
+        elif is_blank(tag):
+            out.append((f"{path}[{i}]", "must not be empty, blank or only invisible characters"))
         elif tag in seen:
-            out.append((f"{path}[{i}]", f"repeats the tag {tag!r}"))
-        seen.add(tag)
+            out.append((f"{path}[{i}]", f"repeats {path}[{seen[tag]}] (compared in NFC)"))
+        seen.setdefault(tag, i)
+    return normalized
 
 
-def _priority(value: int, path: str, out: Violations) -> Priority:
+def priority(value: int, path: str, out: list[Violation]) -> Priority:
+    """UNSPECIFIED means MEDIUM."""
     if value not in _PRIORITIES:
         out.append((path, f"{value} is not a Priority value"))
         return Priority.MEDIUM
     return Priority(value) if value else Priority.MEDIUM
 
 
-def _state(value: int, path: str, out: Violations) -> State:
+def state(value: int, path: str, out: list[Violation]) -> State:
     if value not in _STATES:
         out.append((path, f"{value} is not a settable State (STATE_OPEN..STATE_CANCELLED)"))
         return State.OPEN
     return State(value)
 
 
-def _etag(value: str, path: str, out: Violations) -> str | None:
+def etag(value: str, path: str, out: list[Violation]) -> int | None:
+    """The version an etag names; None when unset. An etag no store could
+    have issued is a violation (a well-formed but stale one is not: the store
+    answers ABORTED)."""
     if not value:
         return None
-    if version_of(value) is None:
-        out.append((path, "is not an etag this service issued"))
-    return value
+    version = version_of(value)
+    if version is None:
+        out.append((path, "is not an etag this service issued; read the task for its etag"))
+    return version
 
 
-def new_task(request: pb.CreateTaskRequest) -> NewTask:
-    """Validates a CreateTaskRequest (also one item of a batch)."""
-    out: Violations = []
-    if not request.HasField("task"):
-        raise InvalidArgument([("task", "is required")])
-    task = request.task
-    _title(task.title, "task.title", out)
-    _description(task.description, "task.description", out)
-    priority = _priority(task.priority, "task.priority", out)
-    _assignee(task.assignee, "task.assignee", out)
-    _tags(list(task.tags), "task.tags", out)
-    task_id = request.task_id
-    if task_id and TASK_ID.fullmatch(task_id) is None:
-        out.append(("task_id", "must match ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ (1-63 characters)"))
-    request_id: str | None = None
-    if request.request_id:
-        if _UUID.fullmatch(request.request_id) is None:
-            out.append(("request_id", "must be a UUID, e.g. 123e4567-e89b-42d3-a456-426614174000"))
-        else:
-            request_id = request.request_id.lower()
-    if out:
-        raise InvalidArgument(out)
-    return NewTask(
-        task_id=task_id or new_task_id(),
-        content=TaskContent(
-            title=task.title,
-            description=task.description,
-            priority=priority,
-            state=State.OPEN,
-            assignee=task.assignee,
-            tags=tuple(task.tags),
-        ),
-        request_id=request_id,
-    )
-
-
-def update(request: pb.UpdateTaskRequest) -> tuple[str, TaskPatch, str | None]:
-    """Validates an UpdateTaskRequest: (task_id, patch, expected etag or None)."""
-    if not request.HasField("task"):
-        raise InvalidArgument([("task", "is required")])
-    task = request.task
-    task_id = task_id_from_name(task.name, "task.name")
-    out: Violations = []
-    if request.HasField("update_mask"):
-        paths: set[str] = set()
-        for i, path in enumerate(request.update_mask.paths):
-            if path == "*":
-                if len(request.update_mask.paths) != 1:
-                    out.append((f"update_mask.paths[{i}]", '"*" must be the only path'))
-                paths.update(MUTABLE_FIELDS)
-            elif path in MUTABLE_FIELDS:
-                paths.add(path)
-            elif path not in _OUTPUT_ONLY:  # output-only paths are ignored (AIP-203)
-                out.append(
-                    (
-                        f"update_mask.paths[{i}]",
-                        f"{path!r} is not a field of Task that can be updated"
-                        f" ({', '.join(MUTABLE_FIELDS)})",
-                    )
+def mask_fields(paths: Sequence[str]) -> frozenset[str]:
+    """The mutable fields an update_mask names. Output-only paths are ignored
+    (AIP-203); unknown paths, a "*" beside other paths, more than
+    MAX_MASK_PATHS paths, and a mask that leaves nothing to update are
+    INVALID_ARGUMENT."""
+    if len(paths) > MAX_MASK_PATHS:
+        raise InvalidArgument(
+            [("update_mask.paths", f"names {len(paths)} paths; at most {MAX_MASK_PATHS}")]
+        )
+    out: list[Violation] = []
+    fields: set[str] = set()
+    for i, path in enumerate(paths):
+        if path == "*":
+            if len(paths) != 1:
+                out.append((f"update_mask.paths[{i}]", '"*" must be the only path'))
+            fields.update(MUTABLE_FIELDS)
+        elif path in MUTABLE_FIELDS:
+            fields.add(path)
+        elif path not in OUTPUT_ONLY_FIELDS:
+            out.append(
+                (
+                    f"update_mask.paths[{i}]",
+                    f"{clip(path, 64)!r} is not a field of Task that can be updated"
+                    f" ({', '.join(MUTABLE_FIELDS)})",
                 )
-    else:
-        paths = {
-            name
-            for name, populated in (
-                ("title", bool(task.title)),
-                ("description", bool(task.description)),
-                ("priority", task.priority != 0),
-                ("state", task.state != 0),
-                ("assignee", task.HasField("assignee")),
-                ("tags", len(task.tags) > 0),
             )
-            if populated
-        }
-    etag = _etag(task.etag, "task.etag", out)
     if out:
         raise InvalidArgument(out)
-    if not paths:
-        raise InvalidArgument([("update_mask", "names no field to update")])
-    patch = TaskPatch(
-        title=task.title if "title" in paths else None,
-        description=task.description if "description" in paths else None,
-        priority=_priority(task.priority, "task.priority", out) if "priority" in paths else None,
-        state=_state(task.state, "task.state", out) if "state" in paths else None,
-        assignee=task.assignee if "assignee" in paths else None,
-        tags=tuple(task.tags) if "tags" in paths else None,
-    )
-    if patch.title is not None:
-        _title(patch.title, "task.title", out)
-    if patch.description is not None:
-        _description(patch.description, "task.description", out)
-    if patch.assignee is not None:
-        _assignee(patch.assignee, "task.assignee", out)
-    if patch.tags is not None:
-        _tags(list(patch.tags), "task.tags", out)
-    if out:
-        raise InvalidArgument(out)
-    return task_id, patch, etag
-
-
-def delete(request: pb.DeleteTaskRequest) -> tuple[str, str | None]:
-    task_id = task_id_from_name(request.name, "name")
-    out: Violations = []
-    etag = _etag(request.etag, "etag", out)
-    if out:
-        raise InvalidArgument(out)
-    return task_id, etag
+    if not fields:
+        raise InvalidArgument(
+            [
+                (
+                    "update_mask",
+                    "names only output-only fields, which are ignored: nothing to update"
+                    f" (updatable: {', '.join(MUTABLE_FIELDS)})",
+                )
+            ]
+        )
+    return frozenset(fields)
 
 
 def page_size(value: int) -> int:

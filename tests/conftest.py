@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pytest
@@ -32,7 +32,15 @@ from tests.support import CallCounter, emulator_jar, free_port, launch_emulator,
 
 __all__ = ["CallCounter", "emulator_jar", "free_port", "launch_emulator", "wait_for_port"]
 
-_EMULATOR_SKIPPED: list[str] = []
+_LOUD_SKIPS: list[str] = []
+
+
+def loud_skip(reason: str) -> NoReturn:
+    """Skips, and repeats the reason in a red banner at the end of the run:
+    for whole suites (Firestore, Node interop) that did not run here."""
+    if reason not in _LOUD_SKIPS:
+        _LOUD_SKIPS.append(reason)
+    pytest.skip(reason)
 
 
 @dataclass
@@ -49,8 +57,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
             "FIRESTORE TESTS SKIPPED: the Cloud Firestore emulator jar (or java) was not found"
             " (set FIRESTORE_EMULATOR_JAR); these tests did NOT run"
         )
-        _EMULATOR_SKIPPED.append(reason)
-        pytest.skip(reason)
+        loud_skip(reason)
     port = free_port()
     log = tmp_path_factory.mktemp("emulator") / "emulator.log"
     process = launch_emulator(jar, port, log)
@@ -67,7 +74,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for reason in _EMULATOR_SKIPPED[:1]:
+    for reason in _LOUD_SKIPS:
         terminalreporter.write_sep("!", reason, red=True, bold=True)
 
 

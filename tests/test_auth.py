@@ -3,6 +3,7 @@ certificate is served on loopback, as Google serves its own."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import threading
@@ -225,3 +226,182 @@ def test_auth_configuration_is_checked() -> None:
     )
     assert config.allowed_callers == (ALLOWED, "other@x.iam.gserviceaccount.com")
     assert config.reflection is False
+
+
+# -- issue 9: who gets in -------------------------------------------------------
+
+
+@pytest.fixture
+def access_log() -> Iterator[list[dict[str, Any]]]:
+    import logging
+
+    lines: list[dict[str, Any]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append({"message": record.getMessage(), **getattr(record, "fields", {})})
+
+    logger = logging.getLogger("taskservice.access")
+    handler = Keep()
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+async def test_refused_calls_write_an_access_line_without_the_token(
+    guarded: Running, signer: Signer, access_log: list[dict[str, Any]]
+) -> None:
+    secret = signer.token(aud="https://someone-else.a.run.app")
+    await expect_error(
+        guarded.stub.GetTask(pb.GetTaskRequest(name="tasks/x"), metadata=_bearer(secret)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    stranger = signer.token(email="stranger@demo-proj.iam.gserviceaccount.com")
+    await expect_error(
+        guarded.stub.BatchCreateTasks(stream_of([create_request("t")]), metadata=_bearer(stranger)),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    await asyncio.sleep(0.1)
+    codes = [(e.get("grpc.method"), e.get("grpc.code")) for e in access_log]
+    assert ("/tasks.v1.TaskService/GetTask", "UNAUTHENTICATED") in codes
+    assert ("/tasks.v1.TaskService/BatchCreateTasks", "PERMISSION_DENIED") in codes
+    text = json.dumps(access_log)
+    assert secret not in text and stranger not in text
+    assert secret.split(".")[1] not in text
+
+
+async def test_a_token_not_yet_valid_is_refused(guarded: Running, signer: Signer) -> None:
+    early = signer.token(nbf=int(time.time()) + 600)
+    await expect_error(
+        guarded.stub.GetTask(pb.GetTaskRequest(name="tasks/x"), metadata=_bearer(early)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    ready = signer.token(nbf=int(time.time()) - 5)
+    await expect_error(
+        guarded.stub.GetTask(pb.GetTaskRequest(name="tasks/x"), metadata=_bearer(ready)),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "BeArEr"])
+async def test_the_bearer_scheme_is_case_insensitive(
+    guarded: Running, signer: Signer, scheme: str
+) -> None:
+    md = (("authorization", f"{scheme} {signer.token()}"),)
+    await expect_error(
+        guarded.stub.GetTask(pb.GetTaskRequest(name="tasks/x"), metadata=md),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+
+async def test_two_authorization_headers_are_refused(guarded: Running, signer: Signer) -> None:
+    good = f"Bearer {signer.token()}"
+    for md in (
+        (("authorization", "junk"), ("authorization", good)),
+        (("authorization", good), ("authorization", "junk")),
+        (("authorization", good), ("authorization", good)),
+    ):
+        await expect_error(
+            guarded.stub.GetTask(pb.GetTaskRequest(name="tasks/x"), metadata=md),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+
+
+class CertEndpoint:
+    """A certificate endpoint that refuses (HTTP 503) or hangs, counting fetches."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.fetches = 0
+        self.release = threading.Event()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                endpoint.fetches += 1
+                if endpoint.mode == "hang":
+                    endpoint.release.wait(30)
+                self.send_response(503)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/certs"
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+
+
+async def _guarded_by(url: str, db: Path) -> Running:
+    return await _start(
+        Config(
+            host="127.0.0.1",
+            port=0,
+            auth="google-id-token",
+            audience=AUDIENCE,
+            allowed_callers=(ALLOWED,),
+            certs_url=url,
+        ),
+        db,
+    )
+
+
+async def test_a_refusing_cert_endpoint_is_not_fetched_on_every_call(
+    signer: Signer, tmp_path: Path
+) -> None:
+    endpoint = CertEndpoint("refuse")
+    running = await _guarded_by(endpoint.url, tmp_path / "t.db")
+    try:
+        md = _bearer(signer.token())
+        for _ in range(30):
+            await expect_error(
+                running.stub.GetTask(pb.GetTaskRequest(name="tasks/x"), metadata=md),
+                grpc.StatusCode.UNAVAILABLE,
+            )
+        assert endpoint.fetches <= 3, endpoint.fetches
+    finally:
+        await running.channel.close()
+        await running.server.stop(grace=0)
+        endpoint.close()
+
+
+async def test_a_hanging_cert_endpoint_keeps_no_caller_past_its_deadline(
+    signer: Signer, tmp_path: Path
+) -> None:
+    """Ten callers, with 12 s deadlines (longer than one fetch's 5 s limit),
+    while the endpoint hangs: one fetch is made, and every caller is answered
+    when it gives up, instead of queueing 5 s each behind the one before."""
+    endpoint = CertEndpoint("hang")
+    running = await _guarded_by(endpoint.url, tmp_path / "t.db")
+    try:
+        md = _bearer(signer.token())
+
+        async def call(timeout: float) -> tuple[float, grpc.StatusCode]:
+            started = time.monotonic()
+            try:
+                await running.stub.GetTask(
+                    pb.GetTaskRequest(name="tasks/x"), metadata=md, timeout=timeout
+                )
+            except grpc.aio.AioRpcError as err:
+                return time.monotonic() - started, err.code()
+            return time.monotonic() - started, grpc.StatusCode.OK
+
+        results = await asyncio.gather(*(call(12) for _ in range(10)), call(2))
+        slowest = max(t for t, _ in results)
+        assert slowest < 7, results
+        assert {c for _, c in results} <= {
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        }, results
+        assert endpoint.fetches == 1
+    finally:
+        endpoint.close()
+        await running.channel.close()
+        await running.server.stop(grace=0)

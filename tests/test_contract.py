@@ -645,3 +645,49 @@ async def test_an_early_invalid_item_still_answers_invalid_argument(running: Run
         details = await expect_error(running.stub.BatchCreateTasks(stream_of(requests)), IA)
         assert details.fields == ["requests[0].task.title"]
     assert list((await running.stub.ListTasks(pb.ListTasksRequest())).tasks) == []
+
+
+# -- contract text and Unicode (issue 9, item 13) ------------------------------
+
+
+@pytest.mark.parametrize("title", ["\u200b", "\ufeff", " \u200b\u2060 ", "\u3164", "\u00a0\u200d"])
+async def test_a_title_of_only_invisible_characters_is_blank(running: Running, title: str) -> None:
+    details = await expect_error(running.stub.CreateTask(create_request(title)), IA)
+    assert details.fields == ["task.title"]
+    task = await running.stub.CreateTask(create_request("ok"))
+    details = await expect_error(
+        running.stub.UpdateTask(pb.UpdateTaskRequest(task=pb.Task(name=task.name, title=title))),
+        IA,
+    )
+    assert details.fields == ["task.title"]
+
+
+async def test_tags_are_nfc_normalized_and_spellings_of_one_tag_are_duplicates(
+    running: Running,
+) -> None:
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    details = await expect_error(running.stub.CreateTask(create_request("t", tags=[nfc, nfd])), IA)
+    assert details.fields == ["task.tags[1]"]
+    task = await running.stub.CreateTask(create_request("t", tags=[nfd, "x"]))
+    assert list(task.tags) == [nfc, "x"]
+    assert list((await running.stub.GetTask(pb.GetTaskRequest(name=task.name))).tags) == [nfc, "x"]
+    for spelling in (nfc, nfd):
+        listed = await running.stub.ListTasks(pb.ListTasksRequest(filter=f'tags:"{spelling}"'))
+        assert [t.name for t in listed.tasks] == [task.name]
+    details = await expect_error(running.stub.CreateTask(create_request("t", tags=["\u200b"])), IA)
+    assert details.fields == ["task.tags[0]"]
+
+
+async def test_a_mask_of_only_output_only_paths_says_so(running: Running) -> None:
+    task = await running.stub.CreateTask(create_request("t"))
+    details = await expect_error(
+        running.stub.UpdateTask(
+            pb.UpdateTaskRequest(
+                task=pb.Task(name=task.name, title="x"),
+                update_mask=field_mask_pb2.FieldMask(paths=["name", "etag"]),
+            )
+        ),
+        IA,
+    )
+    assert details.fields == ["update_mask"]
+    assert "output-only" in details.message

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from tasks.v1 import task_service_pb2 as pb
 
-from taskservice import logging as json_logging
+from taskservice import jsonlog, tracing
 from taskservice.model import Task
 from taskservice.store.sqlite import SqliteStore
 from tests.conftest import Running, start_server
@@ -31,16 +31,16 @@ class BrokenStore(SqliteStore):
 def captured() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(json_logging.JsonFormatter())
+    handler.setFormatter(jsonlog.JsonFormatter())
     root = logging.getLogger()
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    json_logging.set_project("demo-proj")
+    jsonlog.set_project("demo-proj")
     yield stream
     root.removeHandler(handler)
     root.setLevel(old_level)
-    json_logging.set_project("")
+    jsonlog.set_project("")
 
 
 @pytest.fixture
@@ -115,24 +115,24 @@ def test_access_short_cut_writes_the_line_the_logging_chain_would(
     one: the line must be the same as through the chain, and any other handler
     (a test's, an operator's) still gets the record."""
     short, chain = io.StringIO(), io.StringIO()
-    handler = json_logging.JsonLinesHandler(short)
-    handler.setFormatter(json_logging.JsonFormatter())
+    handler = jsonlog.JsonLinesHandler(short)
+    handler.setFormatter(jsonlog.JsonFormatter())
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [handler])
     monkeypatch.setattr(root, "level", logging.INFO)
-    monkeypatch.setattr(json_logging, "_handler", handler)
+    monkeypatch.setattr(jsonlog, "_handler", handler)
     logger = logging.getLogger("taskservice.access")
     fields = {"grpc.method": "/x/Y", "grpc.code": "OK", "latency_ms": 1.5, "peer": 'a"b'}
-    token = json_logging.current_trace.set(json_logging.CallTrace("ab" * 16, "cd" * 8, True))
+    token = tracing.current_trace.set(tracing.CallTrace("ab" * 16, "cd" * 8, True))
     try:
-        json_logging.log_fields(logger, logging.INFO, "/x/Y OK", fields)
-        json_logging.log_fields(logger, logging.DEBUG, "below the level", fields)
+        jsonlog.log_fields(logger, logging.INFO, "/x/Y OK", fields)
+        jsonlog.log_fields(logger, logging.DEBUG, "below the level", fields)
         other = logging.StreamHandler(chain)
-        other.setFormatter(json_logging.JsonFormatter())
+        other.setFormatter(jsonlog.JsonFormatter())
         monkeypatch.setattr(root, "handlers", [handler, other])
-        json_logging.log_fields(logger, logging.INFO, "/x/Y OK", fields)
+        jsonlog.log_fields(logger, logging.INFO, "/x/Y OK", fields)
     finally:
-        json_logging.current_trace.reset(token)
+        tracing.current_trace.reset(token)
     first, second = (json.loads(line) for line in short.getvalue().splitlines())
     [through_chain] = _lines(chain)
     for entry in (first, second, through_chain):

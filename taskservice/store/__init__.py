@@ -16,9 +16,6 @@ from taskservice.model import ListQuery, ListResult, NewTask, Task, TaskPatch
 if TYPE_CHECKING:
     from taskservice.config import Config
 
-MAX_BATCH = 500
-REQUEST_ID_TTL_NS = 7 * 24 * 3600 * 10**9  # how long a request_id is remembered at least
-
 
 class TaskStore(Protocol):
     """What the servicer needs from a store."""
@@ -33,19 +30,24 @@ class TaskStore(Protocol):
 
         An item whose request_id was used before yields the task first created
         for it and creates nothing. A taken task_id raises AlreadyExists whose
-        index names the item.
+        index names the item. When such earlier tasks would make the result
+        exceed limits.MAX_BATCH_RESPONSE_BYTES, raises InvalidArgument before
+        anything is written.
         """
         ...
 
     async def get(self, task_id: str, timeout: float) -> Task: ...
 
     async def update(
-        self, task_id: str, patch: TaskPatch, expected_etag: str | None, timeout: float
+        self, task_id: str, patch: TaskPatch, expected_version: int | None, timeout: float
     ) -> Task:
-        """Applies patch; EtagMismatch when expected_etag is set and stale."""
+        """Applies patch; EtagMismatch when expected_version (the version an
+        etag names) is set and is not the task's current one."""
         ...
 
-    async def delete(self, task_id: str, expected_etag: str | None, timeout: float) -> None: ...
+    async def delete(self, task_id: str, expected_version: int | None, timeout: float) -> None:
+        """Deletes the task; EtagMismatch as for update."""
+        ...
 
     async def list(self, query: ListQuery, timeout: float) -> ListResult: ...
 

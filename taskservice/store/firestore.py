@@ -17,14 +17,25 @@ fewest Firestore round trips, each counted in tests:
 
 Slow paths (a precondition failed and the reason must be told) spend extra
 reads only on failure.
+
+Firestore's errors reach the caller by what they mean: UNAVAILABLE (and
+Firestore's transient INTERNAL/UNKNOWN) as UNAVAILABLE, safe to retry;
+DEADLINE_EXCEEDED and ABORTED as themselves; RESOURCE_EXHAUSTED (quota) as
+RESOURCE_EXHAUSTED; FAILED_PRECONDITION (e.g. an index still building) as
+FAILED_PRECONDITION. Anything else (INVALID_ARGUMENT, OUT_OF_RANGE,
+PERMISSION_DENIED, ...) means the service sent what it should not have or is
+misconfigured: INTERNAL, logged with Firestore's own message. None of those is
+ever reported as UNAVAILABLE, so no client retries it forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -43,10 +54,14 @@ from taskservice.errors import (
     DeadlineExceeded,
     EtagMismatch,
     FailedPrecondition,
+    Internal,
+    InvalidArgument,
     NotFound,
+    ResourceExhausted,
     ServiceError,
     Unavailable,
 )
+from taskservice.limits import REQUEST_ID_TTL_NS, check_batch_response_size
 from taskservice.model import (
     PRIORITIES,
     STATES,
@@ -58,9 +73,7 @@ from taskservice.model import (
     TaskFilter,
     TaskPatch,
     etag_for,
-    version_of,
 )
-from taskservice.store import REQUEST_ID_TTL_NS
 from taskservice.timestamps import timestamp_from_ns
 
 if TYPE_CHECKING:
@@ -83,7 +96,14 @@ RunQueryResponse: Any = _firestore.RunQueryResponse.pb()
 StructuredQuery: Any = _query.StructuredQuery.pb()
 QueryCursor: Any = _query.Cursor.pb()
 
+log = logging.getLogger(__name__)
+
 FIRESTORE_HOST = "firestore.googleapis.com:443"
+# The largest Commit request Firestore accepts (10 MiB; the emulator keeps
+# gRPC's default 4 MiB receive limit). TaskService's own limits keep every
+# commit well under both; this is the last check before the wire.
+MAX_COMMIT_BYTES = 10 * 1024 * 1024 - 64 * 1024
+EMULATOR_MAX_COMMIT_BYTES = 4 * 1024 * 1024 - 64 * 1024
 SCOPES = ("https://www.googleapis.com/auth/datastore",)
 _SERVICE = "/google.firestore.v1.Firestore/"
 _RETRYABLE_READ = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -134,13 +154,47 @@ def _task(doc: Any) -> Task:
     )
 
 
+_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
 def _store_error(exc: grpc.aio.AioRpcError) -> ServiceError:
+    """What a Firestore error means for the caller (see the module docstring)."""
     code = exc.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded("the store did not answer in time")
     if code == grpc.StatusCode.ABORTED:
         return Conflict("the task was changed concurrently; retry")
-    return Unavailable("the task store is unavailable; retry later")
+    if code in _TRANSIENT:
+        return Unavailable("the task store is unavailable; retry later")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        log.warning("Firestore: RESOURCE_EXHAUSTED: %s", (exc.details() or "")[:500])
+        return ResourceExhausted(
+            "the task store's quota is exhausted; retry later, with backoff",
+            reason="STORE_RESOURCE_EXHAUSTED",
+        )
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        log.warning("Firestore: FAILED_PRECONDITION: %s", (exc.details() or "")[:500])
+        return FailedPrecondition(
+            "the task store cannot serve this request yet (for example, an index is still"
+            " being built)",
+            reason="STORE_NOT_READY",
+        )
+    error_id = uuid.uuid4().hex[:16]
+    log.error(
+        "Firestore refused a request: %s: %s (error_id=%s)",
+        code.name,
+        (exc.details() or "")[:500],
+        error_id,
+        extra={"fields": {"error_id": error_id}},
+    )
+    return Internal(f"internal error (error_id={error_id})", reason="STORE_REJECTED")
 
 
 class FirestoreStore:
@@ -156,8 +210,10 @@ class FirestoreStore:
         database: str = "(default)",
         collection: str = "tasks",
         extra_metadata: Sequence[tuple[str, str]] = (),
+        max_commit_bytes: int = MAX_COMMIT_BYTES,
     ) -> None:
         self._channel = channel
+        self.max_commit_bytes = max_commit_bytes
         self.project = project
         self.database = f"projects/{project}/databases/{database}"
         self.documents = f"{self.database}/documents"
@@ -233,6 +289,7 @@ class FirestoreStore:
             database=config.firestore_database,
             collection=config.collection,
             extra_metadata=extra,
+            max_commit_bytes=EMULATOR_MAX_COMMIT_BYTES if emulator else MAX_COMMIT_BYTES,
         )
 
     # -- helpers ----------------------------------------------------------
@@ -294,11 +351,22 @@ class FirestoreStore:
             raise _store_error(exc) from None
 
     async def _commit_writes(self, writes: list[Any], timeout: float) -> Any:
-        return await self._commit(
-            CommitRequest(database=self.database, writes=writes),
-            timeout=timeout,
-            metadata=self._metadata,
-        )
+        request = CommitRequest(database=self.database, writes=writes)
+        if len(writes) > 2 and request.ByteSize() > self.max_commit_bytes:
+            size = request.ByteSize()
+            raise InvalidArgument(
+                [
+                    (
+                        "requests",
+                        f"the commit would be {size} bytes, over the store's limit of"
+                        f" {self.max_commit_bytes}; send fewer or smaller tasks per call;"
+                        " nothing was written",
+                    )
+                ],
+                reason="BATCH_COMMIT_TOO_LARGE",
+                metadata={"limit_bytes": str(self.max_commit_bytes), "size_bytes": str(size)},
+            )
+        return await self._commit(request, timeout=timeout, metadata=self._metadata)
 
     # -- TaskStore --------------------------------------------------------
 
@@ -327,6 +395,13 @@ class FirestoreStore:
                 ):
                     raise _store_error(exc) from None
                 await self._explain_conflict(items, resolved, deadline - loop.time())
+                if resolved:  # earlier tasks may be larger than these items
+                    check_batch_response_size(
+                        (resolved[i].task_id, resolved[i].content)
+                        if i in resolved
+                        else (item.task_id, item.content)
+                        for i, item in enumerate(items)
+                    )
                 continue
             results = iter(response.write_results)
             for i, item in pending:
@@ -418,7 +493,7 @@ class FirestoreStore:
         return _task(doc)
 
     async def update(
-        self, task_id: str, patch: TaskPatch, expected_etag: str | None, timeout: float
+        self, task_id: str, patch: TaskPatch, expected_version: int | None, timeout: float
     ) -> Task:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -429,7 +504,7 @@ class FirestoreStore:
             if doc is None:
                 raise NotFound(f"tasks/{task_id} does not exist")
             current = _task(doc)
-            if expected_etag is not None and expected_etag != current.etag:
+            if expected_version is not None and expected_version != _ns(doc.update_time):
                 raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
             content = patch.apply(current.content)
             fields = _fields(content)
@@ -468,15 +543,12 @@ class FirestoreStore:
             )
         raise Conflict(f"tasks/{task_id} is being changed by many callers at once; retry")
 
-    async def delete(self, task_id: str, expected_etag: str | None, timeout: float) -> None:
+    async def delete(self, task_id: str, expected_version: int | None, timeout: float) -> None:
         name = self._name(task_id)
-        if expected_etag is None:
+        if expected_version is None:
             precondition = Precondition(exists=True)
         else:
-            version = version_of(expected_etag)
-            if version is None:
-                raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
-            precondition = Precondition(update_time=timestamp_from_ns(version))
+            precondition = Precondition(update_time=timestamp_from_ns(expected_version))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
@@ -484,7 +556,13 @@ class FirestoreStore:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"tasks/{task_id} does not exist") from None
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            stale = exc.code() == grpc.StatusCode.FAILED_PRECONDITION or (
+                # Firestore refuses an update_time precondition newer than the
+                # stored version as INVALID_ARGUMENT: to the caller, an etag
+                # that is not the task's current one, like any other.
+                exc.code() == grpc.StatusCode.INVALID_ARGUMENT and expected_version is not None
+            )
+            if stale:
                 # Stale etag, or no such task: one read tells which.
                 if await self._get_doc(name, deadline - loop.time()) is None:
                     raise NotFound(f"tasks/{task_id} does not exist") from None

@@ -3,8 +3,11 @@
 Writes run on one dedicated thread (SQLite has one writer at a time) inside
 BEGIN IMMEDIATE transactions; reads run on a small pool of their own
 connections, so a long batch commit does not stall reads and nothing blocks
-the event loop. Every write stamps the row with a version time that is strictly
-greater than the previous one, which is both its update_time and its etag.
+the event loop. Every write stamps the row with a version time, in whole
+microseconds like Firestore's, that is strictly greater than the previous one;
+it is both the task's update_time and its etag. Databases written before
+versions were whole microseconds are moved forward to the next microsecond
+once, when the file is opened (schema version 1).
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from taskservice.errors import (
     NotFound,
     Unavailable,
 )
+from taskservice.limits import REQUEST_ID_TTL_NS, check_batch_response_size
 from taskservice.model import (
     PRIORITIES,
     STATES,
+    VERSION_STEP_NS,
     ListQuery,
     ListResult,
     NewTask,
@@ -40,9 +45,7 @@ from taskservice.model import (
     TaskContent,
     TaskPatch,
     etag_for,
-    version_of,
 )
-from taskservice.store import REQUEST_ID_TTL_NS
 
 T = TypeVar("T")
 
@@ -66,6 +69,12 @@ CREATE TABLE IF NOT EXISTS requests (
     expire_ns  INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+_SCHEMA_VERSION = 1
+# Schema 0 stamped versions in nanoseconds; move each to the next whole
+# microsecond (never backwards, so ordering and later writes stay right).
+_MIGRATE_TO_1 = (
+    "UPDATE tasks SET update_ns = ((update_ns + 999) / 1000) * 1000 WHERE update_ns % 1000 != 0"
+)
 _COLUMNS = "task_id, title, description, priority, state, assignee, tags, create_ns, update_ns"
 _READ_THREADS = 2
 _GROUP_MAX = 256  # writes committed together at most
@@ -86,6 +95,22 @@ def _settle_all(results: list[tuple[_WriteOp, bool, Any]]) -> None:
             op.future.set_result(value)
         else:
             op.future.set_exception(value)
+
+
+def _now_version() -> int:
+    """Now, in whole microseconds (as nanoseconds)."""
+    return time.time_ns() // VERSION_STEP_NS * VERSION_STEP_NS
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    """Creates the schema, or brings an older file's up to _SCHEMA_VERSION."""
+    conn.executescript(_SCHEMA)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version < 1:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(_MIGRATE_TO_1)
+        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        conn.execute("COMMIT")
 
 
 def _row_to_task(row: Sequence[Any]) -> Task:
@@ -184,7 +209,7 @@ class SqliteStore:
                 if conn is None:
                     conn = self._open(10_000)
                     if not self._ready:
-                        conn.executescript(_SCHEMA)
+                        _prepare(conn)
                         self._ready = True
                 conn.execute("BEGIN IMMEDIATE")
                 for op in group:
@@ -242,7 +267,7 @@ class SqliteStore:
 
     @staticmethod
     def _next_version(previous_ns: int) -> int:
-        return max(time.time_ns(), previous_ns + 1)
+        return max(_now_version(), previous_ns + VERSION_STEP_NS)
 
     # -- TaskStore --------------------------------------------------------
 
@@ -253,8 +278,9 @@ class SqliteStore:
 
     async def create_many(self, items: Sequence[NewTask], timeout: float) -> list[Task]:
         def create(conn: sqlite3.Connection) -> list[Task]:
-            now = time.time_ns()
+            now = _now_version()
             results: list[Task] = []
+            replayed = False  # an item answered with the task its request_id created
             for index, item in enumerate(items):
                 if item.request_id is not None:
                     row = conn.execute(
@@ -272,6 +298,7 @@ class SqliteStore:
                                 reason="REQUEST_ID_ALREADY_USED",
                             )
                         results.append(_row_to_task(existing))
+                        replayed = True
                         continue
                 c = item.content
                 try:
@@ -301,6 +328,8 @@ class SqliteStore:
                         (item.request_id, item.task_id, now + REQUEST_ID_TTL_NS),
                     )
                 results.append(Task(item.task_id, c, now, now, etag_for(now)))
+            if replayed:  # the first tasks may be larger than these items
+                check_batch_response_size((t.task_id, t.content) for t in results)
             return results
 
         return await self._write(create, timeout)
@@ -317,7 +346,7 @@ class SqliteStore:
         return await self._read(get, timeout)
 
     async def update(
-        self, task_id: str, patch: TaskPatch, expected_etag: str | None, timeout: float
+        self, task_id: str, patch: TaskPatch, expected_version: int | None, timeout: float
     ) -> Task:
         def update(conn: sqlite3.Connection) -> Task:
             row = conn.execute(
@@ -326,7 +355,7 @@ class SqliteStore:
             if row is None:
                 raise NotFound(f"tasks/{task_id} does not exist")
             current = _row_to_task(row)
-            if expected_etag is not None and expected_etag != current.etag:
+            if expected_version is not None and expected_version != current.update_time_ns:
                 raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
             content = patch.apply(current.content)
             version = self._next_version(current.update_time_ns)
@@ -348,15 +377,14 @@ class SqliteStore:
 
         return await self._write(update, timeout)
 
-    async def delete(self, task_id: str, expected_etag: str | None, timeout: float) -> None:
-        version = None if expected_etag is None else version_of(expected_etag)
-
+    async def delete(self, task_id: str, expected_version: int | None, timeout: float) -> None:
         def delete(conn: sqlite3.Connection) -> None:
-            if expected_etag is None:
+            if expected_version is None:
                 cur = conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
             else:
                 cur = conn.execute(
-                    "DELETE FROM tasks WHERE task_id = ? AND update_ns = ?", (task_id, version)
+                    "DELETE FROM tasks WHERE task_id = ? AND update_ns = ?",
+                    (task_id, expected_version),
                 )
             if cur.rowcount == 0:
                 exists = conn.execute(

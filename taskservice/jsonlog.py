@@ -11,15 +11,15 @@ LOG_LEVEL (default INFO).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import io
 import json
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
+
+from taskservice.tracing import current_trace
 
 _SEVERITY = {
     logging.DEBUG: "DEBUG",
@@ -30,16 +30,6 @@ _SEVERITY = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class CallTrace:
-    trace_id: str  # 32 hex digits
-    span_id: str | None  # 16 hex digits
-    sampled: bool
-
-
-current_trace: contextvars.ContextVar[CallTrace | None] = contextvars.ContextVar(
-    "current_trace", default=None
-)
 _project = ""
 
 
@@ -132,10 +122,12 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if levelno >= logging.WARNING:
                 self.stream.flush()
                 return
-            loop = asyncio._get_running_loop()
-            if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # written off any event loop: at once
                 self.stream.flush()
-            elif not self._flush_pending:
+                return
+            if not self._flush_pending:
                 self._flush_pending = True
                 loop.call_later(FLUSH_SECONDS, self._flush_later)
 
@@ -147,8 +139,11 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def configure(level: str | None = None) -> None:
     """Sends the root logger's records to stderr as JSON lines."""
-    # Fields the JSON lines never show: skip computing them for every record
-    # (finding the caller walks the stack on each call).
+    # Fields the JSON lines never show: skip computing them for every record.
+    # Finding the caller walks the stack on each call, and the only switch is
+    # the module attribute that logging's own source documents for this
+    # ("Setting _srcfile to None will prevent findCaller() from being
+    # called"); tests/test_jsonlog.py fails loudly if it stops working.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False

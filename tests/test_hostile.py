@@ -1,0 +1,378 @@
+"""Findings from callers the project did not write (issue 9): a default-settings
+client, frame orders of other stacks, and a hostile caller. Each test holds
+one finding; all run over a real server and channel, on both stores where the
+store matters."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tasks.v1 import task_service_pb2 as pb
+
+from taskservice import jsonlog
+from taskservice.config import Config
+from taskservice.model import Cursor, OrderField, Ordering, TaskFilter
+from taskservice.pagination import encode_token, fingerprint
+from taskservice.store.sqlite import SqliteStore
+from tests.conftest import Running, start_server
+from tests.h2client import cancelled_client_stream
+from tests.helpers import create_request, details_of, expect_error, stream_of
+from tests.reliability import record
+
+IA = grpc.StatusCode.INVALID_ARGUMENT
+BATCH = "/tasks.v1.TaskService/BatchCreateTasks"
+
+
+def largest_task(i: int, request_id: str = "") -> pb.CreateTaskRequest:
+    """A CreateTaskRequest with every field at its limit, in 4-byte characters
+    (~18 KB)."""
+    wide = "\U0001f600"
+    return pb.CreateTaskRequest(
+        task=pb.Task(
+            title=wide * 200,
+            description=wide * 2000,
+            assignee=wide * 256,
+            tags=[f"{t:02d}" + wide * 62 for t in range(32)],
+        ),
+        task_id=f"big-{i:04d}",
+        request_id=request_id,
+    )
+
+
+async def _count(running: Running, flt: str = "") -> int:
+    total, token = 0, ""
+    while True:
+        page = await running.stub.ListTasks(
+            pb.ListTasksRequest(filter=flt, page_size=200, page_token=token)
+        )
+        total += len(page.tasks)
+        token = page.next_page_token
+        if not token:
+            return total
+
+
+# -- 1. no committed call may produce a response a default client cannot take --
+
+
+async def test_a_batch_whose_response_would_not_fit_a_default_client_is_refused_unwritten(
+    running: Running,
+) -> None:
+    """500 maximum-size tasks: ~9 MB of response, over every client's default
+    4 MiB limit. The running fixture's channel has default settings."""
+    details = await expect_error(
+        running.stub.BatchCreateTasks(stream_of([largest_task(i) for i in range(500)])), IA
+    )
+    assert details.reason == "BATCH_RESPONSE_TOO_LARGE"
+    assert details.fields == ["requests"]
+    limit = int(details.metadata["limit_bytes"])
+    assert int(details.metadata["size_bytes"]) > limit
+    assert limit < 4 * 1024 * 1024
+    assert "nothing was written" in details.message
+    assert await _count(running) == 0
+    # The largest batch under the limit goes through, is received by the same
+    # default-settings client, and is stored in full.
+    requests: list[pb.CreateTaskRequest] = []
+    size = 0
+    for i in range(500):
+        item = largest_task(i)
+        item_size = len(item.task.SerializeToString()) + 120  # name, times, etag
+        if size + item_size > limit:
+            break
+        requests.append(item)
+        size += item_size
+    response = await running.stub.BatchCreateTasks(stream_of(requests), timeout=60)
+    assert len(response.tasks) == len(requests) > 100
+    assert response.ByteSize() <= limit
+    assert await _count(running) == len(requests)
+
+
+async def test_retried_request_ids_cannot_swell_a_batch_response_past_the_limit(
+    running: Running,
+) -> None:
+    """A batch of small items whose request_ids were first used for large
+    tasks would answer with the large tasks: the store refuses it before
+    writing the new items."""
+    ids = [str(uuid.uuid4()) for _ in range(500)]
+    first = [largest_task(i, request_id=ids[i]) for i in range(150)]
+    await running.stub.BatchCreateTasks(stream_of(first), timeout=60)
+    await running.stub.BatchCreateTasks(
+        stream_of([largest_task(i, request_id=ids[i]) for i in range(150, 300)]), timeout=60
+    )
+    small = [
+        create_request(f"small {i}", task_id=f"small-{i:04d}", request_id=ids[i])
+        for i in range(500)
+    ]
+    details = await expect_error(running.stub.BatchCreateTasks(stream_of(small), timeout=60), IA)
+    assert details.reason == "BATCH_RESPONSE_TOO_LARGE"
+    assert await _count(running) == 300  # the 200 new small items were not written
+
+
+# -- 2. a cancelled batch writes nothing --------------------------------------
+
+
+@pytest.mark.parametrize("separate_end", [True, False], ids=["empty-end-frame", "end-on-data"])
+@pytest.mark.parametrize("gap", [0.0, 0.001, 0.005])
+async def test_end_stream_then_reset_commits_nothing(
+    running: Running, gap: float, separate_end: bool
+) -> None:
+    """grpc-js's call.cancel(): END_STREAM, then RST_STREAM(CANCEL) right
+    behind it (gap 0: in one write; 1 or 5 ms: just after)."""
+    tag = f"cancelled-{uuid.uuid4().hex[:8]}"
+    port = running.server.port
+
+    def send_all() -> None:
+        for i in range(40):
+            items = [create_request(f"c{i}-{j}", tags=[tag]) for j in range(5)]
+            cancelled_client_stream(
+                "127.0.0.1", port, BATCH, items, reset_gap=gap, separate_end=separate_end
+            )
+
+    await asyncio.to_thread(send_all)
+    await asyncio.sleep(0.5)
+    written = await _count(running, f'tags:"{tag}"')
+    record(
+        "cancelled_batches",
+        store=running.server.store.kind,
+        gap_s=gap,
+        end_frame="empty" if separate_end else "on data",
+        sent=40,
+        written=written,
+    )
+    assert written == 0
+
+
+# -- 3. a bad request gets a small status, whatever its size ----------------
+
+
+@pytest.mark.parametrize("paths", [1_000, 21_000])
+async def test_many_bad_mask_paths_get_a_small_status(running: Running, paths: int) -> None:
+    task = await running.stub.CreateTask(create_request("t"))
+    mask = field_mask_pb2.FieldMask(paths=["x"] * paths)  # 3 bytes a path
+    request = pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="x"), update_mask=mask)
+    assert request.ByteSize() < 64 * 1024
+    started = time.perf_counter()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await running.stub.UpdateTask(request)
+    elapsed = time.perf_counter() - started
+    err = info.value
+    assert err.code() == IA, err.details()
+    message = (err.details() or "").encode()
+    raw = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
+    assert isinstance(raw, bytes)
+    record("bad_mask_status", paths=paths, message_bytes=len(message), details_bytes=len(raw))
+    assert len(message) <= 1024 and len(raw) <= 8192
+    details = details_of(err)
+    assert details.fields[0].startswith("update_mask")
+    assert elapsed < 5
+    assert (await running.stub.GetTask(pb.GetTaskRequest(name=task.name))).title == "t"
+
+
+async def test_many_violations_are_summarised_with_a_count(running: Running) -> None:
+    tags = ["x" * 65] * 32  # 32 violations, one per tag
+    details = await expect_error(running.stub.CreateTask(create_request("t", tags=tags)), IA)
+    assert len(details.fields) <= 10
+    assert int(details.metadata["violation_count"]) == 32
+    assert "more" in details.message
+
+
+# -- 4. malformed trace headers are ignored ------------------------------------
+
+
+@pytest.fixture
+def access_lines() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(jsonlog.JsonFormatter())
+    logger = logging.getLogger("taskservice.access")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield stream
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def _access(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("x-cloud-trace-context", "4bf92f3577b34da6a3ce929d0e0e4736/" + "9" * 4301),
+        ("x-cloud-trace-context", "4bf92f3577b34da6a3ce929d0e0e4736/99999999999999999999999;o=1"),
+        ("x-cloud-trace-context", "not a trace"),
+        ("traceparent", "00-" + "f" * 32 + "-" + "0" * 16 + "-01-extra"),
+        ("traceparent", "zz"),
+    ],
+)
+async def test_a_malformed_trace_header_is_ignored_and_the_call_logged(
+    running: Running, access_lines: io.StringIO, header: tuple[str, str]
+) -> None:
+    task = await running.stub.CreateTask(create_request("traced"), metadata=(header,))
+    got = await running.stub.GetTask(pb.GetTaskRequest(name=task.name), metadata=(header,))
+    assert got == task
+    batch = await running.stub.BatchCreateTasks(
+        stream_of([create_request("b")]), metadata=(header,)
+    )
+    assert len(batch.tasks) == 1
+    await asyncio.sleep(0.1)
+    methods = [(e["grpc.method"], e["grpc.code"]) for e in _access(access_lines)]
+    for method in ("CreateTask", "GetTask", "BatchCreateTasks"):
+        assert (f"/tasks.v1.TaskService/{method}", "OK") in methods
+
+
+# -- 5. etags and cursors the service never issued ----------------------------
+
+
+@pytest.mark.parametrize(
+    "etag", ["8000000000000000", "ffffffffffffffff", "1", "18ed3ca36837a931", "0"]
+)
+async def test_an_etag_the_service_did_not_issue_is_invalid_argument(
+    running: Running, etag: str
+) -> None:
+    task = await running.stub.CreateTask(create_request("t"))
+    details = await expect_error(
+        running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name, etag=etag)), IA
+    )
+    assert details.fields == ["etag"]
+    details = await expect_error(
+        running.stub.UpdateTask(
+            pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="x", etag=etag))
+        ),
+        IA,
+    )
+    assert details.fields == ["task.etag"]
+    assert await running.stub.GetTask(pb.GetTaskRequest(name=task.name)) == task
+
+
+async def test_a_well_formed_but_wrong_etag_is_aborted(running: Running) -> None:
+    task = await running.stub.CreateTask(create_request("t"))
+    version = int(task.etag, 16)
+    for wrong in (version - 1000, version + 1000, version + 10**15):
+        etag = format(wrong, "x")
+        details = await expect_error(
+            running.stub.DeleteTask(pb.DeleteTaskRequest(name=task.name, etag=etag)),
+            grpc.StatusCode.ABORTED,
+        )
+        assert details.reason == "ETAG_MISMATCH"
+        details = await expect_error(
+            running.stub.UpdateTask(
+                pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="x", etag=etag))
+            ),
+            grpc.StatusCode.ABORTED,
+        )
+    assert await running.stub.GetTask(pb.GetTaskRequest(name=task.name)) == task
+
+
+@pytest.mark.parametrize(
+    ("time_ns", "task_id"),
+    [
+        (1_700_000_000 * 10**9, ""),
+        (1_700_000_000 * 10**9, ".."),
+        (1_700_000_000 * 10**9, "a/b"),
+        (1_700_000_000 * 10**9, "__x__"),
+        (-1, "abc"),
+        (2**63 - 1, "abc"),
+    ],
+)
+async def test_a_forged_page_token_is_invalid_argument(
+    running: Running, time_ns: int, task_id: str
+) -> None:
+    await running.stub.CreateTask(create_request("t"))
+    ordering = Ordering(OrderField.CREATE_TIME, descending=True)
+    token = encode_token(Cursor(time_ns, task_id), fingerprint(TaskFilter(), ordering))
+    details = await expect_error(running.stub.ListTasks(pb.ListTasksRequest(page_token=token)), IA)
+    assert details.fields == ["page_token"]
+
+
+# -- 6. a batch that drips ----------------------------------------------------
+
+
+async def test_a_dripping_batch_is_ended_at_the_stream_time_limit(tmp_path: Path) -> None:
+    running = await start_server(
+        SqliteStore(tmp_path / "t.db"),
+        Config(host="127.0.0.1", port=0, stream_idle_seconds=5.0, stream_max_seconds=2.0),
+    )
+
+    async def drip() -> AsyncIterator[pb.CreateTaskRequest]:
+        for i in range(100):
+            yield create_request(f"drip {i}")
+            await asyncio.sleep(0.3)  # always well inside the idle limit
+
+    try:
+        started = time.monotonic()
+        details = await expect_error(
+            running.stub.BatchCreateTasks(drip(), timeout=30), grpc.StatusCode.DEADLINE_EXCEEDED
+        )
+        elapsed = time.monotonic() - started
+        assert details.reason == "STREAM_TOO_SLOW"
+        assert "nothing was written" in details.message
+        assert 1.8 < elapsed < 4
+        assert await _count(running) == 0
+    finally:
+        await running.channel.close()
+        await running.server.stop(grace=0)
+
+
+# -- helpers shared with the interop tests -------------------------------------
+
+
+def status_bytes(err: grpc.aio.AioRpcError) -> bytes:
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin", b"")
+    return raw if isinstance(raw, bytes) else base64.b64decode(raw)
+
+
+@pytest.fixture
+async def bounded(tmp_path: Path) -> AsyncIterator[Running]:
+    running = await start_server(
+        SqliteStore(tmp_path / "t.db"),
+        Config(host="127.0.0.1", port=0, max_concurrent_rpcs=20, max_tool_streams=8),
+    )
+    yield running
+    await running.channel.close()
+    await running.server.stop(grace=0)
+
+
+# -- 8. streams that nobody authenticated cannot starve anyone ----------------
+
+
+async def test_many_health_watches_starve_neither_checks_nor_task_calls(bounded: Running) -> None:
+    channels = [grpc.aio.insecure_channel(bounded.target) for _ in range(5)]
+    watches = []
+    try:
+        for i in range(100):
+            stub = health_pb2_grpc.HealthStub(channels[i % 5])
+            watches.append(stub.Watch(health_pb2.HealthCheckRequest(service="")))
+        codes: dict[str, int] = {}
+        for call in watches:
+            try:
+                first = await asyncio.wait_for(call.read(), 5)
+                assert first.status == health_pb2.HealthCheckResponse.SERVING
+                codes["open"] = codes.get("open", 0) + 1
+            except grpc.aio.AioRpcError as err:
+                codes[err.code().name] = codes.get(err.code().name, 0) + 1
+        assert codes == {"open": 8, "RESOURCE_EXHAUSTED": 92}
+        check = await bounded.health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        task = await bounded.stub.CreateTask(create_request("still served"), timeout=2)
+        assert (await bounded.stub.GetTask(pb.GetTaskRequest(name=task.name))).title == (
+            "still served"
+        )
+    finally:
+        for call in watches:
+            call.cancel()
+        for c in channels:
+            await c.close()
