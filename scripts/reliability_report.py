@@ -25,6 +25,9 @@ TESTS = [
     "tests/test_slow_clients.py",
     "tests/test_soak.py",
     "tests/test_fuzz.py",
+    "tests/test_hostile.py",
+    "tests/test_drain.py",
+    "tests/test_interop.py",
 ]
 WHAT = {
     "frozen_backend": "Firestore emulator frozen (SIGSTOP) for 6 s under 16 writers, then SIGCONT",
@@ -33,7 +36,17 @@ WHAT = {
     "stalled_streams": "50 batch streams send one message and stall; GetTask latency meanwhile",
     "soak_sqlite": "64 mixed callers (create/get/list/update/delete/batch/etag races), SQLite",
     "soak_firestore": "the same 64 mixed callers on the Firestore emulator",
-    "fuzz": "hypothesis over every RPC's fields, plus raw non-protobuf bytes",
+    "fuzz": "hypothesis over every RPC's fields (arbitrary text and values that pass the"
+    " syntax checks: well-formed etags, minted page tokens, valid ids), plus raw bytes",
+    "cancelled_batches": "40 batch streams ended with END_STREAM then RST_STREAM(CANCEL), raw"
+    " HTTP/2, the reset `gap_s` behind; `written` counts batches stored",
+    "bad_mask_status": "UpdateTask with `paths` bad update_mask paths (63 KB at 21,000): size"
+    " of the status the caller gets",
+    "bad_masks_in_flight": "GetTask p50 while 4 callers send 21,000-path masks nonstop",
+    "drain_with_open_streams": "SIGTERM with health Watch and reflection streams open",
+    "interop_grpc_js": "@grpc/grpc-js at default settings: every RPC, 500/501-item streams,"
+    " paging, ABORTED/BadRequest details decoded, 1 ms deadline, 40 cancels mid-stream, a"
+    " batch over the default 4 MiB; `written` counts what each check left stored",
 }
 
 
@@ -93,7 +106,8 @@ def main() -> int:
     lines += [
         "",
         "Reading the figures: `lost_writes`, `phantom_writes`, `duplicate_request_ids`,"
-        " `lost_updates`, `etags_with_two_winners` and `half_written_batches` must be 0;"
+        " `lost_updates`, `etags_with_two_winners` and `half_written_batches` must be 0, as"
+        " must `written` for cancelled batches;"
         " `codes` counts answers by gRPC code (ABORTED in the soak is the losing side of"
         " deliberate etag races; DEADLINE_EXCEEDED/UNAVAILABLE appear only while a backend"
         " is frozen or the server is stopping). Latencies are wall-clock on a shared"

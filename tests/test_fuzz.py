@@ -1,6 +1,12 @@
 """Hostile input: property-based fuzzing of every RPC against a real server
-process. Every answer must be a canonical code other than INTERNAL/UNKNOWN,
-and the server must stay up."""
+process, on each store. Every answer must be a canonical code other than
+INTERNAL/UNKNOWN/UNAVAILABLE, and the server must stay up.
+
+Besides arbitrary text, the strategies draw values that pass the syntax
+checks, where the stores' own rules are reached: well-formed etags (around
+real versions, at the int64 edges, not whole microseconds), page tokens minted
+with the service's own format for forged cursors, valid task ids and
+request ids."""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from hypothesis import strategies as st
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
+from taskservice.model import Cursor, OrderField, Ordering, TaskFilter
+from taskservice.pagination import encode_token, fingerprint
 from tests.conftest import free_port, wait_for_port
 from tests.reliability import record
 
@@ -66,11 +74,46 @@ text = st.one_of(
 enum_number = st.one_of(st.integers(-5, 8), st.integers(-(2**31), 2**31 - 1))
 tags = st.lists(text, max_size=40)
 
+# Values that pass the syntax checks.
+task_id = st.from_regex(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+name = st.one_of(text, task_id.map(lambda t: f"tasks/{t}"))
+request_id = st.uuids().map(str)
+now_us = 1_790_000_000_000_000
+version = st.one_of(
+    st.integers(1, 2**64 - 1),
+    st.integers(now_us - 10**9, now_us + 10**9).map(lambda us: us * 1000),
+    st.integers(now_us - 10**9, now_us + 10**9).map(lambda us: us * 1000 + 1),
+    st.sampled_from([0, 1000, 2**63 - 1000, 2**63 - 1, 2**63, 2**64 - 1]),
+)
+etag = st.one_of(text, version.map(lambda v: format(v, "x")))
+ORDERINGS = [Ordering(f, d) for f in OrderField for d in (True, False)]
+ORDER_BY = {
+    Ordering(OrderField.CREATE_TIME, True): "create_time desc",
+    Ordering(OrderField.CREATE_TIME, False): "create_time",
+    Ordering(OrderField.UPDATE_TIME, True): "update_time desc",
+    Ordering(OrderField.UPDATE_TIME, False): "update_time",
+}
+
+
+@st.composite
+def minted_pages(draw: Any) -> pb.ListTasksRequest:
+    """A ListTasksRequest whose page_token is well formed for its order_by:
+    the cursor (time and task id) is whatever hypothesis draws."""
+    ordering = draw(st.sampled_from(ORDERINGS))
+    cursor = Cursor(
+        draw(st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(0, 2 * now_us * 1000))),
+        draw(st.one_of(task_id, st.text(max_size=70))),
+    )
+    token = encode_token(cursor, fingerprint(TaskFilter(), ordering))
+    return pb.ListTasksRequest(
+        page_token=token, order_by=ORDER_BY[ordering], page_size=draw(st.integers(0, 300))
+    )
+
 
 @st.composite
 def tasks(draw: Any) -> pb.Task:
     task = pb.Task(
-        name=draw(text), title=draw(text), description=draw(text), tags=draw(tags), etag=draw(text)
+        name=draw(name), title=draw(text), description=draw(text), tags=draw(tags), etag=draw(etag)
     )
     task.priority = draw(enum_number)
     task.state = draw(enum_number)
@@ -81,22 +124,27 @@ def tasks(draw: Any) -> pb.Task:
 
 @st.composite
 def create_requests(draw: Any) -> pb.CreateTaskRequest:
-    request = pb.CreateTaskRequest(task_id=draw(text), request_id=draw(text))
+    request = pb.CreateTaskRequest(
+        task_id=draw(st.one_of(text, task_id)), request_id=draw(st.one_of(text, request_id))
+    )
     if draw(st.booleans()):
         request.task.CopyFrom(draw(tasks()))
     return request
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["sqlite", "firestore"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "FIRESTORE_EMULATOR_HOST"}
-    env.update(
-        PORT=str(port),
-        TASKSERVICE_STORE="sqlite",
-        LOG_LEVEL="WARNING",
-        TASKSERVICE_SQLITE_PATH=str(tmp_path_factory.mktemp("fuzz") / "t.db"),
-    )
+    env.update(PORT=str(port), TASKSERVICE_STORE=request.param, LOG_LEVEL="WARNING")
+    if request.param == "sqlite":
+        env["TASKSERVICE_SQLITE_PATH"] = str(tmp_path_factory.mktemp("fuzz") / "t.db")
+    else:
+        env["FIRESTORE_EMULATOR_HOST"] = request.getfixturevalue("emulator").host
+        env["GOOGLE_CLOUD_PROJECT"] = f"demo-fuzz{port}"
+    CODES.clear()
     proc = subprocess.Popen(
         [sys.executable, "-m", "taskservice"],
         env=env,
@@ -110,7 +158,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _, err = proc.communicate(timeout=15)
     assert alive, "the server died during fuzzing"
     assert b"Traceback" not in err or b"error_id" in err
-    record("fuzz", inputs=sum(CODES.values()), codes=dict(CODES), server_exit=proc.returncode)
+    record(
+        "fuzz",
+        store=request.param,
+        inputs=sum(CODES.values()),
+        codes=dict(CODES),
+        server_exit=proc.returncode,
+    )
     assert proc.returncode == 0
 
 
@@ -149,7 +203,7 @@ def test_create(stub: Any, request: pb.CreateTaskRequest) -> None:
 
 
 @fuzz
-@given(name=text)
+@given(name=name)
 def test_get(stub: Any, name: str) -> None:
     check(stub.GetTask, pb.GetTaskRequest(name=name))
 
@@ -164,9 +218,33 @@ def test_update(stub: Any, task: pb.Task, paths: list[str] | None) -> None:
 
 
 @fuzz
-@given(name=text, etag=text)
+@given(name=name, etag=etag)
 def test_delete(stub: Any, name: str, etag: str) -> None:
     check(stub.DeleteTask, pb.DeleteTaskRequest(name=name, etag=etag))
+
+
+@fuzz
+@given(data=st.data())
+def test_etags_around_a_real_version(stub: Any, data: st.DataObject) -> None:
+    """Update and delete a real task with etags near its own version: only
+    OK (the exact one), ABORTED or INVALID_ARGUMENT may come back."""
+    task = stub.CreateTask(pb.CreateTaskRequest(task=pb.Task(title="etag target")), timeout=10)
+    version = int(task.etag, 16)
+    delta = data.draw(st.sampled_from([0, 1, -1, 1000, -1000, 10**9, -(10**12), 2**40]))
+    guess = format(max(version + delta, 0), "x")
+    if data.draw(st.booleans()):
+        check(
+            stub.UpdateTask,
+            pb.UpdateTaskRequest(task=pb.Task(name=task.name, title="u", etag=guess)),
+        )
+    else:
+        check(stub.DeleteTask, pb.DeleteTaskRequest(name=task.name, etag=guess))
+
+
+@fuzz
+@given(request=minted_pages())
+def test_minted_page_tokens(stub: Any, request: pb.ListTasksRequest) -> None:
+    check(stub.ListTasks, request)
 
 
 @fuzz

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -376,3 +377,69 @@ async def test_many_health_watches_starve_neither_checks_nor_task_calls(bounded:
             call.cancel()
         for c in channels:
             await c.close()
+
+
+async def test_an_idle_watch_stream_is_ended(tmp_path: Path) -> None:
+    running = await start_server(
+        SqliteStore(tmp_path / "t.db"),
+        Config(host="127.0.0.1", port=0, tool_stream_idle_seconds=1.0),
+    )
+    try:
+        watch = running.health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await watch.read()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details_of(info.value).reason == "STREAM_IDLE"
+        assert 0.8 < time.monotonic() - started < 3
+    finally:
+        await running.channel.close()
+        await running.server.stop(grace=0)
+
+
+# -- 3. bad requests do not slow everyone else ----------------------------------
+
+
+async def test_huge_bad_masks_do_not_slow_other_callers(running: Running) -> None:
+    task = await running.stub.CreateTask(create_request("probe"))
+    get = pb.GetTaskRequest(name=task.name)
+
+    async def p50_of_gets(n: int) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await running.stub.GetTask(get)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[n // 2] * 1000
+
+    before = await p50_of_gets(200)
+    bad = pb.UpdateTaskRequest(
+        task=pb.Task(name=task.name, title="x"),
+        update_mask=field_mask_pb2.FieldMask(paths=["x"] * 21_000),
+    )
+    stop = asyncio.Event()
+    bad_calls = 0
+
+    async def hostile() -> None:
+        nonlocal bad_calls
+        while not stop.is_set():
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await running.stub.UpdateTask(bad)
+            bad_calls += 1
+
+    hostiles = [asyncio.ensure_future(hostile()) for _ in range(4)]
+    await asyncio.sleep(0.2)
+    during = await p50_of_gets(200)
+    stop.set()
+    await asyncio.gather(*hostiles)
+    record(
+        "bad_masks_in_flight",
+        store=running.server.store.kind,
+        hostile_callers=4,
+        mask_paths=21_000,
+        bad_calls=bad_calls,
+        get_p50_ms_before=round(before, 2),
+        get_p50_ms_during=round(during, 2),
+    )
+    assert during < max(5 * before, 20)

@@ -11,7 +11,9 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from taskservice.store.sqlite import SqliteStore
@@ -82,8 +84,47 @@ async def test_grpcurl_lists_and_describes_every_symbol(served: Running) -> None
     assert "A short summary" in described
 
 
+async def _every_rpc(call: Any, prefix: str) -> None:
+    """Each TaskService RPC once, through a tool: call(method, body) -> JSON."""
+    created = await call("CreateTask", json.dumps({"task": {"title": "t"}, "task_id": prefix}))
+    assert created["name"] == f"tasks/{prefix}"
+    assert await call("GetTask", json.dumps({"name": created["name"]})) == created
+    updated = await call(
+        "UpdateTask",
+        json.dumps({"task": {"name": created["name"], "title": "u", "etag": created["etag"]}}),
+    )
+    assert updated["title"] == "u"
+    batch = await call(
+        "BatchCreateTasks",
+        "\n".join(json.dumps({"task": {"title": f"b{i}", "tags": [prefix]}}) for i in range(3)),
+    )
+    assert [t["title"] for t in batch["tasks"]] == ["b0", "b1", "b2"]
+    listed = await call("ListTasks", json.dumps({"filter": f'tags:"{prefix}"'}))
+    assert len(listed["tasks"]) == 3
+    assert await call("DeleteTask", json.dumps({"name": created["name"]})) == {}
+
+
+async def test_grpcurl_calls_every_rpc(served: Running) -> None:
+    grpcurl = tool("grpcurl")
+
+    async def call(method: str, body: str) -> Any:
+        return json.loads(
+            await run(
+                grpcurl,
+                "-plaintext",
+                "-d",
+                body,
+                served.target,
+                f"tasks.v1.TaskService/{method}",
+            )
+            or "{}"
+        )
+
+    await _every_rpc(call, "grpcurl-1")
+
+
 @pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
-async def test_buf_curl_calls_through_each_reflection_protocol(
+async def test_buf_curl_lists_and_calls_every_rpc_through_each_reflection_protocol(
     served: Running, protocol: str
 ) -> None:
     buf = tool("buf")
@@ -97,20 +138,56 @@ async def test_buf_curl_calls_through_each_reflection_protocol(
         protocol,
     ]
     base = f"http://{served.target}"
-    listed = await run(*common, "--list-methods", base)
-    assert "tasks.v1.TaskService/GetTask" in listed.split()
-    created = json.loads(
-        await run(
-            *common,
-            "-d",
-            '{"task": {"title": "through buf"}, "task_id": "buf-1"}',
-            f"{base}/tasks.v1.TaskService/CreateTask",
+    listed = (await run(*common, "--list-methods", base)).split()
+    assert "tasks.v1.TaskService/GetTask" in listed
+    assert "grpc.health.v1.Health/Check" in listed
+    # Calling a method makes buf resolve its file by symbol, over `protocol`.
+    resolved = await asyncio.to_thread(
+        subprocess.run,
+        [*common, "-v", "-d", '{"name": "tasks/none"}', f"{base}/tasks.v1.TaskService/GetTask"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert 'resolved file "tasks/v1/task_service.proto"' in resolved.stderr
+    assert "NotFound" in resolved.stderr or "not_found" in resolved.stdout + resolved.stderr
+
+    async def call(method: str, body: str) -> Any:
+        return json.loads(
+            await run(*common, "-d", body, f"{base}/tasks.v1.TaskService/{method}") or "{}"
         )
-    )
-    assert created["name"] == "tasks/buf-1"
-    got = json.loads(
-        await run(*common, "-d", '{"name": "tasks/buf-1"}', f"{base}/tasks.v1.TaskService/GetTask")
-    )
-    assert got == created
+
+    await _every_rpc(call, f"buf-{protocol.removeprefix('grpc-')}")
     health = json.loads(await run(*common, f"{base}/grpc.health.v1.Health/Check"))
     assert health["status"] == "SERVING"
+
+
+@pytest.mark.parametrize("service", ["grpc.reflection.v1", "grpc.reflection.v1alpha"])
+async def test_a_method_symbol_resolves_with_its_comments(served: Running, service: str) -> None:
+    """The v1 and v1alpha messages are the same on the wire: one client for both."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    call = served.channel.stream_stream(
+        f"/{service}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+        for symbol in ("tasks.v1.TaskService.GetTask", "tasks.v1.Task.PRIORITY_HIGH", "nope.X")
+    ]
+    responses = [r async for r in call(iter(requests))]
+    first = descriptor_pb2.FileDescriptorProto.FromString(
+        responses[0].file_descriptor_response.file_descriptor_proto[0]
+    )
+    assert first.name == "tasks/v1/task_service.proto"
+    comments = [loc.leading_comments for loc in first.source_code_info.location]
+    assert any("Returns one task" in c for c in comments)
+    names = {
+        descriptor_pb2.FileDescriptorProto.FromString(raw).name
+        for raw in responses[0].file_descriptor_response.file_descriptor_proto
+    }
+    assert "google/protobuf/timestamp.proto" in names  # sent with its dependencies
+    assert responses[1].HasField("file_descriptor_response")
+    assert responses[2].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]

@@ -102,7 +102,10 @@ class Task(_message.Message):
     name: _builtins.str
     """The resource name, "tasks/{task_id}"."""
     title: _builtins.str
-    """A short summary: 1 to 200 characters, not blank, no control characters."""
+    """A short summary: 1 to 200 characters, no control characters, and not
+    blank: a title of only whitespace and invisible characters (such as
+    U+200B or U+FEFF) is blank.
+    """
     description: _builtins.str
     """Free text, at most 2000 characters. Newlines and tabs are allowed."""
     priority: Global___Task.Priority.ValueType
@@ -120,12 +123,14 @@ class Task(_message.Message):
     etag: _builtins.str
     """A checksum of the stored version; it changes on every write. Send it back
     in UpdateTask or DeleteTask to make the call fail with ABORTED if someone
-    else wrote the task in between.
+    else wrote the task in between. An etag this service never issued is
+    INVALID_ARGUMENT.
     """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Labels, at most 32, each 1 to 64 characters, unique, no control
-        characters.
+        """Labels, at most 32, each 1 to 64 characters, not blank, no control
+        characters, unique. Tags are stored NFC-normalized: two spellings of one
+        tag (NFC and NFD) are the same tag, so sending both is a duplicate.
         """
 
     @_builtins.property
@@ -232,7 +237,8 @@ class ListTasksRequest(_message.Message):
     ORDER_BY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The most tasks to return: 0 means 50, more than 200 means 200, negative
-    is INVALID_ARGUMENT.
+    is INVALID_ARGUMENT. A full page of the largest tasks is about 3.7 MB,
+    within a default client's 4 MiB.
     """
     page_token: _builtins.str
     """The next_page_token of a previous call with the same filter and order_by."""
@@ -308,9 +314,10 @@ class UpdateTaskRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """The fields to change, among title, description, priority, state,
-        assignee and tags. Unset: the fields populated in `task`. "*": every
-        mutable field. Output-only paths are ignored; unknown paths are
-        INVALID_ARGUMENT.
+        assignee and tags. Unset or empty: the fields populated in `task`. "*":
+        every mutable field. Output-only paths (name, create_time, update_time,
+        etag) are ignored, so a mask of only those leaves nothing to update and
+        is INVALID_ARGUMENT, as are unknown paths and a mask of more than 16.
         """
 
     def __init__(

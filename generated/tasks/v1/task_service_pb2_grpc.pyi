@@ -31,10 +31,14 @@ class TaskServiceStub:
     """TaskService manages tasks: units of work with a title, a priority, a
     lifecycle state, an optional assignee and free-form tags.
 
-    Errors use canonical gRPC codes. Every error carries a google.rpc.Status
-    with a google.rpc.ErrorInfo (domain "taskservice", an UPPER_SNAKE_CASE
-    reason); INVALID_ARGUMENT also carries a google.rpc.BadRequest whose field
-    violations name the offending field path.
+    Errors use canonical gRPC codes. Every error TaskService returns carries a
+    google.rpc.Status with a google.rpc.ErrorInfo (domain "taskservice", an
+    UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest whose field violations name the offending field
+    paths (the first 10; ErrorInfo.metadata["violation_count"] counts them
+    all when there are more). Errors that gRPC itself produces before a call
+    reaches the service carry no details: a request message over 64 KiB
+    (RESOURCE_EXHAUSTED) and a deadline that expired in transit.
     """
 
     @_typing.overload
@@ -62,6 +66,17 @@ class TaskServiceStub:
     BatchCreateTasks: _grpc.StreamUnaryMultiCallable[_task_service_pb2.CreateTaskRequest, _task_service_pb2.BatchCreateTasksResponse]
     """Creates up to 500 tasks from a client stream, atomically: either every
     task is created, in stream order, or none is.
+
+    Limits, each refused with INVALID_ARGUMENT before anything is written:
+    at most 500 messages (reason BATCH_TOO_LARGE), and the returned tasks
+    may total at most 3 MiB, 3145728 bytes, so that the response fits the
+    4 MiB every gRPC client accepts by default (reason
+    BATCH_RESPONSE_TOO_LARGE; metadata limit_bytes and size_bytes). A stream
+    silent for 10 s, or longer than 60 s in all, is ended with
+    DEADLINE_EXCEEDED (STREAM_IDLE, STREAM_TOO_SLOW) and nothing is written.
+
+    A call cancelled before its commit starts writes nothing; a cancel that
+    races the commit may still commit, which is why retries carry request_id.
     """
 
 @_typing.type_check_only
@@ -69,10 +84,14 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """TaskService manages tasks: units of work with a title, a priority, a
     lifecycle state, an optional assignee and free-form tags.
 
-    Errors use canonical gRPC codes. Every error carries a google.rpc.Status
-    with a google.rpc.ErrorInfo (domain "taskservice", an UPPER_SNAKE_CASE
-    reason); INVALID_ARGUMENT also carries a google.rpc.BadRequest whose field
-    violations name the offending field path.
+    Errors use canonical gRPC codes. Every error TaskService returns carries a
+    google.rpc.Status with a google.rpc.ErrorInfo (domain "taskservice", an
+    UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest whose field violations name the offending field
+    paths (the first 10; ErrorInfo.metadata["violation_count"] counts them
+    all when there are more). Errors that gRPC itself produces before a call
+    reaches the service carry no details: a request message over 64 KiB
+    (RESOURCE_EXHAUSTED) and a deadline that expired in transit.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -97,16 +116,31 @@ class TaskServiceAsyncStub(TaskServiceStub):
     BatchCreateTasks: _aio.StreamUnaryMultiCallable[_task_service_pb2.CreateTaskRequest, _task_service_pb2.BatchCreateTasksResponse]  # type: ignore[assignment]
     """Creates up to 500 tasks from a client stream, atomically: either every
     task is created, in stream order, or none is.
+
+    Limits, each refused with INVALID_ARGUMENT before anything is written:
+    at most 500 messages (reason BATCH_TOO_LARGE), and the returned tasks
+    may total at most 3 MiB, 3145728 bytes, so that the response fits the
+    4 MiB every gRPC client accepts by default (reason
+    BATCH_RESPONSE_TOO_LARGE; metadata limit_bytes and size_bytes). A stream
+    silent for 10 s, or longer than 60 s in all, is ended with
+    DEADLINE_EXCEEDED (STREAM_IDLE, STREAM_TOO_SLOW) and nothing is written.
+
+    A call cancelled before its commit starts writes nothing; a cancel that
+    races the commit may still commit, which is why retries carry request_id.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService manages tasks: units of work with a title, a priority, a
     lifecycle state, an optional assignee and free-form tags.
 
-    Errors use canonical gRPC codes. Every error carries a google.rpc.Status
-    with a google.rpc.ErrorInfo (domain "taskservice", an UPPER_SNAKE_CASE
-    reason); INVALID_ARGUMENT also carries a google.rpc.BadRequest whose field
-    violations name the offending field path.
+    Errors use canonical gRPC codes. Every error TaskService returns carries a
+    google.rpc.Status with a google.rpc.ErrorInfo (domain "taskservice", an
+    UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest whose field violations name the offending field
+    paths (the first 10; ErrorInfo.metadata["violation_count"] counts them
+    all when there are more). Errors that gRPC itself produces before a call
+    reaches the service carry no details: a request message over 64 KiB
+    (RESOURCE_EXHAUSTED) and a deadline that expired in transit.
     """
 
     @_abc_1.abstractmethod
@@ -165,6 +199,17 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_task_service_pb2.BatchCreateTasksResponse, _abc.Awaitable[_task_service_pb2.BatchCreateTasksResponse]]:
         """Creates up to 500 tasks from a client stream, atomically: either every
         task is created, in stream order, or none is.
+
+        Limits, each refused with INVALID_ARGUMENT before anything is written:
+        at most 500 messages (reason BATCH_TOO_LARGE), and the returned tasks
+        may total at most 3 MiB, 3145728 bytes, so that the response fits the
+        4 MiB every gRPC client accepts by default (reason
+        BATCH_RESPONSE_TOO_LARGE; metadata limit_bytes and size_bytes). A stream
+        silent for 10 s, or longer than 60 s in all, is ended with
+        DEADLINE_EXCEEDED (STREAM_IDLE, STREAM_TOO_SLOW) and nothing is written.
+
+        A call cancelled before its commit starts writes nothing; a cancel that
+        races the commit may still commit, which is why retries carry request_id.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
