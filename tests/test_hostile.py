@@ -172,7 +172,13 @@ async def test_many_bad_mask_paths_get_a_small_status(running: Running, paths: i
     message = (err.details() or "").encode()
     raw = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
     assert isinstance(raw, bytes)
-    record("bad_mask_status", paths=paths, message_bytes=len(message), details_bytes=len(raw))
+    record(
+        "bad_mask_status",
+        store=running.server.store.kind,
+        paths=paths,
+        message_bytes=len(message),
+        details_bytes=len(raw),
+    )
     assert len(message) <= 1024 and len(raw) <= 8192
     details = details_of(err)
     assert details.fields[0].startswith("update_mask")
