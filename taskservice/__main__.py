@@ -1,42 +1,110 @@
-"""Entry point: `python -m taskservice` serves until SIGTERM or SIGINT.
+"""Entry point: `python -m taskservice` (or `taskservice`) serves until SIGTERM
+or SIGINT.
 
-Bad configuration prints one line and exits 2; a clean shutdown exits 0.
+--help lists every setting with its environment variable and default, and
+exits without binding; --version prints the version; --port, --store and
+--sqlite-path override their environment variables. Whatever stops the
+server from starting (a bad setting, a busy port, no Google credentials for
+the Firestore store) prints one line that says what to do and exits 2: no
+traceback, no gRPC core log. A clean shutdown exits 0.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
-from taskservice import jsonlog
-from taskservice.config import ConfigError, load
+from taskservice import __version__, jsonlog
+from taskservice.config import FLAGS, Config, ConfigError, load, settings_help
 
 log = logging.getLogger("taskservice")
 
+NO_CREDENTIALS = (
+    "no Google credentials for the Firestore store: run `gcloud auth application-default"
+    " login` (in a container: mount a key and set GOOGLE_APPLICATION_CREDENTIALS), or set"
+    " FIRESTORE_EMULATOR_HOST=host:port to use the emulator, or use the SQLite store"
+    " (--store sqlite, or TASKSERVICE_STORE=sqlite)"
+)
 
-async def serve() -> None:
+
+class StartupError(Exception):
+    """The server cannot start; the message is one line that says what to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"taskservice: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="taskservice",
+        description="Serves tasks.v1.TaskService (gRPC over h2c) until SIGTERM or SIGINT.",
+        epilog="settings (environment variables; every value is checked at start, and a bad"
+        " one stops the server with one line and exit status 2):\n" + settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"taskservice {__version__}")
+    parser.add_argument("--port", metavar="N", help="listen port (overrides PORT)")
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "firestore"),
+        help="the store (overrides TASKSERVICE_STORE)",
+    )
+    parser.add_argument(
+        "--sqlite-path", metavar="PATH", help="the SQLite file (overrides TASKSERVICE_SQLITE_PATH)"
+    )
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    found = {}
+    for flag, env in FLAGS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            found[env] = value
+    return found
+
+
+async def serve(config: Config) -> None:
     from taskservice.server import TaskServer, wait_for_stop_signal
 
-    config = load(os.environ)
-    server = TaskServer(config)
-    await server.start()
+    try:
+        server = TaskServer(config)
+    except ConfigError as err:
+        raise StartupError(str(err)) from None
+    except Exception as err:
+        if type(err).__name__ == "DefaultCredentialsError":  # google.auth, imported lazily
+            raise StartupError(NO_CREDENTIALS) from None
+        raise
+    try:
+        await server.start()
+    except OSError as err:
+        await server.store.close()
+        raise StartupError(str(err)) from None
     await wait_for_stop_signal()
     log.info("shutdown requested; draining for up to %.0f s", config.grace_seconds)
     await server.stop()
 
 
-def main() -> int:
-    jsonlog.configure()
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        asyncio.run(serve())
+        config = load(os.environ, _overrides(args))
     except ConfigError as err:
         print(f"taskservice: configuration error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
+    jsonlog.configure(config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except StartupError as err:
         print(f"taskservice: cannot start: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

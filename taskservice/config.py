@@ -1,6 +1,12 @@
-"""Settings from the environment, read and validated once at start.
+"""Settings: the one reader of the environment, validated once at start.
 
-Bad configuration raises ConfigError, whose message is one line fit to print.
+SETTINGS lists every setting: its environment variable, the command-line flag
+that overrides it (a few have one), its default and what it means; `load`
+reads them all into a frozen Config, and `python -m taskservice --help` prints
+the same table. Bad configuration raises ConfigError, whose message is one
+line that says what to do. A variable that is set but empty is an error (say
+what you mean: unset it for the default), except the ones that platforms set
+(GOOGLE_CLOUD_PROJECT, GCP_PROJECT, FIRESTORE_EMULATOR_HOST, K_SERVICE).
 """
 
 from __future__ import annotations
@@ -11,12 +17,96 @@ from dataclasses import dataclass
 
 _COLLECTION = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _PROJECT = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]|demo-[a-z0-9-]{1,60}")
+_HOST_PORT = re.compile(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}")
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class ConfigError(ValueError):
-    """A setting is missing or malformed."""
+    """A setting is missing or malformed; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    env: str
+    default: str  # as shown in --help
+    meaning: str
+    flag: str | None = None
+    platform: bool = False  # set by a platform: empty means unset
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("PORT", "8080", "listen port, on every interface", flag="--port"),
+    Setting(
+        "TASKSERVICE_STORE",
+        "sqlite; firestore when K_SERVICE, GOOGLE_CLOUD_PROJECT, GCP_PROJECT or"
+        " FIRESTORE_EMULATOR_HOST is set",
+        "the store: sqlite or firestore",
+        flag="--store",
+    ),
+    Setting(
+        "TASKSERVICE_SQLITE_PATH",
+        "./tasks.db",
+        "the SQLite file (WAL mode; its directory is created)",
+        flag="--sqlite-path",
+    ),
+    Setting(
+        "GOOGLE_CLOUD_PROJECT",
+        "from credentials; demo-taskservice on the emulator",
+        "the Firestore project (GCP_PROJECT also works)",
+        platform=True,
+    ),
+    Setting("FIRESTORE_DATABASE", "(default)", "the Firestore database id"),
+    Setting(
+        "FIRESTORE_EMULATOR_HOST",
+        "unset",
+        "host:port of a Firestore emulator to use instead of Firestore",
+        platform=True,
+    ),
+    Setting(
+        "TASKSERVICE_COLLECTION",
+        "tasks",
+        "the Firestore collection (request-id markers go to <collection>-requests)",
+    ),
+    Setting("TASKSERVICE_HOST", "[::]", "listen address"),
+    Setting("TASKSERVICE_GRACE_SECONDS", "8", "how long in-flight calls may finish after SIGTERM"),
+    Setting("LOG_LEVEL", "INFO", f"one of {', '.join(LOG_LEVELS)}; JSON lines on stderr"),
+    Setting("TASKSERVICE_AUTH", "none", "none, or google-id-token: verify callers' ID tokens"),
+    Setting("TASKSERVICE_AUDIENCE", "unset", "the audience ID tokens must carry (with auth)"),
+    Setting("TASKSERVICE_ALLOWED_CALLERS", "unset", "comma-separated caller emails (with auth)"),
+    Setting(
+        "TASKSERVICE_CERTS_URL", GOOGLE_CERTS_URL, "where token-signing certificates come from"
+    ),
+    Setting("TASKSERVICE_REFLECTION", "on", "off removes server reflection"),
+    Setting(
+        "TASKSERVICE_STREAM_IDLE_SECONDS",
+        "10",
+        "a BatchCreateTasks stream silent this long is ended, nothing written",
+    ),
+    Setting(
+        "TASKSERVICE_STREAM_MAX_SECONDS",
+        "60",
+        "a BatchCreateTasks stream longer than this is ended, nothing written",
+    ),
+    Setting(
+        "TASKSERVICE_MAX_CONCURRENT_RPCS",
+        "1000",
+        "TaskService calls in flight; beyond, RESOURCE_EXHAUSTED",
+    ),
+    Setting(
+        "TASKSERVICE_MAX_TOOL_STREAMS",
+        "100",
+        "open health Watch and reflection streams; beyond, RESOURCE_EXHAUSTED",
+    ),
+    Setting(
+        "TASKSERVICE_TOOL_STREAM_IDLE_SECONDS",
+        "300",
+        "such a stream without a message this long is ended",
+    ),
+    Setting("K_SERVICE", "unset", "set by Cloud Run; selects the Firestore store", platform=True),
+)
+FLAGS = {s.flag: s.env for s in SETTINGS if s.flag}
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +117,10 @@ class Config:
     sqlite_path: str = "./tasks.db"
     project: str = ""  # Firestore project; "" = discover from credentials
     firestore_database: str = "(default)"
+    firestore_emulator_host: str = ""  # "" = the real Firestore
     collection: str = "tasks"
     grace_seconds: float = 8.0  # in-flight calls get this long after SIGTERM
+    log_level: str = "INFO"
     auth: str = "none"  # "none" or "google-id-token"
     audience: str = ""
     allowed_callers: tuple[str, ...] = ()
@@ -58,16 +150,37 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
-def load(env: Mapping[str, str]) -> Config:
-    """Reads the settings that TaskService takes from `env` (os.environ)."""
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip().lower() or default
+    if value not in choices:
+        shown = " or ".join(repr(c) for c in choices)
+        raise ConfigError(f"{name}={value!r} must be {shown}")
+    return value
+
+
+def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Config:
+    """Reads TaskService's settings from `env` (os.environ), with `overrides`
+    (keyed by variable name: the command-line flags) taking precedence."""
+    env = {**env, **(overrides or {})}
+    for setting in SETTINGS:
+        raw = env.get(setting.env)
+        if raw is not None and not raw.strip() and not setting.platform:
+            raise ConfigError(
+                f"{setting.env} is set but empty; unset it for the default ({setting.default})"
+            )
     port = _int(env, "PORT", 8080, 0, 65535)
-    store = env.get("TASKSERVICE_STORE", "").strip().lower()
-    cloudy = any(env.get(k) for k in ("K_SERVICE", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT"))
+    cloudy = any(
+        env.get(k, "").strip() for k in ("K_SERVICE", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT")
+    )
     emulator = env.get("FIRESTORE_EMULATOR_HOST", "").strip()
-    if not store:
-        store = "firestore" if cloudy or emulator else "sqlite"
-    if store not in ("sqlite", "firestore"):
-        raise ConfigError(f"TASKSERVICE_STORE={store!r} must be 'sqlite' or 'firestore'")
+    if emulator and not _HOST_PORT.fullmatch(emulator):
+        raise ConfigError(f"FIRESTORE_EMULATOR_HOST={emulator!r} must be host:port")
+    store = _choice(
+        env,
+        "TASKSERVICE_STORE",
+        "firestore" if cloudy or emulator else "sqlite",
+        ("sqlite", "firestore"),
+    )
     project = (env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or "").strip()
     if store == "firestore" and not project and emulator:
         project = DEFAULT_EMULATOR_PROJECT
@@ -84,9 +197,10 @@ def load(env: Mapping[str, str]) -> Config:
     sqlite_path = env.get("TASKSERVICE_SQLITE_PATH", "").strip() or "./tasks.db"
     grace = _int(env, "TASKSERVICE_GRACE_SECONDS", 8, 0, 60)
     host = env.get("TASKSERVICE_HOST", "").strip() or "[::]"
-    auth = env.get("TASKSERVICE_AUTH", "").strip().lower() or "none"
-    if auth not in ("none", "google-id-token"):
-        raise ConfigError(f"TASKSERVICE_AUTH={auth!r} must be 'none' or 'google-id-token'")
+    log_level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+    auth = _choice(env, "TASKSERVICE_AUTH", "none", ("none", "google-id-token"))
     audience = env.get("TASKSERVICE_AUDIENCE", "").strip()
     allowed = tuple(
         e.strip().lower()
@@ -106,9 +220,7 @@ def load(env: Mapping[str, str]) -> Config:
     certs_url = env.get("TASKSERVICE_CERTS_URL", "").strip() or GOOGLE_CERTS_URL
     if not certs_url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
         raise ConfigError("TASKSERVICE_CERTS_URL must be https (or http on loopback)")
-    reflection = env.get("TASKSERVICE_REFLECTION", "").strip().lower() or "on"
-    if reflection not in ("on", "off"):
-        raise ConfigError(f"TASKSERVICE_REFLECTION={reflection!r} must be 'on' or 'off'")
+    reflection = _choice(env, "TASKSERVICE_REFLECTION", "on", ("on", "off"))
     idle = _int(env, "TASKSERVICE_STREAM_IDLE_SECONDS", 10, 1, 3600)
     stream_max = _int(env, "TASKSERVICE_STREAM_MAX_SECONDS", 60, 1, 3600)
     max_rpcs = _int(env, "TASKSERVICE_MAX_CONCURRENT_RPCS", 1000, 1, 100_000)
@@ -121,8 +233,10 @@ def load(env: Mapping[str, str]) -> Config:
         sqlite_path=sqlite_path,
         project=project,
         firestore_database=database,
+        firestore_emulator_host=emulator,
         collection=collection,
         grace_seconds=float(grace),
+        log_level=log_level,
         auth=auth,
         audience=audience,
         allowed_callers=allowed,
@@ -134,3 +248,14 @@ def load(env: Mapping[str, str]) -> Config:
         max_tool_streams=max_tool_streams,
         tool_stream_idle_seconds=float(tool_idle),
     )
+
+
+def settings_help() -> str:
+    """The settings table for --help: variable, default, meaning."""
+    width = max(len(s.env) for s in SETTINGS)
+    lines = []
+    for s in SETTINGS:
+        flag = f" (or {s.flag})" if s.flag else ""
+        lines.append(f"  {s.env.ljust(width)}  {s.meaning}{flag}")
+        lines.append(f"  {' ' * width}  default: {s.default}")
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ being served as `logging.googleapis.com/trace` (projects/P/traces/T),
 `logging.googleapis.com/spanId` and `logging.googleapis.com/trace_sampled`;
 any `extra={"fields": {...}}` of the record; and for errors the stack trace
 inside `message`, where Error Reporting finds it. The level comes from
-LOG_LEVEL (default INFO).
+configuration (LOG_LEVEL, checked there).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any
@@ -137,8 +136,9 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.stream.flush()
 
 
-def configure(level: str | None = None) -> None:
-    """Sends the root logger's records to stderr as JSON lines."""
+def configure(level: str = "INFO") -> None:
+    """Sends the root logger's records to stderr as JSON lines, from `level`
+    (a name config.LOG_LEVELS allows) up."""
     # Fields the JSON lines never show: skip computing them for every record.
     # Finding the caller walks the stack on each call, and the only switch is
     # the module attribute that logging's own source documents for this
@@ -162,8 +162,7 @@ def configure(level: str | None = None) -> None:
     root.handlers[:] = [handler]
     global _handler
     _handler = handler
-    name = (level or os.environ.get("LOG_LEVEL") or "INFO").strip().upper()
-    root.setLevel(logging.getLevelNamesMapping().get(name, logging.INFO))
+    root.setLevel(logging.getLevelNamesMapping()[level.upper()])
 
 
 _handler: JsonLinesHandler | None = None  # the handler configure() installed

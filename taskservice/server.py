@@ -11,8 +11,10 @@ a grace period, then closes the store.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from typing import Any
 
 import grpc
@@ -85,8 +87,13 @@ class TaskServer:
         self._stopping = False
 
     async def start(self) -> int:
-        """Binds and starts serving; returns the bound port."""
-        self.port = self.server.add_insecure_port(self.config.address)
+        """Binds and starts serving; returns the bound port. OSError, with a
+        message that says what to do, when the address cannot be bound."""
+        check_bindable(self.config.host, self.config.port)
+        try:
+            self.port = self.server.add_insecure_port(self.config.address)
+        except RuntimeError:  # taken between the check and now
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address}")
         await self.server.start()
@@ -133,6 +140,33 @@ class TaskServer:
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.store.close()
         log.info("stopped")
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Raises OSError, saying what to do, when host:port cannot be bound (it
+    is checked with a plain socket first, so that a busy port is one clear
+    line rather than gRPC core's log and a traceback)."""
+    if port == 0:
+        return
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind((bare, port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"port {port} is already in use (another server?); stop it, or choose another"
+                " port with --port or PORT"
+            ) from None
+        if err.errno == errno.EACCES:
+            raise OSError(
+                f"no permission to listen on port {port}; use a port above 1023"
+            ) from None
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
 async def wait_for_stop_signal() -> None:

@@ -6,10 +6,11 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -42,10 +43,10 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 class Process:
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, args: Sequence[str] = ()) -> None:
         self.port = int(env["PORT"])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "taskservice"],
+            [sys.executable, "-m", "taskservice", *args],
             env=env,
             cwd=cwd,
             stdout=subprocess.PIPE,
@@ -163,34 +164,112 @@ async def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_calls(
     assert time.monotonic() - started < 9
 
 
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "taskservice", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single line a failed start prints; nothing else anywhere."""
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and ".cc:" not in result.stderr
+    return lines[0]
+
+
 @pytest.mark.parametrize(
-    ("env", "needle"),
+    ("env", "args", "needle"),
     [
-        ({"PORT": "eighty"}, "PORT"),
-        ({"PORT": "70000"}, "PORT"),
-        ({"TASKSERVICE_STORE": "mongo"}, "TASKSERVICE_STORE"),
-        ({"TASKSERVICE_COLLECTION": "a/b"}, "TASKSERVICE_COLLECTION"),
+        ({"PORT": "eighty"}, [], "PORT"),
+        ({"PORT": "70000"}, [], "PORT"),
+        ({"PORT": ""}, [], "PORT is set but empty"),
+        ({"LOG_LEVEL": "LOUD"}, [], "LOG_LEVEL='LOUD' must be one of"),
+        ({"TASKSERVICE_STORE": "mongo"}, [], "TASKSERVICE_STORE"),
+        ({}, ["--store", "mongo"], "--store"),
+        ({}, ["--port", "x"], "PORT='x' is not an integer"),
+        ({}, ["--serve-forever"], "unrecognized arguments"),
+        ({"TASKSERVICE_COLLECTION": "a/b"}, [], "TASKSERVICE_COLLECTION"),
+        ({"FIRESTORE_EMULATOR_HOST": "no port"}, [], "FIRESTORE_EMULATOR_HOST"),
         (
             {"TASKSERVICE_STORE": "firestore", "GOOGLE_CLOUD_PROJECT": "Bad_Project"},
+            [],
             "GOOGLE_CLOUD_PROJECT",
         ),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(
-    tmp_path: Path, env: dict[str, str], needle: str
+    tmp_path: Path, env: dict[str, str], args: list[str], needle: str
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "taskservice"],
-        env=_env(**env),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
+    assert needle in _one_line(_run(args, _env(**env), tmp_path))
+
+
+def test_help_lists_every_setting_and_binds_nothing(tmp_path: Path) -> None:
+    from taskservice.config import SETTINGS
+
+    with socket.socket() as holder:  # the default port, taken: --help must not care
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        for flag in ("--help", "-h"):
+            result = _run([flag], _env(PORT=str(port)), tmp_path)
+            assert result.returncode == 0 and result.stderr == ""
+            for setting in SETTINGS:
+                assert setting.env in result.stdout
+            for option in ("--port", "--store", "--sqlite-path", "--version", "default: 8080"):
+                assert option in result.stdout
+    version = _run(["--version"], _env(), tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("taskservice ")
+    assert not (tmp_path / "tasks.db").exists()
+
+
+def test_a_busy_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        line = _one_line(_run(["--port", str(port)], _env(), tmp_path))
+    assert f"port {port} is already in use" in line and "--port" in line
+
+
+def test_firestore_without_credentials_says_what_to_do(tmp_path: Path) -> None:
+    env = _env(
+        GOOGLE_CLOUD_PROJECT="my-project",
+        HOME=str(tmp_path),  # no gcloud application-default credentials
+        CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+        GCE_METADATA_HOST="127.0.0.1:9",  # no metadata server either
+        GCE_METADATA_IP="127.0.0.1:9",
     )
-    assert result.returncode == 2
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    line = _one_line(_run([], env, tmp_path))
+    assert "gcloud auth application-default login" in line
+    assert "FIRESTORE_EMULATOR_HOST" in line and "--store sqlite" in line
+
+
+async def test_flags_override_the_environment(
+    launch: list[Process], tmp_path: Path, channel_to: list[grpc.aio.Channel]
+) -> None:
+    port = free_port()
+    db = tmp_path / "flags" / "t.db"
+    env = _env(PORT=str(free_port()), TASKSERVICE_STORE="firestore")
+    p = Process(env, tmp_path, ["--port", str(port), "--store", "sqlite", "--sqlite-path", str(db)])
+    launch.append(p)
+    assert wait_for_port("127.0.0.1", port, 20)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel_to.append(channel)
+    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    await stub.CreateTask(create_request("by flags"), timeout=5)
+    p.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(p.finish, 10) == 0
+    assert db.exists() and '"store": "sqlite"' in p.output
 
 
 @pytest.mark.firestore

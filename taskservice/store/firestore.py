@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 import uuid
@@ -252,13 +251,14 @@ class FirestoreStore:
         cls, config: Config, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
     ) -> FirestoreStore:
         """One channel for the process: the emulator in plaintext when
-        FIRESTORE_EMULATOR_HOST is set, else Firestore with Google credentials."""
+        config.firestore_emulator_host is set, else Firestore with Google
+        credentials (google.auth raises DefaultCredentialsError without any)."""
         options = [
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
         ]
-        emulator = os.environ.get("FIRESTORE_EMULATOR_HOST")
+        emulator = config.firestore_emulator_host
         if emulator:
             channel = grpc.aio.insecure_channel(
                 emulator, options=options, interceptors=interceptors
@@ -281,7 +281,9 @@ class FirestoreStore:
             if not discovered:
                 from taskservice.config import ConfigError
 
-                raise ConfigError("no Firestore project: set GOOGLE_CLOUD_PROJECT")
+                raise ConfigError(
+                    "no Firestore project in the credentials: set GOOGLE_CLOUD_PROJECT"
+                )
             project = discovered
         return cls(
             channel,
