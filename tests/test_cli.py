@@ -5,11 +5,34 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from tasks.v1 import task_service_pb2 as pb
 
-from tests.conftest import Running
+from taskservice.errors import EtagMismatch
+from taskservice.store import TaskStore
+from taskservice.store.sqlite import SqliteStore
+from tests.conftest import Running, firestore_store, start_server
+from tests.helpers import create_request, stream_of
+
+
+@pytest.fixture
+async def empty(
+    store: TaskStore, request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Running]:
+    """A second, empty server over a store of the same kind as `running`'s."""
+    other: TaskStore
+    if store.kind == "sqlite":
+        other = SqliteStore(tmp_path / "empty.db")
+    else:
+        other = firestore_store(request.getfixturevalue("emulator"))
+    running = await start_server(other)
+    yield running
+    await running.channel.close()
+    await running.server.stop(grace=0)
+    await other.close()
 
 
 async def taskctl(running: Running, *args: str) -> tuple[int, str, str]:
@@ -34,7 +57,16 @@ async def test_crud_table_and_json(running: Running) -> None:
     )
     assert code == 0, err
     header, row = out.splitlines()
-    assert header.split() == ["NAME", "TITLE", "STATE", "PRIORITY", "ASSIGNEE", "TAGS", "UPDATED"]
+    assert header.split() == [
+        "NAME",
+        "TITLE",
+        "STATE",
+        "PRIORITY",
+        "ASSIGNEE",
+        "TAGS",
+        "ETAG",
+        "UPDATED",
+    ]
     assert row.startswith("runbook") and "Write runbook" in row and "HIGH" in row and "OPEN" in row
 
     code, out, _ = await taskctl(running, "--json", "get", "runbook")
@@ -67,7 +99,7 @@ async def test_crud_table_and_json(running: Running) -> None:
     assert code == 1 and "INVALID_ARGUMENT" in err and "task.title" in err
 
     code, out, _ = await taskctl(running, "--json", "list", "--filter", "state = STATE_DONE")
-    assert [json.loads(line)["name"] for line in out.splitlines()] == ["tasks/runbook"]
+    assert [t["name"] for t in json.loads(out)["tasks"]] == ["tasks/runbook"]
 
     code, out, _ = await taskctl(running, "delete", "runbook")
     assert code == 0 and "deleted tasks/runbook" in out
@@ -75,7 +107,95 @@ async def test_crud_table_and_json(running: Running) -> None:
     assert code == 1 and "NOT_FOUND" in err
 
 
-async def test_import_reports_bad_lines_and_keeps_chunks_atomic(
+async def test_global_flags_go_before_or_after_the_subcommand(running: Running) -> None:
+    await running.stub.CreateTask(create_request("t", task_id="flags"))
+    for args in (
+        ("--json", "get", "flags"),
+        ("get", "flags", "--json"),
+        ("get", "--json", "flags", "--timeout", "5"),
+    ):
+        code, out, err = await taskctl(running, *args)
+        assert code == 0, err
+        assert json.loads(out)["name"] == "tasks/flags"
+    # --target after the subcommand wins over the one taskctl() puts first.
+    code, _, err = await taskctl(
+        running, "get", "flags", "--target", "127.0.0.1:1", "--timeout", "1"
+    )
+    assert code == 1 and ("UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err)
+
+
+async def test_the_table_shows_the_etag_and_field_prints_one(running: Running) -> None:
+    task = await running.stub.CreateTask(create_request("t", task_id="etagged"))
+    code, out, _ = await taskctl(running, "get", "etagged")
+    assert code == 0 and task.etag in out.splitlines()[1].split()
+    code, out, _ = await taskctl(running, "get", "etagged", "--field", "etag")
+    assert code == 0 and out == task.etag + "\n"
+
+
+async def test_json_list_keeps_the_page_token_and_all_pages_through(running: Running) -> None:
+    await running.stub.BatchCreateTasks(stream_of([create_request(f"t{i}") for i in range(5)]))
+    code, out, _ = await taskctl(running, "--json", "list", "--page-size", "2")
+    first = json.loads(out)
+    assert code == 0 and len(first["tasks"]) == 2 and first["next_page_token"]
+    code, out, _ = await taskctl(
+        running, "--json", "list", "--page-size", "2", "--page-token", first["next_page_token"]
+    )
+    second = json.loads(out)
+    assert {t["name"] for t in second["tasks"]}.isdisjoint(t["name"] for t in first["tasks"])
+    code, out, _ = await taskctl(running, "--json", "list", "--all", "--page-size", "2")
+    every = json.loads(out)
+    assert len(every["tasks"]) == 5 and every["next_page_token"] == ""
+
+
+async def test_a_closed_pipe_ends_quietly(running: Running) -> None:
+    await running.stub.BatchCreateTasks(
+        stream_of([create_request(f"t{i}", description="d" * 500) for i in range(400)])
+    )
+    proc = await asyncio.create_subprocess_shell(
+        f"{sys.executable} -m taskservice.cli --target {running.target} export | head -1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert len(out.decode().splitlines()) == 1
+    assert err.decode() == "", err.decode()
+
+
+async def test_update_if_unchanged_reads_the_etag_and_updates_that_version(
+    running: Running,
+) -> None:
+    await running.stub.CreateTask(create_request("t", task_id="guarded"))
+    code, out, err = await taskctl(
+        running, "--json", "update", "guarded", "--state", "done", "--if-unchanged"
+    )
+    assert code == 0, err
+    assert json.loads(out)["state"] == "STATE_DONE"
+
+
+class RacedStore(SqliteStore):
+    """A real store in which someone else always writes the task first."""
+
+    async def update(self, task_id, patch, expected_version, timeout):  # type: ignore[no-untyped-def]
+        if expected_version is not None:
+            raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
+        return await super().update(task_id, patch, expected_version, timeout)
+
+
+async def test_update_if_unchanged_says_clearly_when_the_task_changed(tmp_path: Path) -> None:
+    raced = await start_server(RacedStore(tmp_path / "t.db"))
+    try:
+        await raced.stub.CreateTask(create_request("t", task_id="raced"))
+        code, out, err = await taskctl(raced, "update", "raced", "--title", "x", "--if-unchanged")
+        assert code == 1 and out == ""
+        assert "was changed by someone else" in err and "nothing was changed" in err
+        assert (await raced.stub.GetTask(pb.GetTaskRequest(name="tasks/raced"))).title == "t"
+    finally:
+        await raced.channel.close()
+        await raced.server.stop(grace=0)
+
+
+async def test_import_reports_created_present_and_failed_with_line_numbers(
     running: Running, tmp_path: Path
 ) -> None:
     lines = [json.dumps({"title": f"task {i}", "tags": ["imported"]}) for i in range(1, 1204)]
@@ -85,26 +205,95 @@ async def test_import_reports_bad_lines_and_keeps_chunks_atomic(
     path.write_text("\n".join(lines) + "\n")
     code, _, err = await taskctl(running, "import", str(path))
     assert code == 1
-    assert "line 700:" in err and "line 1100" in err and "task.title" in err
-    assert "nothing from lines 501-1000 was written" in err
-    assert "nothing from lines 1001-1203 was written" in err
-    assert "imported 500 tasks; 703 lines not written" in err
-    listed = await running.stub.ListTasks(
-        pb.ListTasksRequest(page_size=200, filter='tags:"imported"')
-    )
-    assert len(listed.tasks) == 200 and listed.next_page_token
+    assert "line 700: not a task" in err
+    assert "line 1100: INVALID_ARGUMENT" in err and "task.title" in err
+    assert "created 1201, already present 0, failed 2 (lines 700, 1100)" in err
 
-    # Fix the file and import again: the first 500 are not created twice.
+    # Fix the file and import again: only the two fixed lines are new.
     lines[699] = json.dumps({"title": "task 700", "tags": ["imported"]})
     lines[1099] = json.dumps({"title": "task 1100", "tags": ["imported"]})
     path.write_text("\n".join(lines) + "\n")
     code, _, err = await taskctl(running, "import", str(path))
     assert code == 0, err
+    assert "created 2, already present 1201, failed 0" in err
     code, out, _ = await taskctl(running, "export", "--filter", 'tags:"imported"')
     titles = [json.loads(line)["title"] for line in out.splitlines()]
     assert sorted(titles) == sorted(f"task {i}" for i in range(1, 1204))
 
-    code, _, err = await taskctl(running, "import", str(path))
-    assert code == 0 and "imported 1203 tasks" in err  # the existing tasks, returned again
-    code, out, _ = await taskctl(running, "export", "--filter", 'tags:"imported"')
-    assert len(out.splitlines()) == 1203
+
+def _comparable(export: str) -> list[dict[str, object]]:
+    """An export without what a restore makes new: etags and times."""
+    tasks = [json.loads(line) for line in export.splitlines()]
+    for t in tasks:
+        for key in ("etag", "create_time", "update_time"):
+            t.pop(key)
+    return sorted(tasks, key=lambda t: str(t["name"]))
+
+
+async def test_export_then_import_is_an_exact_round_trip(
+    running: Running, tmp_path: Path, empty: Running
+) -> None:
+    """Into an empty store: the same ids, states and fields. Again: nothing
+    created, nothing changed. After an interrupted run: finished, no duplicate."""
+    states = [pb.Task.STATE_OPEN, pb.Task.STATE_IN_PROGRESS, pb.Task.STATE_DONE, 4]
+    made = [
+        task
+        for chunk in range(0, 620, 310)
+        for task in (
+            await running.stub.BatchCreateTasks(
+                stream_of(
+                    [
+                        create_request(
+                            f"task {i}",
+                            description=f"line one\nline {i}" if i % 3 else "",
+                            priority=1 + i % 4,
+                            tags=[f"t{i % 5}", "café"] if i % 2 else [],
+                            **({"assignee": f"p{i}@example.com"} if i % 4 else {}),
+                            task_id=f"kept-{i}" if i % 7 == 0 else "",
+                        )
+                        for i in range(chunk, chunk + 310)
+                    ]
+                )
+            )
+        ).tasks
+    ]
+    for i, task in enumerate(made):
+        if states[i % 4] != pb.Task.STATE_OPEN:
+            await running.stub.UpdateTask(
+                pb.UpdateTaskRequest(task=pb.Task(name=task.name, state=states[i % 4]))
+            )
+    code, exported, _ = await taskctl(running, "export")
+    assert code == 0 and len(exported.splitlines()) == 620
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(exported)
+
+    # Interrupted: an earlier run created the first 100 (as import does) and
+    # stopped before it gave them their states.
+    first = [json.loads(line) for line in exported.splitlines()[:100]]
+    await empty.stub.BatchCreateTasks(
+        stream_of(
+            [
+                pb.CreateTaskRequest(
+                    task=pb.Task(
+                        title=t["title"],
+                        description=t["description"],
+                        priority=t["priority"],
+                        tags=t["tags"],
+                        **({"assignee": t["assignee"]} if "assignee" in t else {}),
+                    ),
+                    task_id=t["name"].removeprefix("tasks/"),
+                )
+                for t in first
+            ]
+        )
+    )
+    code, _, err = await taskctl(empty, "import", str(path))
+    assert code == 0, err
+    assert "created 520, already present 100" in err and "failed 0" in err
+    code, restored, _ = await taskctl(empty, "export")
+    assert _comparable(restored) == _comparable(exported)
+
+    code, _, err = await taskctl(empty, "import", str(path))
+    assert code == 0 and "created 0, already present 620, failed 0" in err
+    code, again, _ = await taskctl(empty, "export")
+    assert sorted(again.splitlines()) == sorted(restored.splitlines())  # etags too: unchanged
