@@ -24,7 +24,8 @@ root=$(dirname "$here")
 project="" region="" image="" build=0 service="taskservice" database="(default)" dry_run=0
 invokers=()
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+# The header comment above, up to the first line that is not a comment.
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --project) project=${2:?}; shift 2 ;;
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
     --database) database=${2:?}; shift 2 ;;
     --invoker) invokers+=("${2:?}"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     *) echo "deploy.sh: unknown argument $1" >&2; usage ;;
   esac
 done

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Emulator, free_port
+from tests.conftest import Emulator, free_port, loud_skip
+from tests.readme_blocks import readme_blocks, run_block
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,15 +37,15 @@ def _tool(name: str) -> str:
 @pytest.fixture(scope="module")
 def container_env() -> dict[str, str]:
     if not BASE_TOOL.is_file():
-        pytest.skip(
-            f"CONTAINER TEST SKIPPED: {BASE_TOOL} (local python:3.11-slim stand-in) is absent"
+        loud_skip(
+            f"CONTAINER TESTS SKIPPED: {BASE_TOOL} (local python:3.11-slim stand-in) is absent"
         )
     prepared = subprocess.run(
         ["bash", str(BASE_TOOL)], capture_output=True, text=True, timeout=1200
     )
     if prepared.returncode != 0:
         last = (prepared.stderr.strip().splitlines() or ["?"])[-1]
-        pytest.skip(f"CONTAINER TEST SKIPPED: cannot prepare podman/buildah here: {last}")
+        loud_skip(f"CONTAINER TESTS SKIPPED: cannot prepare podman/buildah here: {last}")
     env = dict(__import__("os").environ)
     for line in prepared.stdout.splitlines():
         if line.startswith("export "):
@@ -52,7 +53,7 @@ def container_env() -> dict[str, str]:
             env[key] = value
     info = subprocess.run(["podman", "info"], env=env, capture_output=True, text=True)
     if info.returncode != 0:
-        pytest.skip(f"CONTAINER TEST SKIPPED: podman cannot run here: {info.stderr.strip()[-200:]}")
+        loud_skip(f"CONTAINER TESTS SKIPPED: podman cannot run here: {info.stderr.strip()[-200:]}")
     return env
 
 
@@ -71,8 +72,10 @@ def _inspect(env: dict[str, str], kind: str, template: str, name: str) -> str:
 def image(container_env: dict[str, str]) -> Iterator[str]:
     tag = f"localhost/taskservice:smoke-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
+    # podman build keeps its layers, so the README's own `docker build` (run
+    # below with podman) reuses them instead of building everything again.
     build = subprocess.run(
-        ["buildah", "bud", "--isolation", "chroot", "--pull=never", "-t", tag, str(ROOT)],
+        ["podman", "build", "--pull=never", "-t", tag, str(ROOT)],
         env=container_env,
         capture_output=True,
         text=True,
@@ -171,3 +174,71 @@ def test_image_serves_and_stops_cleanly(
         assert '"store": "firestore"' in logs and "stopped" in logs
     finally:
         subprocess.run(["podman", "rm", "-f", name], env=env, capture_output=True)
+
+
+def _readme_block_runs(
+    container_env: dict[str, str], kind: str, tmp_path: Path, emulator: str | None = None
+) -> None:
+    """A README container example, as written, with podman standing in for
+    docker where docker cannot run (README: `alias docker=podman`)."""
+    [block] = readme_blocks(kind)
+    docker_works = (
+        shutil.which("docker") is not None
+        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    )
+    prelude = "" if docker_works else 'docker() { podman "$@"; }\n'
+    names = ("taskservice", "taskservice-fs")
+    runtime = "docker" if docker_works else "podman"
+    for name in names:
+        subprocess.run([runtime, "rm", "-f", name], env=container_env, capture_output=True)
+    try:
+        result = run_block(
+            block,
+            port=free_port(),
+            cwd=ROOT,
+            emulator=emulator,
+            prelude=prelude,
+            env=container_env,
+            timeout=600,
+        )
+        assert result.returncode == 0, (
+            f"README.md line {block.line} failed:\n{block.text}\n"
+            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+        )
+    finally:
+        for name in names:
+            subprocess.run([runtime, "rm", "-f", name], env=container_env, capture_output=True)
+        subprocess.run(
+            [runtime, "volume", "rm", "-f", "taskservice-data"],
+            env=container_env,
+            capture_output=True,
+        )
+
+
+def test_the_readme_sqlite_container_example_works(
+    container_env: dict[str, str], image: str, tmp_path: Path
+) -> None:
+    _readme_block_runs(container_env, "container", tmp_path)
+
+
+def test_the_readme_emulator_container_example_works(
+    container_env: dict[str, str], image: str, tmp_path: Path, emulator: Emulator
+) -> None:
+    _readme_block_runs(container_env, "container-emulator", tmp_path, emulator.host)
+
+
+def test_the_image_without_credentials_says_what_to_do(
+    container_env: dict[str, str], image: str
+) -> None:
+    """README before: a 30-line traceback ending in DefaultCredentialsError."""
+    result = subprocess.run(
+        ["podman", "run", "--rm", "-e", "GOOGLE_CLOUD_PROJECT=my-project", image],
+        env=container_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in lines[0] and "TASKSERVICE_STORE=sqlite" in lines[0]

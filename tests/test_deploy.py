@@ -128,3 +128,13 @@ def test_dockerfile_is_hadolint_clean() -> None:
         [_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_help_prints_the_usage_and_nothing_else() -> None:
+    result = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "deploy.sh"), "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("Deploys TaskService to Cloud Run")
+    assert "--dry-run prints the plan" in result.stdout
+    assert "set -euo" not in result.stdout and "#" not in result.stdout
