@@ -30,17 +30,23 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
 from bench.echo import TASK as ECHO_TASK
-from tests.support import CallCounter, emulator_jar, free_port, launch_emulator, wait_for_port
+from harness import (
+    CallCounter,
+    ServerProcess,
+    emulator_jar,
+    free_port,
+    launch_emulator,
+    server_env,
+    wait_for_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -50,93 +56,22 @@ SERVICE = "/tasks.v1.TaskService/"
 # -- processes ----------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def _env(**extra: str) -> dict[str, str]:
+def start_taskservice(store: str, workdir: Path, emulator: str | None) -> ServerProcess:
+    """TaskService as in production: its own process, access lines at INFO."""
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("FIRESTORE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "K_SERVICE")
+        "LOG_LEVEL": "INFO",
+        "TASKSERVICE_STORE": store,
+        "TASKSERVICE_SQLITE_PATH": str(workdir / f"bench-{uuid.uuid4().hex[:6]}.db"),
     }
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
-
-
-def start_taskservice(store: str, workdir: Path, emulator: str | None) -> Server:
-    port = free_port()
-    env = _env(
-        PORT=str(port),
-        TASKSERVICE_HOST="127.0.0.1",
-        TASKSERVICE_STORE=store,
-        TASKSERVICE_SQLITE_PATH=str(workdir / f"bench-{uuid.uuid4().hex[:6]}.db"),
-    )
     if store == "firestore":
         assert emulator
         env.update(
             FIRESTORE_EMULATOR_HOST=emulator,
             GOOGLE_CLOUD_PROJECT=f"demo-bench-{uuid.uuid4().hex[:8]}",
         )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "taskservice"],
-        env=env,
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = Server(proc, port)
-    wait_serving(server.target, 30)
+    server = ServerProcess(env, workdir, wait=False, keep_output=False)
+    server.wait_serving(30)
     return server
-
-
-# A channel's first connection attempt fails while the server is still
-# starting, and grpc then backs off for ~1 s (±20%) before it tries again:
-# that, not the server, made up most of the cold start measured with default
-# options. Retry every 10 ms instead.
-_FAST_RECONNECT = [
-    ("grpc.initial_reconnect_backoff_ms", 10),
-    ("grpc.min_reconnect_backoff_ms", 10),
-    ("grpc.max_reconnect_backoff_ms", 10),
-]
-
-
-def wait_serving(target: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target, options=_FAST_RECONNECT) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.01)
-    raise TimeoutError(f"{target} never became SERVING")
 
 
 # -- load -----------------------------------------------------------------------
@@ -148,7 +83,7 @@ GET_TARGET = pb.Task(title="bench get", description="x" * 50, tags=["ops", "docs
 CREATE = pb.CreateTaskRequest(task=pb.Task(title="created by h2load", tags=["b"]))
 
 
-def create_get_target(server: Server, task_id: str = "") -> pb.Task:
+def create_get_target(server: ServerProcess, task_id: str = "") -> pb.Task:
     """Creates the task the GetTask runs read."""
     with grpc.insecure_channel(server.target) as channel:
         stub = task_service_pb2_grpc.TaskServiceStub(channel)
@@ -161,7 +96,7 @@ def grpc_frame(message: Any) -> bytes:
 
 
 def h2load(
-    server: Server,
+    server: ServerProcess,
     method: str,
     request: Any,
     inflight: int,
@@ -243,7 +178,9 @@ def h2load(
     }
 
 
-async def python_load(server: Server, make_call: Any, inflight: int, calls: int) -> dict[str, Any]:
+async def python_load(
+    server: ServerProcess, make_call: Any, inflight: int, calls: int
+) -> dict[str, Any]:
     """Calls from a grpc.aio client (for streams and per-call distinct requests)."""
     channel = grpc.aio.insecure_channel(server.target)
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
@@ -404,17 +341,9 @@ async def bench_store(
     return out
 
 
-def start_echo() -> Server:
+def start_echo() -> ServerProcess:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.echo", str(port)],
-        env=_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    assert wait_for_port("127.0.0.1", port, 20)
-    return Server(proc, port)
+    return ServerProcess(port=port, module="bench.echo", args=[str(port)], keep_output=False)
 
 
 def interleaved_ratios(workdir: Path, quick: bool) -> dict[str, Any]:
@@ -486,7 +415,9 @@ def bench_direct(
     out = {}
     seconds = seconds or ("4" if quick else "10")
     for op in ("get", "set", "query20"):
-        env = _env(FIRESTORE_EMULATOR_HOST=emulator, GOOGLE_CLOUD_PROJECT=f"demo-direct-{op}")
+        env = server_env(
+            {"FIRESTORE_EMULATOR_HOST": emulator, "GOOGLE_CLOUD_PROJECT": f"demo-direct-{op}"}
+        )
         result = subprocess.run(
             [sys.executable, "-m", "bench.firestore_direct", op, "64", seconds],
             env=env,
@@ -606,7 +537,7 @@ def cold_starts(workdir: Path, emulator: str | None) -> dict[str, Any]:
             float(
                 subprocess.run(
                     [sys.executable, "-c", code],
-                    env=_env(),
+                    env=server_env(),
                     cwd=ROOT,
                     capture_output=True,
                     text=True,

@@ -1,13 +1,26 @@
-"""Small helpers for tests: building requests and reading error details."""
+"""Small helpers for tests: building requests, reading error details, and
+skipping a whole suite loudly."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from tasks.v1 import task_service_pb2 as pb
+
+LOUD_SKIPS: list[str] = []
+
+
+def loud_skip(reason: str) -> NoReturn:
+    """Skips, and repeats the reason in a red banner at the end of the run:
+    for whole suites (Firestore, Node interop, containers) that did not run."""
+    if reason not in LOUD_SKIPS:
+        LOUD_SKIPS.append(reason)
+    pytest.skip(reason)
 
 
 @dataclass
@@ -22,12 +35,8 @@ class ErrorDetails:
 
 def details_of(err: grpc.aio.AioRpcError) -> ErrorDetails:
     """The google.rpc.Status details an error carries (ErrorInfo is required)."""
-    raw = None
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            raw = value
-    assert raw is not None, f"no google.rpc.Status details on {err.code()}: {err.details()}"
-    status = status_pb2.Status.FromString(raw)
+    status = rpc_status.from_call(err)
+    assert status is not None, f"no google.rpc.Status details on {err.code()}: {err.details()}"
     assert status.code == err.code().value[0]
     info = None
     fields: list[str] = []

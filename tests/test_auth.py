@@ -24,9 +24,9 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 
+from harness import Running, start_server
 from taskservice.config import Config, ConfigError, load
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import Running, start_server
 from tests.helpers import create_request, expect_error, stream_of
 
 AUDIENCE = "https://taskservice-abc-ew.a.run.app"

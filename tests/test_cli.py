@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from tasks.v1 import task_service_pb2 as pb
 
+from harness import Running, firestore_store, start_server
 from taskservice.errors import EtagMismatch
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import Running, firestore_store, start_server
 from tests.helpers import create_request, stream_of
 
 
@@ -27,7 +27,7 @@ async def empty(
     if store.kind == "sqlite":
         other = SqliteStore(tmp_path / "empty.db")
     else:
-        other = firestore_store(request.getfixturevalue("emulator"))
+        other = firestore_store(request.getfixturevalue("emulator").host)
     running = await start_server(other)
     yield running
     await running.channel.close()

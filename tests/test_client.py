@@ -11,12 +11,12 @@ import grpc
 import pytest
 from tasks.v1 import task_service_pb2 as pb
 
+from harness import free_port
 from taskservice import client as client_module
 from taskservice.client import connect, parse_target
 from taskservice.config import Config
 from taskservice.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import free_port
 from tests.helpers import create_request
 
 

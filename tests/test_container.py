@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Emulator, free_port, loud_skip
+from harness import Emulator, free_port
+from tests.helpers import loud_skip
 from tests.readme_blocks import readme_blocks, run_block
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]

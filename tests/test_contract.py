@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from tasks.v1 import task_service_pb2 as pb
 
-from tests.conftest import Running
+from harness import Running
 from tests.helpers import create_request, expect_error, stream_of
 
 IA = grpc.StatusCode.INVALID_ARGUMENT
@@ -338,7 +338,7 @@ async def test_etag_compare_and_swap_counter_has_exactly_one_winner_per_etag(
     wins: list[str] = []
 
     async def increment() -> None:
-        while True:
+        for _ in range(500):  # each try loses only to another winner: 10 winners in all
             current = await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
             new = pb.Task(name=task.name, title=str(int(current.title) + 1), etag=current.etag)
             try:
@@ -348,6 +348,7 @@ async def test_etag_compare_and_swap_counter_has_exactly_one_winner_per_etag(
                 continue
             wins.append(current.etag)
             return
+        raise AssertionError("500 tries without winning: an etag that never matches?")
 
     await asyncio.gather(*(increment() for _ in range(10)))
     final = await running.stub.GetTask(pb.GetTaskRequest(name=task.name))

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.conftest import ServerProcess, wait_serving
+from harness import ServerProcess, wait_serving
 from tests.reliability import record
 
 

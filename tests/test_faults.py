@@ -19,10 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from taskservice.config import Config
-from taskservice.server import TaskServer
-from taskservice.store.firestore import FirestoreStore
-from tests.conftest import (
+from harness import (
     ServerProcess,
     emulator_jar,
     free_port,
@@ -30,6 +27,9 @@ from tests.conftest import (
     wait_for_port,
     wait_serving,
 )
+from taskservice.config import Config
+from taskservice.server import TaskServer
+from taskservice.store.firestore import FirestoreStore
 from tests.helpers import create_request
 from tests.reliability import record
 

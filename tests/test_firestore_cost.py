@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from tasks.v1 import task_service_pb2 as pb
 
-from tests.conftest import CallCounter, Emulator, Running, firestore_store, start_server
+from harness import CallCounter, Emulator, Running, firestore_store, start_server
 from tests.helpers import create_request, stream_of
 
 pytestmark = pytest.mark.firestore
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.firestore
 @pytest.fixture
 async def counted(emulator: Emulator) -> AsyncIterator[tuple[Running, CallCounter]]:
     counter = CallCounter()
-    running = await start_server(firestore_store(emulator, counter))
+    running = await start_server(firestore_store(emulator.host, counter.interceptors()))
     yield running, counter
     await running.channel.close()
     await running.server.stop(grace=1)

@@ -15,11 +15,11 @@ import pytest
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
+from harness import free_port, wait_for_port
 from taskservice.client import open_channel
 from taskservice.config import Config
 from taskservice.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import free_port, wait_for_port
 from tests.helpers import create_request, stream_of
 
 pytestmark = pytest.mark.slow

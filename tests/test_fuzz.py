@@ -11,9 +11,6 @@ request ids."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -27,9 +24,9 @@ from hypothesis import strategies as st
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
+from harness import ServerProcess, free_port
 from taskservice.model import Cursor, OrderField, Ordering, TaskFilter
 from taskservice.pagination import encode_token, fingerprint
-from tests.conftest import free_port, wait_for_port
 from tests.reliability import record
 
 pytestmark = pytest.mark.slow
@@ -136,36 +133,27 @@ def create_requests(draw: Any) -> pb.CreateTaskRequest:
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "FIRESTORE_EMULATOR_HOST"}
-    env.update(PORT=str(port), TASKSERVICE_STORE=request.param, LOG_LEVEL="WARNING")
+    env = {"TASKSERVICE_STORE": request.param}
     if request.param == "sqlite":
         env["TASKSERVICE_SQLITE_PATH"] = str(tmp_path_factory.mktemp("fuzz") / "t.db")
     else:
         env["FIRESTORE_EMULATOR_HOST"] = request.getfixturevalue("emulator").host
-        env["GOOGLE_CLOUD_PROJECT"] = f"demo-fuzz{port}"
+        env["GOOGLE_CLOUD_PROJECT"] = f"demo-fuzz{free_port()}"
     CODES.clear()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "taskservice"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert wait_for_port("127.0.0.1", port, 20)
-    yield f"127.0.0.1:{port}"
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=15)
+    server = ServerProcess(env)
+    yield server.target
+    alive = server.proc.poll() is None
+    code, output = server.stop()
     assert alive, "the server died during fuzzing"
-    assert b"Traceback" not in err or b"error_id" in err
+    assert "Traceback" not in output or "error_id" in output
     record(
         "fuzz",
         store=request.param,
         inputs=sum(CODES.values()),
         codes=dict(CODES),
-        server_exit=proc.returncode,
+        server_exit=code,
     )
-    assert proc.returncode == 0
+    assert code == 0
 
 
 @pytest.fixture(scope="module")

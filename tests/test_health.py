@@ -8,8 +8,8 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
+from harness import start_server
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import start_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -22,12 +22,12 @@ from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 
+from harness import Running, start_server
 from taskservice import jsonlog
 from taskservice.config import Config
 from taskservice.model import Cursor, OrderField, Ordering, TaskFilter
 from taskservice.pagination import encode_token, fingerprint
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import Running, start_server
 from tests.h2client import cancelled_client_stream
 from tests.helpers import create_request, details_of, expect_error, stream_of
 from tests.reliability import record

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from tasks.v1 import task_service_pb2 as pb
 
-from tests.conftest import Running, loud_skip
+from harness import Running
+from tests.helpers import loud_skip
 from tests.reliability import record
 
 ROOT = Path(__file__).resolve().parent.parent

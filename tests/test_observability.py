@@ -13,10 +13,10 @@ import grpc
 import pytest
 from tasks.v1 import task_service_pb2 as pb
 
+from harness import Running, start_server
 from taskservice import jsonlog, tracing
 from taskservice.model import Task
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import Running, start_server
 from tests.helpers import create_request, expect_error, stream_of
 
 

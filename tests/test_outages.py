@@ -12,9 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from tasks.v1 import task_service_pb2 as pb
 
-from taskservice.config import Config
-from taskservice.store.firestore import FirestoreStore
-from tests.conftest import (
+from harness import (
     Running,
     emulator_jar,
     free_port,
@@ -23,6 +21,8 @@ from tests.conftest import (
     wait_for_port,
     wait_serving,
 )
+from taskservice.config import Config
+from taskservice.store.firestore import FirestoreStore
 from tests.helpers import create_request, expect_error, stream_of
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import ServerProcess
+from harness import ServerProcess
 from tests.readme_blocks import readme_blocks, run_block
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
+from harness import Running, start_server
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import Running, start_server
 
 
 def tool(name: str) -> str:

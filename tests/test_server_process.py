@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,63 +18,36 @@ from grpc_health.v1 import health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from tests.conftest import Emulator, free_port, wait_for_port, wait_serving
+from harness import Emulator, ServerProcess, free_port, server_env, wait_serving
 from tests.helpers import create_request
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "K_SERVICE",
-            "GOOGLE_CLOUD_PROJECT",
-            "GCP_PROJECT",
-            "FIRESTORE_EMULATOR_HOST",
-            "TASKSERVICE_STORE",
-        )
-    }
-    env.update(extra)
-    return env
-
-
-class Process:
-    def __init__(self, env: dict[str, str], cwd: Path, args: Sequence[str] = ()) -> None:
-        self.port = int(env["PORT"])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "taskservice", *args],
-            env=env,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.output = ""
-
-    def finish(self, timeout: float) -> int:
-        out, err = self.proc.communicate(timeout=timeout)
-        self.output = out + err
-        return self.proc.returncode
+    """The environment as an operator's shell has it, at INFO: scrubbed of
+    whatever would pick another store."""
+    return server_env({"LOG_LEVEL": "INFO", **extra})
 
 
 @pytest.fixture
-def launch(tmp_path: Path) -> Iterator[list[Process]]:
-    started: list[Process] = []
+def launch() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
     yield started
     for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+        p.kill()
 
 
-def _start(started: list[Process], env: dict[str, str], cwd: Path) -> Process:
-    p = Process(env, cwd)
+def _start(
+    started: list[ServerProcess], env: dict[str, str], cwd: Path, args: Sequence[str] = ()
+) -> ServerProcess:
+    p = ServerProcess(env, cwd, port=int(env["PORT"]), args=args)
     started.append(p)
-    assert wait_for_port("127.0.0.1", p.port, 20), "server did not listen"
     return p
+
+
+def _exit_code(p: ServerProcess, timeout: float) -> int:
+    return p.finish(timeout)[0]
 
 
 @pytest.fixture
@@ -87,7 +59,7 @@ async def channel_to() -> AsyncIterator[list[grpc.aio.Channel]]:
 
 
 async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
-    launch: list[Process], tmp_path: Path, channel_to: list[grpc.aio.Channel]
+    launch: list[ServerProcess], tmp_path: Path, channel_to: list[grpc.aio.Channel]
 ) -> None:
     port = free_port()
     env = _env(PORT=str(port))
@@ -103,7 +75,7 @@ async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
         metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),),
     )
     p.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(p.finish, 10) == 0
+    assert await asyncio.to_thread(_exit_code, p, 10) == 0
     lines = [json.loads(line) for line in p.output.splitlines() if line.startswith("{")]
     start = [entry for entry in lines if "listening on" in entry["message"]]
     assert len(start) == 1 and start[0]["store"] == "sqlite" and str(port) in start[0]["address"]
@@ -123,11 +95,11 @@ async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
     await wait_serving(health_pb2_grpc.HealthStub(channel))
     assert await stub.GetTask(pb.GetTaskRequest(name="tasks/keep-me"), timeout=5) == task
     p2.proc.send_signal(signal.SIGINT)
-    assert await asyncio.to_thread(p2.finish, 10) == 0
+    assert await asyncio.to_thread(_exit_code, p2, 10) == 0
 
 
 async def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_calls(
-    launch: list[Process], tmp_path: Path, channel_to: list[grpc.aio.Channel]
+    launch: list[ServerProcess], tmp_path: Path, channel_to: list[grpc.aio.Channel]
 ) -> None:
     port = free_port()
     p = _start(
@@ -160,7 +132,7 @@ async def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_calls(
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     response = await batch
     assert len(response.tasks) == 10
-    assert await asyncio.to_thread(p.finish, 10) == 0
+    assert await asyncio.to_thread(_exit_code, p, 10) == 0
     assert time.monotonic() - started < 9
 
 
@@ -254,27 +226,33 @@ def test_firestore_without_credentials_says_what_to_do(tmp_path: Path) -> None:
 
 
 async def test_flags_override_the_environment(
-    launch: list[Process], tmp_path: Path, channel_to: list[grpc.aio.Channel]
+    launch: list[ServerProcess], tmp_path: Path, channel_to: list[grpc.aio.Channel]
 ) -> None:
     port = free_port()
     db = tmp_path / "flags" / "t.db"
     env = _env(PORT=str(free_port()), TASKSERVICE_STORE="firestore")
-    p = Process(env, tmp_path, ["--port", str(port), "--store", "sqlite", "--sqlite-path", str(db)])
-    launch.append(p)
-    assert wait_for_port("127.0.0.1", port, 20)
+    p = _start(
+        launch,
+        {**env, "PORT": str(port)},
+        tmp_path,
+        ["--port", str(port), "--store", "sqlite", "--sqlite-path", str(db)],
+    )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     channel_to.append(channel)
     await wait_serving(health_pb2_grpc.HealthStub(channel))
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
     await stub.CreateTask(create_request("by flags"), timeout=5)
     p.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(p.finish, 10) == 0
+    assert await asyncio.to_thread(_exit_code, p, 10) == 0
     assert db.exists() and '"store": "sqlite"' in p.output
 
 
 @pytest.mark.firestore
 async def test_firestore_is_chosen_by_the_environment(
-    launch: list[Process], tmp_path: Path, emulator: Emulator, channel_to: list[grpc.aio.Channel]
+    launch: list[ServerProcess],
+    tmp_path: Path,
+    emulator: Emulator,
+    channel_to: list[grpc.aio.Channel],
 ) -> None:
     port = free_port()
     p = _start(
@@ -293,13 +271,13 @@ async def test_firestore_is_chosen_by_the_environment(
     task = await stub.CreateTask(create_request("in firestore"), timeout=5)
     assert await stub.GetTask(pb.GetTaskRequest(name=task.name), timeout=5) == task
     p.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(p.finish, 10) == 0
+    assert await asyncio.to_thread(_exit_code, p, 10) == 0
     assert '"store": "firestore"' in p.output
     assert not (tmp_path / "tasks.db").exists()
 
 
 async def test_log_level_comes_from_the_environment(
-    launch: list[Process], tmp_path: Path, channel_to: list[grpc.aio.Channel]
+    launch: list[ServerProcess], tmp_path: Path, channel_to: list[grpc.aio.Channel]
 ) -> None:
     port = free_port()
     p = _start(launch, _env(PORT=str(port), LOG_LEVEL="warning"), tmp_path)
@@ -310,5 +288,5 @@ async def test_log_level_comes_from_the_environment(
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.GetTask(pb.GetTaskRequest(name="tasks/missing"), timeout=5)
     p.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(p.finish, 10) == 0
+    assert await asyncio.to_thread(_exit_code, p, 10) == 0
     assert "listening on" not in p.output and "GetTask" not in p.output

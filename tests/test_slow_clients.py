@@ -15,9 +15,9 @@ import pytest
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
+from harness import Running, start_server
 from taskservice.config import Config
 from taskservice.store.sqlite import SqliteStore
-from tests.conftest import Running, start_server
 from tests.helpers import create_request, expect_error
 from tests.reliability import record
 

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from tests.conftest import ServerProcess, wait_serving
+from harness import ServerProcess, wait_serving
 from tests.helpers import create_request
 from tests.reliability import record
 

@@ -1,0 +1,39 @@
+"""The harness that tests and benchmarks share: free ports, the real Cloud
+Firestore emulator, TaskService servers (as processes or in-process), and a
+counter of what a store sends to Firestore. tests/ and bench/ import from
+here, never from each other."""
+
+from harness.counting import CallCounter
+from harness.emulator import (
+    Emulator,
+    emulator_jar,
+    firestore_store,
+    launch_emulator,
+    start_emulator,
+)
+from harness.net import free_port, wait_for_port
+from harness.servers import (
+    FAST_RECONNECT,
+    Running,
+    ServerProcess,
+    server_env,
+    start_server,
+    wait_serving,
+)
+
+__all__ = [
+    "FAST_RECONNECT",
+    "CallCounter",
+    "Emulator",
+    "Running",
+    "ServerProcess",
+    "emulator_jar",
+    "firestore_store",
+    "free_port",
+    "launch_emulator",
+    "server_env",
+    "start_emulator",
+    "start_server",
+    "wait_for_port",
+    "wait_serving",
+]
