@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -75,6 +76,10 @@ async def serve(config: Config) -> None:
     from taskservice.server import TaskServer, wait_for_stop_signal
 
     try:
+        if config.store == "firestore" and not config.project:
+            from taskservice.store.channels import discover_project
+
+            config = dataclasses.replace(config, project=discover_project())
         server = TaskServer(config)
     except ConfigError as err:
         raise StartupError(str(err)) from None

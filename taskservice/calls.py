@@ -36,9 +36,9 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -54,6 +54,7 @@ from taskservice.status import abort, as_service_error
 from taskservice.tracing import current_trace, parse_trace
 
 log = logging.getLogger("taskservice.access")
+T = TypeVar("T")
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _TOOL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -212,7 +213,7 @@ class CallPipeline:
             self.gate.admit(pool)
             call.admitted = pool
 
-    async def _fail(self, call: _Call, exc: Exception) -> None:
+    async def _fail(self, call: _Call, exc: Exception) -> NoReturn:
         """Ends the call with exc's status (raises grpc.aio.AbortError)."""
         if isinstance(exc, grpc.aio.AbortError):  # a handler aborted by itself
             call.code = _abort_code(call.context)
@@ -226,27 +227,37 @@ class CallPipeline:
             self.gate.release(call.admitted)
         _access_line(call)
 
+    async def _serve(self, call: _Call, pool: Pool | None, body: Callable[[], Awaitable[T]]) -> T:
+        """The steps around every call's body: trace, auth, admission, and
+        whatever happens, its status and access line."""
+        token = current_trace.set(None)
+        try:
+            await self._enter(call, pool)
+            result = await body()
+            call.code = "OK"
+            return result
+        except asyncio.CancelledError:
+            call.code = "CANCELLED"
+            raise
+        except Exception as exc:
+            await self._fail(call, exc)
+        finally:
+            self._leave(call)
+            current_trace.reset(token)
+
     # -- the four kinds of call --------------------------------------------------
 
     def _unary(self, behavior: Any, decode: Any, method: str, pool: Pool | None) -> Any:
         async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = _Call(method, context)
-            token = current_trace.set(None)
-            try:
-                await self._enter(call, pool)
+
+            async def body() -> Any:
                 call.request_bytes = len(raw)
                 response = await behavior(_decode(decode, raw, "request"), context)
-                call.code = "OK"
                 call.response_bytes = _size(response)
                 return response
-            except asyncio.CancelledError:
-                call.code = "CANCELLED"
-                raise
-            except Exception as exc:
-                await self._fail(call, exc)
-            finally:
-                self._leave(call)
-                current_trace.reset(token)
+
+            return await self._serve(call, pool, body)
 
         return handle
 
@@ -256,50 +267,35 @@ class CallPipeline:
         ) -> Any:
             call = _Call(method, context)
             call.messages_in = 0
-            token = current_trace.set(None)
-            try:
-                await self._enter(call, pool)
+
+            async def body() -> Any:
                 response = await behavior(self._decoded(raw_requests, decode, call), context)
-                call.code = "OK"
                 call.response_bytes = _size(response)
                 return response
-            except asyncio.CancelledError:
-                call.code = "CANCELLED"
-                raise
-            except Exception as exc:
-                await self._fail(call, exc)
-            finally:
-                self._leave(call)
-                current_trace.reset(token)
+
+            return await self._serve(call, pool, body)
 
         return handle
 
     def _server_stream(
         self, behavior: Any, decode: Any, method: str, pool: Pool | None, client_streams: bool
     ) -> Any:
+        idle = self.gate.limits.tool_stream_idle_seconds if pool is Pool.TOOL_STREAMS else None
+
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             call = _Call(method, context)
             call.messages_out = 0
-            token = current_trace.set(None)
-            try:
-                await self._enter(call, pool)
+
+            async def body() -> None:
                 if client_streams:
                     call.messages_in = 0
                     responses = behavior(self._decoded(request, decode, call), context)
                 else:
                     call.request_bytes = len(request)
                     responses = behavior(_decode(decode, request, "request"), context)
-                idle = self.gate.limits.tool_stream_idle_seconds
-                await self._pump(responses, call, idle if pool is Pool.TOOL_STREAMS else None)
-                call.code = "OK"
-            except asyncio.CancelledError:
-                call.code = "CANCELLED"
-                raise
-            except Exception as exc:
-                await self._fail(call, exc)
-            finally:
-                self._leave(call)
-                current_trace.reset(token)
+                await self._pump(responses, call, idle)
+
+            await self._serve(call, pool, body)
 
         return handle
 

@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +25,15 @@ from urllib.parse import urlsplit
 import grpc
 from tasks.v1 import task_service_pb2_grpc
 
+from taskservice.retry import Backoff, retrying
+
 SERVICE = "tasks.v1.TaskService"
 DEFAULT_TIMEOUT = 10.0
 STREAM_TIMEOUT = 60.0
 MAX_ATTEMPTS = 5
 INITIAL_BACKOFF = 0.2
 MAX_BACKOFF = 2.0
+RETRY_BACKOFF = Backoff(attempts=MAX_ATTEMPTS, first=INITIAL_BACKOFF, maximum=MAX_BACKOFF)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 SERVICE_CONFIG = {
@@ -104,6 +105,14 @@ def _idempotent(method: str, request: Any) -> bool:
     return False  # Get/List retry by service config; others never
 
 
+class _Unavailable(Exception):
+    """An attempt failed with UNAVAILABLE; carries the call to return if it
+    was the last one."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+
 class _DefaultsAndRetries(grpc.aio.UnaryUnaryClientInterceptor):
     """A default deadline, and UNAVAILABLE retries for requests that say they
     are safe to repeat (request_id / etag), within the call's deadline."""
@@ -111,34 +120,33 @@ class _DefaultsAndRetries(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         timeout = DEFAULT_TIMEOUT if details.timeout is None else details.timeout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        retry = _idempotent(method, request)
-        backoff = INITIAL_BACKOFF
-        attempt = 1
-        while True:
-            call_details = grpc.aio.ClientCallDetails(
-                details.method,
-                max(deadline - loop.time(), 0.001),
-                details.metadata,
-                details.credentials,
-                details.wait_for_ready,
-            )
-            call = await continuation(call_details, request)
-            if not retry or attempt >= MAX_ATTEMPTS:
-                return call
+        if not _idempotent(method, request):
+            return await continuation(_with_timeout(details, timeout), request)
+
+        async def attempt(remaining: float) -> Any:
+            call = await continuation(_with_timeout(details, max(remaining, 0.001)), request)
             try:
                 await call
-                return call
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    return call
-            pause = random.uniform(0, backoff)
-            if loop.time() + pause >= deadline:
-                return call
-            await asyncio.sleep(pause)
-            backoff = min(backoff * 2, MAX_BACKOFF)
-            attempt += 1
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise _Unavailable(call) from None
+            return call  # done, or failed in a way a retry cannot mend
+
+        try:
+            return await retrying(
+                attempt,
+                retryable=lambda e: isinstance(e, _Unavailable),
+                backoff=RETRY_BACKOFF,
+                timeout=timeout,
+            )
+        except _Unavailable as last:
+            return last.call
+
+
+def _with_timeout(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
+    return grpc.aio.ClientCallDetails(
+        details.method, timeout, details.metadata, details.credentials, details.wait_for_ready
+    )
 
 
 class _StreamDefaults(grpc.aio.StreamUnaryClientInterceptor):
@@ -146,13 +154,7 @@ class _StreamDefaults(grpc.aio.StreamUnaryClientInterceptor):
         self, continuation: Any, details: Any, request_iterator: Any
     ) -> Any:
         if details.timeout is None:
-            details = grpc.aio.ClientCallDetails(
-                details.method,
-                STREAM_TIMEOUT,
-                details.metadata,
-                details.credentials,
-                details.wait_for_ready,
-            )
+            details = _with_timeout(details, STREAM_TIMEOUT)
         return await continuation(details, request_iterator)
 
 

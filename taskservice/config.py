@@ -169,7 +169,7 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
                 f"{setting.env} is set but empty; unset it for the default ({setting.default})"
             )
     port = _int(env, "PORT", 8080, 0, 65535)
-    cloudy = any(
+    on_google_cloud = any(
         env.get(k, "").strip() for k in ("K_SERVICE", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT")
     )
     emulator = env.get("FIRESTORE_EMULATOR_HOST", "").strip()
@@ -178,7 +178,7 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
     store = _choice(
         env,
         "TASKSERVICE_STORE",
-        "firestore" if cloudy or emulator else "sqlite",
+        "firestore" if on_google_cloud or emulator else "sqlite",
         ("sqlite", "firestore"),
     )
     project = (env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or "").strip()

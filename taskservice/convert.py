@@ -32,7 +32,6 @@ from taskservice.model import (
     sort_time,
 )
 from taskservice.pagination import decode_token, encode_token, fingerprint
-from taskservice.timestamps import set_from_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +64,8 @@ def to_proto(task: Task) -> pb.Task:
         tags=c.tags,
         etag=task.etag,
     )
-    set_from_ns(message.create_time, task.create_time_ns)
-    set_from_ns(message.update_time, task.update_time_ns)
+    message.create_time.FromNanoseconds(task.create_time_ns)
+    message.update_time.FromNanoseconds(task.update_time_ns)
     if c.assignee:
         message.assignee = c.assignee
     return message
@@ -178,7 +177,7 @@ def parse_list_request(request: pb.ListTasksRequest) -> ListRequest:
 
 def list_response(result: ListResult, request: ListRequest) -> pb.ListTasksResponse:
     next_token = ""
-    if result.more and result.tasks:
+    if result.has_more and result.tasks:
         last = result.tasks[-1]
         ordering: Ordering = request.query.ordering
         next_token = encode_token(

@@ -60,13 +60,19 @@ class TaskContent:
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """A stored task."""
+    """A stored task. `version` names the stored version (see the module
+    docstring); on SQLite it is update_time_ns, on Firestore the document's
+    own update time, which is finer than the task's update_time field."""
 
     task_id: str
     content: TaskContent
     create_time_ns: int
     update_time_ns: int
-    etag: str
+    version: int
+
+    @property
+    def etag(self) -> str:
+        return etag_for(self.version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +148,7 @@ class ListQuery:
 @dataclass(frozen=True, slots=True)
 class ListResult:
     tasks: list[Task]
-    more: bool  # True when tasks beyond this page match
+    has_more: bool  # tasks beyond this page match
 
 
 def sort_time(task: Task, ordering: Ordering) -> int:

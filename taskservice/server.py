@@ -53,7 +53,7 @@ class TaskServer:
     def __init__(self, config: Config, store: TaskStore | None = None) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config)
-        jsonlog.set_project(config.project or getattr(self.store, "project", ""))
+        jsonlog.set_project(config.project)
         self.health = HealthService((SERVICE_NAME,))
         verifier = None
         if config.auth == "google-id-token":

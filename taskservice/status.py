@@ -99,4 +99,3 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], err: ServiceError) 
     """Ends the call with err's status (raises grpc.aio.AbortError)."""
     status = to_status(err)
     await context.abort(status.code, status.details, status.trailing_metadata)
-    raise AssertionError("context.abort returned")  # pragma: no cover

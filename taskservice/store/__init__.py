@@ -55,11 +55,24 @@ class TaskStore(Protocol):
 
 
 def open_store(config: Config) -> TaskStore:
-    """Builds the configured store; imports only the backend it uses."""
+    """Builds the configured store; imports only the backend it uses. The
+    Firestore store needs config.project (the entry point discovers it from
+    the credentials when it is not set)."""
     if config.store == "firestore":
-        from taskservice.store.firestore import FirestoreStore
+        from taskservice.store.channels import firestore_channel
+        from taskservice.store.firestore import MAX_COMMIT_BYTES, FirestoreStore
 
-        return FirestoreStore.from_config(config)
+        if not config.project:
+            raise ValueError("the Firestore store needs config.project")
+        connection = firestore_channel(config)
+        return FirestoreStore(
+            connection.channel,
+            project=config.project,
+            database=config.firestore_database,
+            collection=config.collection,
+            extra_metadata=connection.extra_metadata,
+            max_commit_bytes=connection.max_commit_bytes or MAX_COMMIT_BYTES,
+        )
     from taskservice.store.sqlite import SqliteStore
 
     return SqliteStore(config.sqlite_path)

@@ -1,4 +1,5 @@
-"""The production store: Cloud Firestore over one grpc.aio channel per process.
+"""The production store: Cloud Firestore over one grpc.aio channel per process
+(the channel is built from configuration by taskservice.store.channels).
 
 It speaks the Firestore v1 protocol with google-cloud-firestore's own protobuf
 messages (the raw classes under its proto-plus types), skipping the
@@ -32,11 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import grpc
@@ -45,17 +45,14 @@ from google.cloud.firestore_v1.types import document as _document
 from google.cloud.firestore_v1.types import firestore as _firestore
 from google.cloud.firestore_v1.types import query as _query
 from google.cloud.firestore_v1.types import write as _write
-from google.protobuf import wrappers_pb2
+from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from taskservice.errors import (
-    AlreadyExists,
     Conflict,
     DeadlineExceeded,
-    EtagMismatch,
     FailedPrecondition,
     Internal,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     ServiceError,
     Unavailable,
@@ -71,12 +68,15 @@ from taskservice.model import (
     TaskContent,
     TaskFilter,
     TaskPatch,
-    etag_for,
 )
-from taskservice.timestamps import timestamp_from_ns
-
-if TYPE_CHECKING:
-    from taskservice.config import Config
+from taskservice.retry import Backoff, retrying
+from taskservice.store.common import (
+    not_found,
+    patched,
+    request_id_of_deleted_task,
+    stale_etag,
+    taken,
+)
 
 # Raw protobuf classes (no proto-plus wrapping on the hot path).
 Document: Any = _document.Document.pb()
@@ -97,27 +97,28 @@ QueryCursor: Any = _query.Cursor.pb()
 
 log = logging.getLogger(__name__)
 
-FIRESTORE_HOST = "firestore.googleapis.com:443"
 # The largest Commit request Firestore accepts (10 MiB; the emulator keeps
 # gRPC's default 4 MiB receive limit). TaskService's own limits keep every
 # commit well under both; this is the last check before the wire.
 MAX_COMMIT_BYTES = 10 * 1024 * 1024 - 64 * 1024
-EMULATOR_MAX_COMMIT_BYTES = 4 * 1024 * 1024 - 64 * 1024
-SCOPES = ("https://www.googleapis.com/auth/datastore",)
 _SERVICE = "/google.firestore.v1.Firestore/"
 _RETRYABLE_READ = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# An idempotent read that fails transiently is tried three times in all.
+_READ_BACKOFF = Backoff(attempts=3, first=0.05, maximum=1.0)
 # A guarded read-modify-write that loses a race retries after a random pause
 # of up to 5, 10, 20, ... 200 ms: 32 writers at once on one document all
 # succeed on the emulator (8 immediate retries left about a third ABORTED).
-_UPDATE_ATTEMPTS = 24
-_UPDATE_BACKOFF_FIRST = 0.005
-_UPDATE_BACKOFF_MAX = 0.2
-_READ_ATTEMPTS = 3
+_UPDATE_BACKOFF = Backoff(attempts=24, first=0.005, maximum=0.2)
+# A create commit refused for a reason the follow-up read does not explain
+# (a racing delete, say) is sent again, at most this many times.
+_CREATE_ATTEMPTS = 24
 _REQUEST_TIME = FieldTransform.REQUEST_TIME
 
 
-def _ns(ts: Any) -> int:
-    return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
+def timestamp_from_ns(ns: int) -> timestamp_pb2.Timestamp:
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromNanoseconds(ns)
+    return timestamp
 
 
 def _fields(content: TaskContent) -> dict[str, Any]:
@@ -147,9 +148,9 @@ def _task(doc: Any) -> Task:
     return Task(
         task_id=doc.name.rpartition("/")[2],
         content=_content(fields),
-        create_time_ns=_ns(fields["create_time"].timestamp_value),
-        update_time_ns=_ns(fields["update_time"].timestamp_value),
-        etag=etag_for(_ns(doc.update_time)),
+        create_time_ns=fields["create_time"].timestamp_value.ToNanoseconds(),
+        update_time_ns=fields["update_time"].timestamp_value.ToNanoseconds(),
+        version=doc.update_time.ToNanoseconds(),
     )
 
 
@@ -161,6 +162,10 @@ _TRANSIENT = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+
+
+class _LostRace(Exception):
+    """A guarded commit found the document changed since it was read."""
 
 
 def _store_error(exc: grpc.aio.AioRpcError) -> ServiceError:
@@ -225,74 +230,20 @@ class FirestoreStore:
             ("x-goog-request-params", routing),
             *extra_metadata,
         )
-        self._commit = channel.unary_unary(
-            _SERVICE + "Commit",
-            request_serializer=CommitRequest.SerializeToString,
-            response_deserializer=CommitResponse.FromString,
-        )
-        self._get_document = channel.unary_unary(
-            _SERVICE + "GetDocument",
-            request_serializer=GetDocumentRequest.SerializeToString,
-            response_deserializer=Document.FromString,
-        )
-        self._batch_get = channel.unary_stream(
-            _SERVICE + "BatchGetDocuments",
-            request_serializer=BatchGetDocumentsRequest.SerializeToString,
-            response_deserializer=BatchGetDocumentsResponse.FromString,
-        )
-        self._run_query = channel.unary_stream(
-            _SERVICE + "RunQuery",
-            request_serializer=RunQueryRequest.SerializeToString,
-            response_deserializer=RunQueryResponse.FromString,
-        )
 
-    @classmethod
-    def from_config(
-        cls, config: Config, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
-    ) -> FirestoreStore:
-        """One channel for the process: the emulator in plaintext when
-        config.firestore_emulator_host is set, else Firestore with Google
-        credentials (google.auth raises DefaultCredentialsError without any)."""
-        options = [
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.max_receive_message_length", 32 * 1024 * 1024),
-        ]
-        emulator = config.firestore_emulator_host
-        if emulator:
-            channel = grpc.aio.insecure_channel(
-                emulator, options=options, interceptors=interceptors
+        def method(kind: str, name: str, request: Any, response: Any) -> Any:
+            return getattr(channel, kind)(
+                _SERVICE + name,
+                request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString,
             )
-            extra: tuple[tuple[str, str], ...] = (("authorization", "Bearer owner"),)
-        else:
-            from google.api_core import grpc_helpers_async
 
-            channel = grpc_helpers_async.create_channel(
-                FIRESTORE_HOST, scopes=SCOPES, default_host=FIRESTORE_HOST, options=options
-            )
-            if interceptors:
-                raise ValueError("interceptors are only supported on the emulator channel")
-            extra = ()
-        project = config.project
-        if not project:
-            import google.auth
-
-            _, discovered = google.auth.default(scopes=SCOPES)
-            if not discovered:
-                from taskservice.config import ConfigError
-
-                raise ConfigError(
-                    "no Firestore project in the credentials: set GOOGLE_CLOUD_PROJECT"
-                )
-            project = discovered
-        return cls(
-            channel,
-            project=project,
-            database=config.firestore_database,
-            collection=config.collection,
-            extra_metadata=extra,
-            max_commit_bytes=EMULATOR_MAX_COMMIT_BYTES if emulator else MAX_COMMIT_BYTES,
+        self._commit = method("unary_unary", "Commit", CommitRequest, CommitResponse)
+        self._get_document = method("unary_unary", "GetDocument", GetDocumentRequest, Document)
+        self._batch_get = method(
+            "unary_stream", "BatchGetDocuments", BatchGetDocumentsRequest, BatchGetDocumentsResponse
         )
+        self._run_query = method("unary_stream", "RunQuery", RunQueryRequest, RunQueryResponse)
 
     # -- helpers ----------------------------------------------------------
 
@@ -305,22 +256,18 @@ class FirestoreStore:
     async def _read_retrying(self, call: Any, timeout: float) -> Any:
         """Runs an idempotent read, retrying a transient failure a few times
         (within timeout) before the caller is told UNAVAILABLE."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.05
-        for attempt in range(1, _READ_ATTEMPTS + 1):
-            remaining = deadline - loop.time()
+
+        async def attempt(remaining: float) -> Any:
             if remaining <= 0:
                 raise DeadlineExceeded("the store did not answer in time")
-            try:
-                return await call(remaining)
-            except grpc.aio.AioRpcError as exc:
-                retry = exc.code() in _RETRYABLE_READ and attempt < _READ_ATTEMPTS
-                if not retry or deadline - loop.time() <= delay:
-                    raise
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 1.0)
-        raise AssertionError("unreachable")  # the last attempt returns or raises
+            return await call(remaining)
+
+        return await retrying(
+            attempt,
+            retryable=lambda e: isinstance(e, grpc.aio.AioRpcError) and e.code() in _RETRYABLE_READ,
+            backoff=_READ_BACKOFF,
+            timeout=timeout,
+        )
 
     async def _get_doc(self, name: str, timeout: float) -> Any | None:
         async def call(t: float) -> Any:
@@ -379,7 +326,7 @@ class FirestoreStore:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         resolved: dict[int, Task] = {}  # items answered by an earlier request_id
-        for _ in range(_UPDATE_ATTEMPTS):
+        for _ in range(_CREATE_ATTEMPTS):
             pending = [(i, item) for i, item in enumerate(items) if i not in resolved]
             if not pending:
                 return [resolved[i] for i in range(len(items))]
@@ -387,7 +334,7 @@ class FirestoreStore:
             for _i, item in pending:
                 writes.append(self._create_write(item))
                 if item.request_id is not None:
-                    writes.append(self._request_write(item))
+                    writes.append(self._request_write(item.request_id, item.task_id))
             try:
                 response = await self._commit_writes(writes, deadline - loop.time())
             except grpc.aio.AioRpcError as exc:
@@ -410,13 +357,13 @@ class FirestoreStore:
                 result = next(results)
                 if item.request_id is not None:
                     next(results)
-                created = _ns(result.transform_results[0].timestamp_value)
+                created = result.transform_results[0].timestamp_value.ToNanoseconds()
                 resolved[i] = Task(
                     item.task_id,
                     item.content,
                     created,
-                    _ns(result.transform_results[1].timestamp_value),
-                    etag_for(_ns(result.update_time)),
+                    result.transform_results[1].timestamp_value.ToNanoseconds(),
+                    result.update_time.ToNanoseconds(),
                 )
             return [resolved[i] for i in range(len(items))]
         raise Conflict("the tasks are being created by many callers at once; retry")
@@ -431,14 +378,14 @@ class FirestoreStore:
             ],
         )
 
-    def _request_write(self, item: NewTask) -> Any:
-        assert item.request_id is not None
+    def _request_write(self, request_id: str, task_id: str) -> Any:
+        """The marker that remembers which task request_id created."""
         expire = timestamp_from_ns(time.time_ns() + REQUEST_ID_TTL_NS)
         return Write(
             update=Document(
-                name=self._request_name(item.request_id),
+                name=self._request_name(request_id),
                 fields={
-                    "task_id": Value(string_value=item.task_id),
+                    "task_id": Value(string_value=task_id),
                     "expire_time": Value(timestamp_value=expire),
                 },
             ),
@@ -474,41 +421,36 @@ class FirestoreStore:
                 task_id = claimed[index]
                 doc = found.get(self._name(task_id))
                 if doc is None:
-                    raise FailedPrecondition(
-                        f"request_id was used for tasks/{task_id}, which has since been deleted",
-                        reason="REQUEST_ID_ALREADY_USED",
-                    )
+                    raise request_id_of_deleted_task(task_id)
                 resolved[index] = _task(doc)
                 continue
             if self._name(item.task_id) in found:
-                raise AlreadyExists(
-                    f"tasks/{item.task_id} already exists",
-                    index=index,
-                    name=f"tasks/{item.task_id}",
-                )
+                raise taken(item.task_id, index)
         # Nothing explained the failure (e.g. a racing delete): the caller's loop retries.
 
     async def get(self, task_id: str, timeout: float) -> Task:
         doc = await self._get_doc(self._name(task_id), timeout)
         if doc is None:
-            raise NotFound(f"tasks/{task_id} does not exist")
+            raise not_found(task_id)
         return _task(doc)
 
     async def update(
         self, task_id: str, patch: TaskPatch, expected_version: int | None, timeout: float
     ) -> Task:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        """Read, patch, commit guarded by the read's update_time. A commit that
+        loses to another writer reads again, after a random pause, so that a
+        crowd of writers to one document spreads out instead of colliding
+        again in lockstep."""
         name = self._name(task_id)
-        backoff = _UPDATE_BACKOFF_FIRST
-        for attempt in range(1, _UPDATE_ATTEMPTS + 1):
-            doc = await self._get_doc(name, deadline - loop.time())
+
+        async def attempt(remaining: float) -> Task:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + remaining
+            doc = await self._get_doc(name, remaining)
             if doc is None:
-                raise NotFound(f"tasks/{task_id} does not exist")
+                raise not_found(task_id)
             current = _task(doc)
-            if expected_version is not None and expected_version != _ns(doc.update_time):
-                raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
-            content = patch.apply(current.content)
+            content = patched(current, patch, expected_version)
             fields = _fields(content)
             fields["create_time"] = doc.fields["create_time"]
             write = Write(
@@ -521,29 +463,29 @@ class FirestoreStore:
             try:
                 response = await self._commit_writes([write], deadline - loop.time())
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in (
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    grpc.StatusCode.NOT_FOUND,
-                ):
-                    raise _store_error(exc) from None
-                # Changed (or deleted) since the read: read again, after a
-                # random pause, so that a crowd of writers to one document
-                # spreads out instead of colliding again in lockstep.
-                pause = random.uniform(0, backoff)
-                if attempt == _UPDATE_ATTEMPTS or deadline - loop.time() <= pause:
-                    break
-                await asyncio.sleep(pause)
-                backoff = min(backoff * 2, _UPDATE_BACKOFF_MAX)
-                continue
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                    raise _LostRace from None  # changed or deleted since the read
+                raise _store_error(exc) from None
             result = response.write_results[0]
             return Task(
                 task_id,
                 content,
                 current.create_time_ns,
-                _ns(result.transform_results[0].timestamp_value),
-                etag_for(_ns(result.update_time)),
+                result.transform_results[0].timestamp_value.ToNanoseconds(),
+                result.update_time.ToNanoseconds(),
             )
-        raise Conflict(f"tasks/{task_id} is being changed by many callers at once; retry")
+
+        try:
+            return await retrying(
+                attempt,
+                retryable=lambda e: isinstance(e, _LostRace),
+                backoff=_UPDATE_BACKOFF,
+                timeout=timeout,
+            )
+        except _LostRace:
+            raise Conflict(
+                f"tasks/{task_id} is being changed by many callers at once; retry"
+            ) from None
 
     async def delete(self, task_id: str, expected_version: int | None, timeout: float) -> None:
         name = self._name(task_id)
@@ -557,7 +499,7 @@ class FirestoreStore:
             await self._commit_writes([Write(delete=name, current_document=precondition)], timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"tasks/{task_id} does not exist") from None
+                raise not_found(task_id) from None
             stale = exc.code() == grpc.StatusCode.FAILED_PRECONDITION or (
                 # Firestore refuses an update_time precondition newer than the
                 # stored version as INVALID_ARGUMENT: to the caller, an etag
@@ -567,8 +509,8 @@ class FirestoreStore:
             if stale:
                 # Stale etag, or no such task: one read tells which.
                 if await self._get_doc(name, deadline - loop.time()) is None:
-                    raise NotFound(f"tasks/{task_id} does not exist") from None
-                raise EtagMismatch(f"the etag of tasks/{task_id} is stale") from None
+                    raise not_found(task_id) from None
+                raise stale_etag(task_id) from None
             raise _store_error(exc) from None
 
     def build_query(self, query: ListQuery) -> Any:
@@ -619,7 +561,7 @@ class FirestoreStore:
             docs = await self._read_retrying(call, timeout)
         except grpc.aio.AioRpcError as exc:
             raise _store_error(exc) from None
-        return ListResult([_task(d) for d in docs[: query.limit]], more=len(docs) > query.limit)
+        return ListResult([_task(d) for d in docs[: query.limit]], has_more=len(docs) > query.limit)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -24,14 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from taskservice.errors import (
-    AlreadyExists,
-    DeadlineExceeded,
-    EtagMismatch,
-    FailedPrecondition,
-    NotFound,
-    Unavailable,
-)
+from taskservice.errors import DeadlineExceeded, Unavailable
 from taskservice.limits import REQUEST_ID_TTL_NS, check_batch_response_size
 from taskservice.model import (
     PRIORITIES,
@@ -44,7 +37,13 @@ from taskservice.model import (
     Task,
     TaskContent,
     TaskPatch,
-    etag_for,
+)
+from taskservice.store.common import (
+    not_found,
+    patched,
+    request_id_of_deleted_task,
+    stale_etag,
+    taken,
 )
 
 T = TypeVar("T")
@@ -126,7 +125,7 @@ def _row_to_task(row: Sequence[Any]) -> Task:
         ),
         create_time_ns=row[7],
         update_time_ns=row[8],
-        etag=etag_for(row[8]),
+        version=row[8],
     )
 
 
@@ -292,11 +291,7 @@ class SqliteStore:
                             f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (row[0],)
                         ).fetchone()
                         if existing is None:
-                            raise FailedPrecondition(
-                                f"request_id was used for tasks/{row[0]}, which has since"
-                                " been deleted",
-                                reason="REQUEST_ID_ALREADY_USED",
-                            )
+                            raise request_id_of_deleted_task(row[0])
                         results.append(_row_to_task(existing))
                         replayed = True
                         continue
@@ -317,17 +312,13 @@ class SqliteStore:
                         ),
                     )
                 except sqlite3.IntegrityError:
-                    raise AlreadyExists(
-                        f"tasks/{item.task_id} already exists",
-                        index=index,
-                        name=f"tasks/{item.task_id}",
-                    ) from None
+                    raise taken(item.task_id, index) from None
                 if item.request_id is not None:
                     conn.execute(
                         "INSERT OR REPLACE INTO requests VALUES (?, ?, ?)",
                         (item.request_id, item.task_id, now + REQUEST_ID_TTL_NS),
                     )
-                results.append(Task(item.task_id, c, now, now, etag_for(now)))
+                results.append(Task(item.task_id, c, now, now, now))
             if replayed:  # the first tasks may be larger than these items
                 check_batch_response_size((t.task_id, t.content) for t in results)
             return results
@@ -340,7 +331,7 @@ class SqliteStore:
                 f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
             if row is None:
-                raise NotFound(f"tasks/{task_id} does not exist")
+                raise not_found(task_id)
             return _row_to_task(row)
 
         return await self._read(get, timeout)
@@ -353,11 +344,9 @@ class SqliteStore:
                 f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
             if row is None:
-                raise NotFound(f"tasks/{task_id} does not exist")
+                raise not_found(task_id)
             current = _row_to_task(row)
-            if expected_version is not None and expected_version != current.update_time_ns:
-                raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
-            content = patch.apply(current.content)
+            content = patched(current, patch, expected_version)
             version = self._next_version(current.update_time_ns)
             conn.execute(
                 "UPDATE tasks SET title = ?, description = ?, priority = ?, state = ?,"
@@ -373,7 +362,7 @@ class SqliteStore:
                     task_id,
                 ),
             )
-            return Task(task_id, content, current.create_time_ns, version, etag_for(version))
+            return Task(task_id, content, current.create_time_ns, version, version)
 
         return await self._write(update, timeout)
 
@@ -391,8 +380,8 @@ class SqliteStore:
                     "SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)
                 ).fetchone()
                 if exists is None:
-                    raise NotFound(f"tasks/{task_id} does not exist")
-                raise EtagMismatch(f"the etag of tasks/{task_id} is stale")
+                    raise not_found(task_id)
+                raise stale_etag(task_id)
 
         await self._write(delete, timeout)
 
@@ -427,7 +416,7 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> ListResult:
             rows = conn.execute(sql, args).fetchall()
             return ListResult(
-                [_row_to_task(r) for r in rows[: query.limit]], more=len(rows) > query.limit
+                [_row_to_task(r) for r in rows[: query.limit]], has_more=len(rows) > query.limit
             )
 
         return await self._read(run, timeout)

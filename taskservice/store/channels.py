@@ -1,0 +1,67 @@
+"""The gRPC channel to Firestore, and the project, from configuration.
+
+One channel for the process: to the emulator in plaintext when
+config.firestore_emulator_host is set (with the emulator's owner token), else
+to Firestore over TLS with Google's application-default credentials
+(google.auth raises DefaultCredentialsError when there are none, which the
+entry point turns into one line saying what to do). The store takes the
+channel and never looks at the environment or credentials itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from taskservice.config import Config, ConfigError
+
+FIRESTORE_HOST = "firestore.googleapis.com:443"
+SCOPES = ("https://www.googleapis.com/auth/datastore",)
+# The emulator keeps gRPC's default 4 MiB receive limit (Firestore's own
+# request limit is 10 MiB).
+EMULATOR_MAX_COMMIT_BYTES = 4 * 1024 * 1024 - 64 * 1024
+_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class FirestoreChannel:
+    channel: grpc.aio.Channel
+    extra_metadata: tuple[tuple[str, str], ...]  # sent with every call
+    max_commit_bytes: int | None  # None: Firestore's own
+
+
+def discover_project() -> str:
+    """The project of the application-default credentials."""
+    import google.auth
+
+    _, project = google.auth.default(scopes=SCOPES)
+    if not project:
+        raise ConfigError("no Firestore project in the credentials: set GOOGLE_CLOUD_PROJECT")
+    return str(project)
+
+
+def firestore_channel(
+    config: Config, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
+) -> FirestoreChannel:
+    """The channel for config (interceptors only on the emulator's: tests)."""
+    if config.firestore_emulator_host:
+        channel = grpc.aio.insecure_channel(
+            config.firestore_emulator_host, options=_OPTIONS, interceptors=interceptors
+        )
+        return FirestoreChannel(
+            channel, (("authorization", "Bearer owner"),), EMULATOR_MAX_COMMIT_BYTES
+        )
+    if interceptors:
+        raise ValueError("interceptors are only supported on the emulator channel")
+    from google.api_core import grpc_helpers_async
+
+    channel = grpc_helpers_async.create_channel(
+        FIRESTORE_HOST, scopes=SCOPES, default_host=FIRESTORE_HOST, options=_OPTIONS
+    )
+    return FirestoreChannel(channel, (), None)
