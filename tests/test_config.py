@@ -1,0 +1,79 @@
+"""Unit tests of taskservice.config: reading settings, without a process."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+
+from taskservice import config
+from taskservice.config import SETTINGS, Config, ConfigError, load, settings_help
+
+
+def test_defaults() -> None:
+    config = load({})
+    assert config == Config()
+    assert config.address == "[::]:8080" and config.store == "sqlite"
+
+
+@pytest.mark.parametrize(
+    ("env", "store", "project"),
+    [
+        ({}, "sqlite", ""),
+        ({"K_SERVICE": "taskservice"}, "firestore", ""),
+        ({"GOOGLE_CLOUD_PROJECT": "my-project"}, "firestore", "my-project"),
+        ({"GCP_PROJECT": "my-project"}, "firestore", "my-project"),
+        ({"FIRESTORE_EMULATOR_HOST": "127.0.0.1:8081"}, "firestore", "demo-taskservice"),
+        ({"K_SERVICE": "x", "TASKSERVICE_STORE": "SQLite"}, "sqlite", ""),
+        ({"GOOGLE_CLOUD_PROJECT": ""}, "sqlite", ""),  # set by a platform, empty: unset
+    ],
+)
+def test_the_store_follows_the_environment(env: dict[str, str], store: str, project: str) -> None:
+    config = load(env)
+    assert (config.store, config.project) == (store, project)
+
+
+def test_overrides_win_over_the_environment() -> None:
+    config = load(
+        {"PORT": "9000", "TASKSERVICE_STORE": "firestore"},
+        {"PORT": "9100", "TASKSERVICE_STORE": "sqlite", "TASKSERVICE_SQLITE_PATH": "/x/t.db"},
+    )
+    assert (config.port, config.store, config.sqlite_path) == (9100, "sqlite", "/x/t.db")
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"PORT": ""}, "PORT is set but empty; unset it for the default (8080)"),
+        ({"TASKSERVICE_STORE": " "}, "TASKSERVICE_STORE is set but empty"),
+        ({"PORT": "x"}, "PORT='x' is not an integer"),
+        ({"PORT": "-1"}, "outside 0..65535"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD' must be one of DEBUG, INFO, WARNING, ERROR"),
+        ({"TASKSERVICE_STORE": "mongo"}, "must be 'sqlite' or 'firestore'"),
+        ({"FIRESTORE_EMULATOR_HOST": "localhost"}, "must be host:port"),
+        ({"TASKSERVICE_GRACE_SECONDS": "61"}, "outside 0..60"),
+        ({"TASKSERVICE_CERTS_URL": "http://example.com/certs"}, "must be https"),
+    ],
+)
+def test_bad_settings_say_what_to_do(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(env)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_log_level_is_read_in_any_case() -> None:
+    assert load({"LOG_LEVEL": "warning"}).log_level == "WARNING"
+
+
+def test_every_setting_is_documented_in_help() -> None:
+    text = settings_help()
+    for setting in SETTINGS:
+        assert setting.env in text and setting.meaning in text
+    assert len({s.env for s in SETTINGS}) == len(SETTINGS)
+    # Every variable load() reads is in SETTINGS (besides GCP_PROJECT, an alias).
+    source = inspect.getsource(config.load)
+    read = set(re.findall(r'env, "([A-Z][A-Z0-9_]+)"|env.get\("([A-Z][A-Z0-9_]+)"', source))
+    names = {name for pair in read for name in pair if name}
+    assert names - {s.env for s in SETTINGS} == {"GCP_PROJECT"}
+    assert len(names) >= 20

@@ -1,0 +1,52 @@
+"""Unit tests of taskservice.jsonlog, and a guard on the one private logging
+attribute it sets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from taskservice import jsonlog
+
+
+def test_configure_stops_logging_from_walking_the_stack() -> None:
+    """jsonlog.configure sets logging._srcfile = None so that no record looks
+    for its caller. If a Python release drops or renames that switch, this
+    fails loudly (and the lines would only cost more, not change)."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging._srcfile)  # type: ignore[attr-defined]
+    try:
+        jsonlog.configure("INFO")
+        assert hasattr(logging, "_srcfile") and logging._srcfile is None  # type: ignore[attr-defined]
+        seen: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                seen.append(record)
+
+        logging.getLogger("jsonlog-test").addHandler(Keep())
+        logging.getLogger("jsonlog-test").warning("hello")
+        assert (
+            seen
+            and seen[0].pathname == "(unknown file)"
+            and seen[0].funcName == "(unknown function)"
+        )
+    finally:
+        root.handlers[:], level, logging._srcfile = saved[0], saved[1], saved[2]  # type: ignore[attr-defined]
+        root.setLevel(level)
+
+
+def test_a_line_is_one_json_object_in_cloud_loggings_shape() -> None:
+    line = jsonlog.json_line(logging.WARNING, 'say "hi"\nthere', 1_700_000_000.25, "x", {"k": 1})
+    entry = json.loads(line)
+    assert entry == {
+        "severity": "WARNING",
+        "message": 'say "hi"\nthere',
+        "time": "2023-11-14T22:13:20.250000Z",
+        "logger": "x",
+        "k": 1,
+    }
+    assert "\n" not in line
+    handler = jsonlog.JsonLinesHandler(io.StringIO())
+    assert isinstance(handler, logging.Handler)
