@@ -14,9 +14,11 @@ from harness.emulator import (
 from harness.net import free_port, wait_for_port
 from harness.servers import (
     FAST_RECONNECT,
+    ProcessRunning,
     Running,
     ServerProcess,
     server_env,
+    start_process,
     start_server,
     wait_serving,
 )
@@ -25,6 +27,7 @@ __all__ = [
     "FAST_RECONNECT",
     "CallCounter",
     "Emulator",
+    "ProcessRunning",
     "Running",
     "ServerProcess",
     "emulator_jar",
@@ -33,6 +36,7 @@ __all__ = [
     "launch_emulator",
     "server_env",
     "start_emulator",
+    "start_process",
     "start_server",
     "wait_for_port",
     "wait_serving",

@@ -124,15 +124,17 @@ class ServerProcess:
                     raise RuntimeError(f"the server never became SERVING:\n{self.output}")
                 time.sleep(0.01)
 
+    def pids(self) -> list[int]:
+        """The process and its children (the workers of TASKSERVICE_WORKERS)."""
+        return [self.proc.pid, *children(self.proc.pid)]
+
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """CPU seconds used so far, by the process and its live children."""
+        return sum(_cpu_s(pid) for pid in self.pids())
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """Resident memory of the process and its children."""
+        return sum(_rss_mb(pid) for pid in self.pids())
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -159,6 +161,39 @@ class ServerProcess:
         self.proc.wait(15)
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of pid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0.0
+    for line in lines:
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 @dataclass
 class Running:
     """An in-process TaskServer with a channel and stubs to it."""
@@ -175,6 +210,38 @@ class Running:
     async def close(self, grace: float = 0) -> None:
         await self.channel.close()
         await self.server.stop(grace=grace)
+
+
+@dataclass
+class ProcessRunning:
+    """A server process with a channel and stubs to it: what the contract
+    suite needs of `running` when it runs against TASKSERVICE_WORKERS."""
+
+    process: ServerProcess
+    channel: grpc.aio.Channel
+    stub: task_service_pb2_grpc.TaskServiceStub
+    health: health_pb2_grpc.HealthStub
+
+    @property
+    def target(self) -> str:
+        return self.process.target
+
+    async def close(self, grace: float = 0) -> None:
+        await self.channel.close()
+        code, output = await asyncio.to_thread(self.process.stop)
+        assert code == 0, output[-3000:]
+
+
+async def start_process(env: Mapping[str, str], cwd: Path) -> ProcessRunning:
+    process = ServerProcess(env, cwd)
+    await asyncio.to_thread(process.wait_serving)
+    channel = grpc.aio.insecure_channel(process.target)
+    return ProcessRunning(
+        process,
+        channel,
+        task_service_pb2_grpc.TaskServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+    )
 
 
 async def wait_serving(health: health_pb2_grpc.HealthStub, timeout: float = 10.0) -> None:

@@ -105,6 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskservice: configuration error: {err}", file=sys.stderr)
         return 2
     jsonlog.configure(config.log_level)
+    if config.workers > 1 and config.worker is None:
+        from taskservice.supervisor import supervise
+
+        if config.port == 0:
+            print(
+                "taskservice: cannot start: TASKSERVICE_WORKERS needs a fixed PORT", file=sys.stderr
+            )
+            return 2
+        try:
+            return supervise(config, sys.argv[1:] if argv is None else list(argv))
+        except OSError as err:
+            print(f"taskservice: cannot start: {err}", file=sys.stderr)
+            return 2
     try:
         asyncio.run(serve(config))
     except StartupError as err:

@@ -11,9 +11,12 @@ what you mean: unset it for the default), except the ones that platforms set
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 _COLLECTION = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _PROJECT = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]|demo-[a-z0-9-]{1,60}")
@@ -104,9 +107,31 @@ SETTINGS: tuple[Setting, ...] = (
         "300",
         "such a stream without a message this long is ended",
     ),
+    Setting(
+        "TASKSERVICE_WORKERS",
+        "1",
+        "server processes sharing the port (SO_REUSEPORT), supervised by the first; auto:"
+        " the CPUs this container may use (its cgroup quota)",
+    ),
     Setting("K_SERVICE", "unset", "set by Cloud Run; selects the Firestore store", platform=True),
+    Setting(
+        "TASKSERVICE_WORKER",
+        "unset",
+        "set by the supervisor for each worker (slot/count/readiness file); do not set",
+        platform=True,
+    ),
 )
 FLAGS = {s.flag: s.env for s in SETTINGS if s.flag}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSlot:
+    """Which of the supervisor's workers this process is, and the file in
+    which every worker marks itself ready (one byte each)."""
+
+    index: int
+    count: int
+    readiness_path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +156,8 @@ class Config:
     max_concurrent_rpcs: int = 1000  # TaskService calls; beyond: RESOURCE_EXHAUSTED at once
     max_tool_streams: int = 100  # open health Watch and reflection streams
     tool_stream_idle_seconds: float = 300.0  # such a stream idle this long is ended
+    workers: int = 1  # server processes sharing the port
+    worker: WorkerSlot | None = None  # set when this process is one of several workers
 
     @property
     def address(self) -> str:
@@ -226,6 +253,12 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
     max_rpcs = _int(env, "TASKSERVICE_MAX_CONCURRENT_RPCS", 1000, 1, 100_000)
     max_tool_streams = _int(env, "TASKSERVICE_MAX_TOOL_STREAMS", 100, 1, 100_000)
     tool_idle = _int(env, "TASKSERVICE_TOOL_STREAM_IDLE_SECONDS", 300, 1, 86_400)
+    raw_workers = env.get("TASKSERVICE_WORKERS", "").strip().lower()
+    if raw_workers == "auto":
+        workers = available_cpus()
+    else:
+        workers = _int(env, "TASKSERVICE_WORKERS", 1, 1, 64)
+    worker = _worker_slot(env.get("TASKSERVICE_WORKER", "").strip())
     return Config(
         host=host,
         port=port,
@@ -247,7 +280,46 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
         max_concurrent_rpcs=max_rpcs,
         max_tool_streams=max_tool_streams,
         tool_stream_idle_seconds=float(tool_idle),
+        workers=workers,
+        worker=worker,
     )
+
+
+def _worker_slot(raw: str) -> WorkerSlot | None:
+    if not raw:
+        return None
+    index, _, rest = raw.partition("/")
+    count, _, path = rest.partition(":")
+    try:
+        slot = WorkerSlot(int(index), int(count), path)
+    except ValueError:
+        raise ConfigError(f"TASKSERVICE_WORKER={raw!r} is set by taskservice itself") from None
+    if not 0 <= slot.index < slot.count or not path:
+        raise ConfigError(f"TASKSERVICE_WORKER={raw!r} is set by taskservice itself")
+    return slot
+
+
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its cgroup's CPU quota (v2 cpu.max, or
+    v1 cfs_quota_us / cfs_period_us), rounded up, within the CPUs it may run
+    on. A container's quota, not the host's count, is what Cloud Run gives."""
+    allowed = len(os.sched_getaffinity(0))
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(allowed, math.ceil(quota))) if quota else allowed
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def settings_help() -> str:

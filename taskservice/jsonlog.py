@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import logging
+import select
 import sys
 import time
 from typing import Any
@@ -94,18 +95,26 @@ class JsonFormatter(logging.Formatter):
 
 
 FLUSH_SECONDS = 0.05
+# A write of at most this many bytes to a pipe is atomic (POSIX PIPE_BUF):
+# the workers of TASKSERVICE_WORKERS share one stderr, and a longer write can
+# be interleaved with another worker's, cutting lines in two.
+ATOMIC_WRITE = select.PIPE_BUF
+_MAX_PENDING = 1 << 16
 
 
 class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes JSON lines to a buffered stream. Records below WARNING that are
-    written on an event loop (the access lines of a busy server) are flushed
-    together FLUSH_SECONDS later, one write for many calls instead of one per
-    call; anything else, and everything written off the loop, is flushed at
-    once. logging.shutdown() (at exit) flushes what is left."""
+    """Writes JSON lines to a stream in whole-line writes of at most
+    ATOMIC_WRITE bytes each (a longer line alone). Records below WARNING that
+    are written on an event loop (the access lines of a busy server) are held
+    and written together FLUSH_SECONDS later, a few writes for many calls
+    instead of one per call; anything else, and everything written off the
+    loop, goes out at once. logging.shutdown() (at exit) flushes what is left."""
 
     def __init__(self, stream: io.TextIOBase) -> None:
         super().__init__(stream)
         self._flush_pending = False
+        self._held: list[str] = []
+        self._held_size = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -117,23 +126,46 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def write_line(self, line: str, levelno: int) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self.stream.write(line + "\n")
-            if levelno >= logging.WARNING:
-                self.stream.flush()
+            self._held.append(line + "\n")
+            self._held_size += len(line) + 1
+            if levelno >= logging.WARNING or self._held_size >= _MAX_PENDING:
+                self._write_held()
                 return
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # written off any event loop: at once
-                self.stream.flush()
+                self._write_held()
                 return
             if not self._flush_pending:
                 self._flush_pending = True
                 loop.call_later(FLUSH_SECONDS, self._flush_later)
 
+    def _write_held(self) -> None:
+        """The held lines, in writes of whole lines of at most ATOMIC_WRITE bytes."""
+        chunk: list[str] = []
+        size = 0
+        for line in self._held:
+            length = len(line.encode())
+            if chunk and size + length > ATOMIC_WRITE:
+                self.stream.write("".join(chunk))
+                self.stream.flush()
+                chunk, size = [], 0
+            chunk.append(line)
+            size += length
+        if chunk:
+            self.stream.write("".join(chunk))
+            self.stream.flush()
+        self._held.clear()
+        self._held_size = 0
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_held()
+
     def _flush_later(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             self._flush_pending = False
-            self.stream.flush()
+            self._write_held()
 
 
 def configure(level: str = "INFO") -> None:

@@ -5,16 +5,16 @@ server reflection (v1 and v1alpha) behind the call pipeline
 (taskservice.calls); reports NOT_SERVING until the store answers a first
 probe and from the moment shutdown starts; and on stop ends every open health
 Watch and reflection stream at once, refuses new calls, gives in-flight calls
-a grace period, then closes the store.
+a grace period, then closes the store. As one of several workers
+(TASKSERVICE_WORKERS, taskservice.supervisor) it binds the port with
+SO_REUSEPORT and is SERVING only while every worker is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import signal
-import socket
 from typing import Any
 
 import grpc
@@ -27,16 +27,19 @@ from taskservice.config import Config
 from taskservice.health import NOT_SERVING, SERVING, HealthService
 from taskservice.health import SERVICE_NAME as HEALTH_SERVICE
 from taskservice.limits import MAX_REQUEST_BYTES
+from taskservice.ports import check_bindable
 from taskservice.service import TaskServicer
 from taskservice.store import TaskStore, open_store
+from taskservice.supervisor import ReadinessBoard
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 PROBE_TIMEOUT = 2.0
 PROBE_INTERVAL = 0.5
+SIBLING_POLL = 0.2
 SERVER_OPTIONS = [
-    ("grpc.so_reuseport", 0),
+    ("grpc.so_reuseport", 0),  # 1 for the workers of TASKSERVICE_WORKERS
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -69,7 +72,12 @@ class TaskServer:
         )
         # No maximum_concurrent_rpcs: gRPC's own bound counts every call alike
         # (probes, streams, unauthenticated callers); the gate counts them apart.
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        options = list(SERVER_OPTIONS)
+        self.board: ReadinessBoard | None = None
+        if config.worker is not None:  # one of several processes on this port
+            options[0] = ("grpc.so_reuseport", 1)
+            self.board = ReadinessBoard(config.worker.readiness_path, config.worker.count)
+        self.server = grpc.aio.server(options=options)
         registrar: Any = PipelineRegistrar(self.server, CallPipeline(self.gate, verifier))
         servicer = TaskServicer(
             self.store,
@@ -84,12 +92,14 @@ class TaskServer:
                 registrar.add_registered_method_handlers(name, reflection.method_handlers(served))
         self.port = 0
         self._probe: asyncio.Task[None] | None = None
+        self._siblings: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port. OSError, with a
         message that says what to do, when the address cannot be bound."""
-        check_bindable(self.config.host, self.config.port)
+        if self.board is None:  # workers share a port their siblings hold
+            check_bindable(self.config.host, self.config.port)
         try:
             self.port = self.server.add_insecure_port(self.config.address)
         except RuntimeError:  # taken between the check and now
@@ -122,9 +132,24 @@ class TaskServer:
                     log.warning("store not ready (%s: %s); retrying", type(cause).__name__, cause)
                 await asyncio.sleep(PROBE_INTERVAL)
                 continue
-            self.health.set_all(SERVING)
+            if self.board is None:
+                self.health.set_all(SERVING)
+            else:
+                assert self.config.worker is not None
+                self.board.mark(self.config.worker.index, True)
+                self._siblings = asyncio.create_task(self._follow_siblings(self.board))
             log.info("store ready; serving")
             return
+
+    async def _follow_siblings(self, board: ReadinessBoard) -> None:
+        """A worker is SERVING only while every worker is ready."""
+        shown = None
+        while not self._stopping:
+            status = SERVING if board.all_ready() else NOT_SERVING
+            if status != shown:
+                self.health.set_all(status)
+                shown = status
+            await asyncio.sleep(SIBLING_POLL)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, end the long-lived streams, refuse new calls,
@@ -133,40 +158,16 @@ class TaskServer:
             return
         self._stopping = True
         self.health.set_all(NOT_SERVING, final=True)
-        if self._probe is not None:
-            self._probe.cancel()
+        if self.board is not None and self.config.worker is not None:
+            self.board.mark(self.config.worker.index, False)
+        for task in (self._probe, self._siblings):
+            if task is not None:
+                task.cancel()
         await asyncio.sleep(0)  # let open Watch streams send NOT_SERVING first
         self.gate.draining.set()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.store.close()
         log.info("stopped")
-
-
-def check_bindable(host: str, port: int) -> None:
-    """Raises OSError, saying what to do, when host:port cannot be bound (it
-    is checked with a plain socket first, so that a busy port is one clear
-    line rather than gRPC core's log and a traceback)."""
-    if port == 0:
-        return
-    bare = host.strip("[]")
-    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            probe.bind((bare, port))
-    except OSError as err:
-        if err.errno == errno.EADDRINUSE:
-            raise OSError(
-                f"port {port} is already in use (another server?); stop it, or choose another"
-                " port with --port or PORT"
-            ) from None
-        if err.errno == errno.EACCES:
-            raise OSError(
-                f"no permission to listen on port {port}; use a port above 1023"
-            ) from None
-        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
 async def wait_for_stop_signal() -> None:

@@ -5,17 +5,31 @@ and tests/helpers.py; nothing imports this module.
 The emulator is started once per session by the tests themselves. Where it is
 not installed, every Firestore test is skipped, and the run ends with a red
 banner saying so (as it does for every suite skipped with loud_skip).
+
+TASKSERVICE_TEST_WORKERS=N makes `running` a `python -m taskservice` process
+with N workers (TASKSERVICE_WORKERS) instead of an in-process server: the
+contract suite runs so in CI too (only `running.stub` is used there).
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import Emulator, Running, emulator_jar, firestore_store, start_emulator, start_server
+from harness import (
+    Emulator,
+    Running,
+    emulator_jar,
+    firestore_store,
+    start_emulator,
+    start_process,
+    start_server,
+)
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
 from tests.helpers import LOUD_SKIPS, loud_skip
@@ -52,8 +66,24 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await made.close()
 
 
+WORKERS = int(os.environ.get("TASKSERVICE_TEST_WORKERS", "1"))
+
+
 @pytest.fixture
-async def running(store: TaskStore) -> AsyncIterator[Running]:
-    r = await start_server(store)
-    yield r
-    await r.close(grace=1)
+async def running(
+    store: TaskStore, request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Running]:
+    if WORKERS == 1:
+        r = await start_server(store)
+        yield r
+        await r.close(grace=1)
+        return
+    env = {"TASKSERVICE_WORKERS": str(WORKERS), "TASKSERVICE_STORE": store.kind}
+    if store.kind == "sqlite":
+        env["TASKSERVICE_SQLITE_PATH"] = str(tmp_path / "workers.db")
+    else:
+        env["FIRESTORE_EMULATOR_HOST"] = request.getfixturevalue("emulator").host
+        env["GOOGLE_CLOUD_PROJECT"] = f"demo-w{uuid.uuid4().hex[:12]}"
+    process = await start_process(env, tmp_path)
+    yield process  # type: ignore[misc]
+    await process.close()

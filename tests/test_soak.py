@@ -184,11 +184,18 @@ async def _everything(stub: Any) -> list[pb.Task]:
             return tasks
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("store", ["sqlite", "firestore"])
 async def test_soak_then_reconcile(
-    store: str, tmp_path: Path, request: pytest.FixtureRequest
+    store: str, workers: int, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    env = {"TASKSERVICE_STORE": store, "TASKSERVICE_SQLITE_PATH": str(tmp_path / "t.db")}
+    """workers=2: TASKSERVICE_WORKERS, two processes on one port (on SQLite,
+    two writers of one file)."""
+    env = {
+        "TASKSERVICE_STORE": store,
+        "TASKSERVICE_SQLITE_PATH": str(tmp_path / "t.db"),
+        "TASKSERVICE_WORKERS": str(workers),
+    }
     if store == "firestore":
         emulator = request.getfixturevalue("emulator")
         env.update(
@@ -196,10 +203,15 @@ async def test_soak_then_reconcile(
             GOOGLE_CLOUD_PROJECT=f"demo-soak-{uuid.uuid4().hex[:8]}",
         )
     server = ServerProcess(env, tmp_path)
-    channel = grpc.aio.insecure_channel(server.target)
-    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    # Eight connections, so that SO_REUSEPORT spreads them over the workers.
+    channels = [
+        grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(8)
+    ]
+    stubs = [task_service_pb2_grpc.TaskServiceStub(c) for c in channels]
+    stub = stubs[0]
     try:
-        await wait_serving(health_pb2_grpc.HealthStub(channel), timeout=30)
+        await wait_serving(health_pb2_grpc.HealthStub(channels[0]), timeout=30)
         hot = [
             (await stub.CreateTask(create_request("hot", task_id=f"hot-{i}"))).name
             for i in range(HOT_TASKS)
@@ -207,11 +219,14 @@ async def test_soak_then_reconcile(
         rss_start = server.rss_mb()
         ledger = Ledger()
         until = time.monotonic() + SECONDS
-        await asyncio.gather(*(_caller(ledger, stub, hot, seed, until) for seed in range(CALLERS)))
+        await asyncio.gather(
+            *(_caller(ledger, stubs[seed % 8], hot, seed, until) for seed in range(CALLERS))
+        )
         rss_end = server.rss_mb()
         stored = {t.name: t for t in await _everything(stub)}
     finally:
-        await channel.close()
+        for channel in channels:
+            await channel.close()
         code, _ = server.stop()
 
     own = {n: t for n, t in stored.items() if n not in hot}
@@ -229,7 +244,7 @@ async def test_soak_then_reconcile(
     double_winners = [e for e, c in ledger.etag_winners.items() if c > 1]
     p99 = statistics.quantiles(ledger.latencies, n=100)[98] * 1000
     record(
-        f"soak_{store}",
+        f"soak_{store}" + (f"_{workers}_workers" if workers > 1 else ""),
         seconds=SECONDS,
         callers=CALLERS,
         calls=sum(ledger.codes.values()),

@@ -1,0 +1,260 @@
+"""TASKSERVICE_WORKERS: several server processes on one port, supervised, as an
+operator runs them (`python -m taskservice` in its own process)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tasks.v1 import task_service_pb2 as pb
+from tasks.v1 import task_service_pb2_grpc
+
+from harness import ServerProcess, free_port, server_env, wait_for_port
+from harness.servers import children
+from taskservice.config import available_cpus
+from tests.helpers import create_request
+from tests.reliability import record
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(
+        {"TASKSERVICE_WORKERS": "2", "TASKSERVICE_SQLITE_PATH": str(tmp_path / "t.db")},
+        tmp_path,
+    )
+    server.wait_serving()
+    yield server
+    server.kill()
+    for pid in children(server.proc.pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+async def _status(target: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        response = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=2
+        )
+        return int(response.status)
+
+
+async def test_both_workers_take_calls(two_workers: ServerProcess) -> None:
+    workers = children(two_workers.proc.pid)
+    assert len(workers) == 2
+    before = {pid: cpu_seconds(pid) for pid in workers}
+    channels = [
+        grpc.aio.insecure_channel(
+            two_workers.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(16)
+    ]
+    try:
+        stubs = [task_service_pb2_grpc.TaskServiceStub(c) for c in channels]
+        task = await stubs[0].CreateTask(create_request("shared"))
+        for _ in range(40):
+            await asyncio.gather(*(s.GetTask(pb.GetTaskRequest(name=task.name)) for s in stubs))
+    finally:
+        for c in channels:
+            await c.close()
+    used = {pid: cpu_seconds(pid) - before[pid] for pid in workers}
+    record("workers_share_the_port", workers=2, connections=16, cpu_s=used)
+    assert all(seconds > 0.05 for seconds in used.values()), used
+
+
+async def test_sigterm_drains_every_worker_and_exits_0(two_workers: ServerProcess) -> None:
+    channel = grpc.aio.insecure_channel(two_workers.target)
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    sent = asyncio.Event()
+
+    async def slow() -> AsyncIterator[pb.CreateTaskRequest]:
+        for i in range(10):
+            yield create_request(f"t{i}")
+            if i == 2:
+                sent.set()
+            await asyncio.sleep(0.1)
+
+    try:
+        batch = asyncio.ensure_future(stub.BatchCreateTasks(slow(), timeout=10))
+        await sent.wait()
+        started = time.monotonic()
+        two_workers.signal(signal.SIGTERM)
+        assert len((await batch).tasks) == 10  # in flight at SIGTERM: finished
+        code, output = await asyncio.to_thread(two_workers.finish, 15)
+        took = time.monotonic() - started
+    finally:
+        await channel.close()
+    assert code == 0, output[-2000:]
+    assert took < 9
+    assert children(two_workers.proc.pid) == []
+
+
+async def test_a_dead_worker_is_started_again_and_health_waits_for_it(
+    two_workers: ServerProcess,
+) -> None:
+    first = children(two_workers.proc.pid)
+    os.kill(first[0], signal.SIGKILL)
+    started = time.monotonic()
+    statuses = []
+    while time.monotonic() - started < 10:
+        try:
+            statuses.append(await _status(two_workers.target))
+        except grpc.aio.AioRpcError:
+            statuses.append(-1)  # the dead worker's connections are gone
+        if statuses[-1] == SERVING and len(statuses) > 1 and SERVING not in statuses[:-1]:
+            break
+        await asyncio.sleep(0.05)
+    back = time.monotonic() - started
+    now = children(two_workers.proc.pid)
+    record("worker_restart", serving_again_after_s=round(back, 2))
+    assert statuses[-1] == SERVING and SERVING not in statuses[:-1], statuses[:20]
+    assert len(now) == 2 and first[0] not in now
+    assert "worker 0 exited" in two_workers.output or "worker 1 exited" in two_workers.output
+
+
+async def test_a_crash_loop_stops_the_instance_with_exit_1(two_workers: ServerProcess) -> None:
+    killed = 0
+    deadline = time.monotonic() + 40
+    while two_workers.proc.poll() is None and time.monotonic() < deadline:
+        for pid in children(two_workers.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        await asyncio.sleep(0.3)
+    code, output = await asyncio.to_thread(two_workers.finish, 15)
+    assert code == 1, output[-2000:]
+    assert "workers keep dying" in output
+    assert killed >= 5
+
+
+def test_workers_need_a_fixed_port(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "taskservice"],
+        env=server_env({"TASKSERVICE_WORKERS": "2", "PORT": "0"}),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "needs a fixed PORT" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("files", "cpus"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 2),
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_auto_counts_the_cgroup_quota_not_the_host(
+    tmp_path: Path, files: dict[str, str], cpus: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    allowed = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == (allowed if cpus is None else min(cpus, allowed))
+
+
+def test_a_busy_port_is_one_line_with_workers(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "taskservice", "--port", str(port)],
+            env=server_env({"TASKSERVICE_WORKERS": "2"}),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "already in use" in result.stderr
+
+
+async def test_the_workers_log_lines_never_interleave(tmp_path: Path) -> None:
+    """Two workers write access lines to one stderr pipe, as Cloud Run reads a
+    container's output: every line must stay whole (a write of more than
+    PIPE_BUF bytes to a pipe is not atomic)."""
+    port = free_port()
+    env = server_env(
+        {
+            "PORT": str(port),
+            "TASKSERVICE_HOST": "127.0.0.1",
+            "TASKSERVICE_WORKERS": "2",
+            "LOG_LEVEL": "INFO",
+            "TASKSERVICE_SQLITE_PATH": str(tmp_path / "t.db"),
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskservice"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    collected: list[bytes] = []
+
+    def read_slowly() -> None:
+        """A slow reader, as a busy log agent may be: the pipe fills up, and
+        then a large write goes in piece by piece."""
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read1(2048):  # type: ignore[attr-defined]
+            collected.append(chunk)
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    channels = [
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(16)
+    ]
+    try:
+        assert await asyncio.to_thread(wait_for_port, "127.0.0.1", port, 30)
+        stubs = [task_service_pb2_grpc.TaskServiceStub(c) for c in channels]
+        task = await stubs[0].CreateTask(create_request("logged"), wait_for_ready=True, timeout=30)
+        for _ in range(150):
+            await asyncio.gather(*(s.GetTask(pb.GetTaskRequest(name=task.name)) for s in stubs))
+    finally:
+        for c in channels:
+            await c.close()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 15)
+        reader.join(15)
+    assert code == 0
+    lines = b"".join(collected).decode(errors="replace").splitlines()
+    broken = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            broken.append(line[:160])
+    access = [line for line in lines if "/tasks.v1.TaskService/GetTask" in line]
+    record("workers_log_lines", lines=len(lines), broken=len(broken), access_lines=len(access))
+    assert not broken, broken[:3]
+    assert len(access) == 150 * 16
