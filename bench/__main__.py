@@ -56,10 +56,13 @@ SERVICE = "/tasks.v1.TaskService/"
 # -- processes ----------------------------------------------------------------
 
 
-def start_taskservice(store: str, workdir: Path, emulator: str | None) -> ServerProcess:
+def start_taskservice(
+    store: str, workdir: Path, emulator: str | None, workers: int = 1
+) -> ServerProcess:
     """TaskService as in production: its own process, access lines at INFO."""
     env = {
         "LOG_LEVEL": "INFO",
+        "TASKSERVICE_WORKERS": str(workers),
         "TASKSERVICE_STORE": store,
         "TASKSERVICE_SQLITE_PATH": str(workdir / f"bench-{uuid.uuid4().hex[:6]}.db"),
     }
@@ -102,6 +105,7 @@ def h2load(
     inflight: int,
     calls: int,
     response_bytes: int | None = None,
+    connections: int | None = None,
 ) -> dict[str, Any]:
     """Unary calls from nghttp2's h2load; latencies from its per-request log.
 
@@ -113,7 +117,8 @@ def h2load(
         body = Path(tmp) / "body"
         body.write_bytes(grpc_frame(request))
         log = Path(tmp) / "log"
-        connections = 1 if inflight == 1 else 4
+        if connections is None:
+            connections = 1 if inflight == 1 else 4
         cpu0 = server.cpu_s()
         started = time.monotonic()
         result = subprocess.run(

@@ -313,12 +313,55 @@ def write_report(r: dict[str, Any], out: Path) -> None:
                 f"| {name} | {c['rpcs']} | {c['by_method']} | {c['documents_read']}"
                 f" | {c.get('documents_written', '?')} |"
             )
+    lines += _workers_section(out / "workers.json")
     lines += ["", "## Cold start", "", "| what | median s | runs |", "| --- | --- | --- |"]
     for name, c in r.get("cold_start", {}).items():
         lines.append(f"| {name} | {c['median_s']} | {c.get('runs_s', '')} |")
     if charted:
         lines += ["", "![calls/s by RPC and concurrency vs. the echo ceiling](benchmarks.png)", ""]
     (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
+
+
+def _workers_section(path: Path) -> list[str]:
+    """TASKSERVICE_WORKERS=1 against 2 (`python -m bench.workers`), if run."""
+    if not path.exists():
+        return []
+    w = json.loads(path.read_text())
+    lines = [
+        "",
+        f"## One worker against two (`python -m bench.workers`, {w['date']})",
+        "",
+        f"{w['inflight']} calls in flight over {w['connections']} connections (SO_REUSEPORT"
+        " spreads connections over the workers); each row is the median of rounds that"
+        " alternate 1 and 2 workers. CPU counts every process of the instance. The load"
+        " generator, and for Firestore the emulator, run on the same 2 cores: two workers"
+        " compete with them for the cores, so this is a floor of what a 2-vCPU Cloud Run"
+        " instance, whose vCPUs are its own, gets.",
+        "",
+        "| store | RPC | workers | calls/s | server CPU µs/call | p50 ms | p99 ms | RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for store, data in w["stores"].items():
+        for method in ("GetTask", "CreateTask"):
+            for workers in ("1", "2"):
+                row = data[workers][method]
+                lines.append(
+                    f"| {store} | {method} | {workers} | {row['calls_per_s']:,.0f} |"
+                    f" {row['server_cpu_us_per_call']:,.0f} | {row['p50_ms']} | {row['p99_ms']} |"
+                    f" {data[workers]['rss_mb']:.0f} |"
+                )
+    sqlite = w["stores"].get("sqlite")
+    if sqlite:
+        get = sqlite["2"]["GetTask"]["calls_per_s"] / sqlite["1"]["GetTask"]["calls_per_s"]
+        create = sqlite["2"]["CreateTask"]["calls_per_s"] / sqlite["1"]["CreateTask"]["calls_per_s"]
+        lines += [
+            "",
+            f"Reading it: on SQLite, reads scale ({get:.2f}x here) but writes do not"
+            f" ({create:.2f}x): the workers share one file, and SQLite lets one writer at a"
+            " time hold it, so each process's group commit becomes one turn at the lock. On"
+            " the emulator the JVM needs the same cores, so two workers gain nothing here.",
+        ]
+    return lines
 
 
 def _int_keys(o: Any) -> Any:

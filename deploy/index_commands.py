@@ -4,8 +4,9 @@
         --project P [--database D] [--collection tasks]
 
 One command per line, shell-quoted: the composite indexes, the single-field
-index exemptions (fieldOverrides), and the TTL policy that expires request-id
-markers (<collection>-requests.expire_time). deploy.sh runs them.
+index exemptions (fieldOverrides: every single-field index no query needs,
+see docs/capacity.md), and the TTL policy that expires request-id markers
+(<collection>-requests.expire_time). deploy.sh runs them.
 """
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ import shlex
 import sys
 
 
+def _group(name: str, collection: str) -> str:
+    """The file names the default collection, tasks (and tasks-requests for
+    the request-id markers); a deployment may use another."""
+    return collection + name.removeprefix("tasks") if name.startswith("tasks") else name
+
+
 def commands(doc: dict, project: str, database: str, collection: str) -> list[list[str]]:
     scope = ["--project", project, "--database", database]
     out: list[list[str]] = []
     for index in doc["indexes"]:
-        group = collection if index["collectionGroup"] == "tasks" else index["collectionGroup"]
+        group = _group(index["collectionGroup"], collection)
         cmd = [
             "gcloud", "firestore", "indexes", "composite", "create",
             f"--collection-group={group}",
@@ -34,7 +41,7 @@ def commands(doc: dict, project: str, database: str, collection: str) -> list[li
             cmd.append(f"--field-config={config}")
         out.append([*cmd, "--async", *scope])
     for override in doc.get("fieldOverrides", []):
-        group = collection if override["collectionGroup"] == "tasks" else override["collectionGroup"]
+        group = _group(override["collectionGroup"], collection)
         if override["indexes"]:
             raise SystemExit("only index exemptions (indexes: []) are supported")
         out.append([

@@ -7,6 +7,9 @@
   audience is the service URL (google-auth: the metadata server on Google
   Cloud, or a service-account key / gcloud user credentials elsewhere).
 - localhost / 127.0.0.1 / [::1]: plaintext h2c, for a local server.
+- `ipv4:host:port,host:port,...`: several instances, calls spread over them
+  with gRPC's round_robin (an instance that goes away is skipped until it is
+  back).
 - Retries on UNAVAILABLE only where a repeat cannot do harm: GetTask and
   ListTasks always (by the channel's service config), CreateTask only with a
   request_id, UpdateTask only with task.etag, DeleteTask only with an etag.
@@ -75,8 +78,15 @@ class Target:
 
 
 def parse_target(target: str) -> Target:
-    """Where to connect and how: TLS + ID token for Cloud Run, plaintext for localhost."""
+    """Where to connect and how: TLS + ID token for Cloud Run, plaintext for
+    localhost. A gRPC target naming several addresses
+    (`ipv4:127.0.0.1:8081,127.0.0.1:8082`) is passed on as it is: plaintext
+    when every address is on loopback."""
     raw = target.strip()
+    if raw.startswith(("ipv4:", "ipv6:")):
+        addresses = raw.split(":", 1)[1].split(",")
+        hosts = {a.rsplit(":", 1)[0].strip("[]") for a in addresses}
+        return Target(raw, secure=not hosts <= set(LOCAL_HOSTS), audience=None)
     if "://" in raw:
         parts = urlsplit(raw)
         host = parts.hostname or ""
@@ -191,6 +201,10 @@ def open_channel(
     """
     parsed = parse_target(target)
     options = [*CHANNEL_OPTIONS, *extra_options]
+    if "," in parsed.address:  # several instances: spread calls over all of them
+        config = {**SERVICE_CONFIG, "loadBalancingConfig": [{"round_robin": {}}]}
+        options = [o for o in options if o[0] != "grpc.service_config"]
+        options.append(("grpc.service_config", json.dumps(config)))
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     interceptors = [_DefaultsAndRetries(), _StreamDefaults()]

@@ -40,6 +40,13 @@ from tests.helpers import create_request
             "https://tasks-abc-uc.a.run.app",
         ),
         ("tasks.example.com:8443", "tasks.example.com:8443", True, None),
+        (
+            "ipv4:127.0.0.1:8081,127.0.0.1:8082",
+            "ipv4:127.0.0.1:8081,127.0.0.1:8082",
+            False,
+            None,
+        ),
+        ("ipv4:10.0.0.1:443,10.0.0.2:443", "ipv4:10.0.0.1:443,10.0.0.2:443", True, None),
     ],
 )
 def test_parse_target(target: str, address: str, secure: bool, audience: str | None) -> None:

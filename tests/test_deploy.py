@@ -138,3 +138,19 @@ def test_help_prints_the_usage_and_nothing_else() -> None:
     assert result.stdout.startswith("Deploys TaskService to Cloud Run")
     assert "--dry-run prints the plan" in result.stdout
     assert "set -euo" not in result.stdout and "#" not in result.stdout
+
+
+def test_the_capacity_model_is_what_its_generator_makes_of_the_measurements(
+    tmp_path: Path,
+) -> None:
+    """docs/capacity.md is computed from docs/benchmarks.json and
+    docs/workers.json: after a benchmark run, regenerate it (the test says so)."""
+    out = tmp_path / "capacity.md"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "capacity_report.py"), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    assert out.read_text() == (ROOT / "docs" / "capacity.md").read_text(), (
+        "docs/capacity.md is stale: run python scripts/capacity_report.py"
+    )

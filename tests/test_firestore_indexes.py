@@ -19,7 +19,7 @@ import grpc
 
 from taskservice import validation
 from taskservice.model import Cursor, ListQuery, Priority, State, TaskFilter
-from taskservice.store.firestore import FirestoreStore, StructuredQuery
+from taskservice.store.firestore import FirestoreStore, StructuredQuery, _fields
 
 INDEXES = Path(__file__).resolve().parent.parent / "deploy" / "firestore.indexes.json"
 SAMPLE = {"state": State.OPEN, "priority": Priority.HIGH, "assignee": "ana", "tag": "red"}
@@ -91,8 +91,53 @@ def test_every_query_shape_has_an_index_and_every_index_is_used() -> None:
     assert not unused, f"indexes no query uses: {sorted(map(str, unused))}"
 
 
-def test_single_field_index_exemptions_do_not_touch_queried_fields() -> None:
+def test_exactly_the_single_field_indexes_no_query_needs_are_exempted() -> None:
+    """Single-field indexes serve only the unfiltered listings, ordered by
+    create_time or update_time (either way); every filtered listing has its
+    composite index. So every other field of a task document is exempted
+    (fewer index writes per write), and so is every field of the request-id
+    markers, which are only ever read by name (their expire_time grows with
+    time: indexed, it would be a write hotspot)."""
+    from taskservice.model import TaskContent
+
+    by_single_field = {
+        field for equal, contains, field, _ in _shapes() if not equal and not contains
+    }
+    assert by_single_field == {"create_time", "update_time"}
+    task_fields = set(_fields(TaskContent("t")))  # what the store writes
+    task_fields |= {"create_time", "update_time"}
     doc = json.loads(INDEXES.read_text())
-    queried = {"state", "priority", "assignee", "tags", "create_time", "update_time"}
-    for override in doc["fieldOverrides"]:
-        assert override["fieldPath"] not in queried
+    exempt = {
+        (o["collectionGroup"], o["fieldPath"]) for o in doc["fieldOverrides"] if o["indexes"] == []
+    }
+    assert exempt == {("tasks", f) for f in task_fields - by_single_field} | {
+        ("tasks-requests", "task_id"),
+        ("tasks-requests", "expire_time"),
+    }
+    marker = FirestoreStore(grpc.aio.insecure_channel("127.0.0.1:9"), project="demo-x")
+    write = marker._request_write("0b6c1e9a-3f1e-4a55-9d7e-2f3c8f1f0a11", "t")
+    assert set(write.update.fields) == {"task_id", "expire_time"}
+
+
+def test_the_index_commands_follow_the_collection() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(INDEXES.parent / "index_commands.py"),
+            str(INDEXES),
+            "--project",
+            "demo-p",
+            "--collection",
+            "todo",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert sum("--collection-group=todo " in line for line in lines) == 60 + 6
+    assert sum("--collection-group=todo-requests " in line for line in lines) == 2 + 1
+    assert not any("=tasks" in line for line in lines)

@@ -4,10 +4,7 @@ terminating TLS + HTTP/2 and speaking h2c to the server (grpc_pass)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -15,7 +12,8 @@ import pytest
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from harness import free_port, wait_for_port
+from harness import free_port
+from harness.frontend import NginxFrontEnd, nginx_binary
 from taskservice.client import open_channel
 from taskservice.config import Config
 from taskservice.server import TaskServer
@@ -24,37 +22,6 @@ from tests.helpers import create_request, stream_of
 
 pytestmark = pytest.mark.slow
 
-NGINX_CONF = """
-worker_processes 1;
-pid {dir}/nginx.pid;
-events {{ worker_connections 512; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/tmp/body;
-    proxy_temp_path {dir}/tmp/proxy;
-    fastcgi_temp_path {dir}/tmp/fastcgi;
-    uwsgi_temp_path {dir}/tmp/uwsgi;
-    scgi_temp_path {dir}/tmp/scgi;
-    server {{
-        listen 127.0.0.1:{port} ssl http2;
-        ssl_certificate {dir}/cert.pem;
-        ssl_certificate_key {dir}/key.pem;
-        client_max_body_size 0;
-        location / {{
-            grpc_pass grpc://127.0.0.1:{upstream};
-            grpc_read_timeout 300s;
-            grpc_send_timeout 300s;
-        }}
-    }}
-}}
-"""
-
-
-@dataclass
-class FrontEnd:
-    port: int
-    certificate: bytes
-
 
 @pytest.fixture
 def upstream_port() -> int:
@@ -62,64 +29,12 @@ def upstream_port() -> int:
 
 
 @pytest.fixture
-def front_end(tmp_path: Path, upstream_port: int) -> Iterator[FrontEnd]:
-    nginx = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None
-    )
-    if nginx is None:
+def front_end(tmp_path: Path, upstream_port: int) -> Iterator[NginxFrontEnd]:
+    if nginx_binary() is None:
         pytest.skip("FRONT-END TEST SKIPPED: nginx is not installed (apt-get install nginx)")
-    d = tmp_path / "nginx"
-    (d / "tmp").mkdir(parents=True)
-    d.chmod(0o755)
-    (d / "tmp").chmod(0o777)
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(d / "key.pem"),
-            "-out",
-            str(d / "cert.pem"),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    port = free_port()
-    (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, port=port, upstream=upstream_port))
-    process = subprocess.Popen(
-        [
-            nginx,
-            "-p",
-            str(d),
-            "-e",
-            str(d / "error.log"),
-            "-c",
-            str(d / "nginx.conf"),
-            "-g",
-            "daemon off;",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert wait_for_port("127.0.0.1", port, 10), "nginx did not start"
-        yield FrontEnd(port, (d / "cert.pem").read_bytes())
-    finally:
-        process.send_signal(3)  # SIGQUIT: graceful stop
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    front = NginxFrontEnd([upstream_port], tmp_path, tls=True)
+    yield front
+    front.stop()
 
 
 @pytest.fixture
@@ -131,7 +46,7 @@ async def upstream(tmp_path: Path, upstream_port: int) -> AsyncIterator[TaskServ
     await server.stop(grace=0)
 
 
-async def test_calls_through_tls_front_end(front_end: FrontEnd, upstream: TaskServer) -> None:
+async def test_calls_through_tls_front_end(front_end: NginxFrontEnd, upstream: TaskServer) -> None:
     channel = open_channel(
         f"https://localhost:{front_end.port}", root_certificates=front_end.certificate
     )
