@@ -49,6 +49,52 @@ def test_buf_lint_and_format_are_clean() -> None:
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
+# The contract as first released (v1 before WatchTasks). Every later change
+# must be additive: buf's FILE-level breaking rules against this commit.
+RELEASED_CONTRACT = "3cbd1c205746424302d39cfd0f7058b2578fbd1d"
+
+
+def _released_tree(into: Path) -> Path:
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", RELEASED_CONTRACT, "buf.yaml", "protos", "third_party"],
+        capture_output=True,
+    )
+    if archive.returncode != 0:
+        pytest.fail(
+            "the breaking check needs the git history (a full clone): "
+            + archive.stderr.decode(errors="replace")
+        )
+    into.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def _breaking(workspace: Path, against: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_buf(), "breaking", str(workspace), "--against", str(against)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_contract_changes_since_release_are_additive(tmp_path: Path) -> None:
+    released = _released_tree(tmp_path / "released")
+    result = _breaking(ROOT, released)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The check can fail: renaming one released field is a break.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(ROOT / "buf.yaml", broken)
+    for part in ("protos", "third_party"):
+        shutil.copytree(ROOT / part, broken / part)
+    proto = broken / "protos" / "tasks" / "v1" / "task_service.proto"
+    text = proto.read_text()
+    assert "string request_id = " in text
+    proto.write_text(text.replace("string request_id = ", "string request_key = ", 1))
+    result = _breaking(broken, released)
+    assert result.returncode != 0 and "request_id" in result.stdout, result.stdout
+
+
 def test_vendored_googleapis_protos_match_the_wheel() -> None:
     import google.api
 

@@ -385,3 +385,177 @@ class BatchCreateTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchCreateTasksResponse: _TypeAlias = BatchCreateTasksResponse  # noqa: Y015
+
+@_typing.final
+class WatchTasksRequest(_message.Message):
+    """The request for WatchTasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_INITIAL_FIELD_NUMBER: _builtins.int
+    filter: _builtins.str
+    """Which tasks to watch, in the AIP-160 subset of ListTasksRequest.filter:
+    restrictions joined with AND, each one of `state = STATE_X`,
+    `priority = PRIORITY_X`, `assignee = "..."` and `tags:"..."`. Empty:
+    every task.
+    """
+    resume_token: _builtins.str
+    """The resume_token of the last event received on an earlier stream with
+    the same filter: the stream continues exactly after that event (and
+    `include_initial` is ignored). Empty: start now.
+    """
+    include_initial: _builtins.bool
+    """Start with every task that matches now, each as TYPE_ADDED, before
+    TYPE_CURRENT. Use it to build a cache that the stream then keeps up to
+    date.
+    """
+    def __init__(
+        self,
+        *,
+        filter: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+        include_initial: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "include_initial", b"include_initial", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchTasksRequest: _TypeAlias = WatchTasksRequest  # noqa: Y015
+
+@_typing.final
+class WatchTasksResponse(_message.Message):
+    """One event of WatchTasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Type:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WatchTasksResponse._Type.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TYPE_UNSPECIFIED: WatchTasksResponse._Type.ValueType  # 0
+        """Never sent."""
+        TYPE_ADDED: WatchTasksResponse._Type.ValueType  # 1
+        """The task matches the filter and did not before (it was created, or
+        changed so that it matches), or it is part of the initial tasks.
+        """
+        TYPE_MODIFIED: WatchTasksResponse._Type.ValueType  # 2
+        """The task matched before and still does, and it changed."""
+        TYPE_REMOVED: WatchTasksResponse._Type.ValueType  # 3
+        """The task matched before and no longer does, or was deleted:
+        `removal_reason` says which.
+        """
+        TYPE_CURRENT: WatchTasksResponse._Type.ValueType  # 4
+        """Every initial task has been sent (or there were none, or they were
+        not asked for): from here on the stream is live.
+        """
+        TYPE_PROGRESS: WatchTasksResponse._Type.ValueType  # 5
+        """Nothing happened for a while: a fresh resume token, and proof that the
+        stream is alive.
+        """
+
+    class Type(_Type, metaclass=_TypeEnumTypeWrapper):
+        """What happened."""
+
+    TYPE_UNSPECIFIED: WatchTasksResponse.Type.ValueType  # 0
+    """Never sent."""
+    TYPE_ADDED: WatchTasksResponse.Type.ValueType  # 1
+    """The task matches the filter and did not before (it was created, or
+    changed so that it matches), or it is part of the initial tasks.
+    """
+    TYPE_MODIFIED: WatchTasksResponse.Type.ValueType  # 2
+    """The task matched before and still does, and it changed."""
+    TYPE_REMOVED: WatchTasksResponse.Type.ValueType  # 3
+    """The task matched before and no longer does, or was deleted:
+    `removal_reason` says which.
+    """
+    TYPE_CURRENT: WatchTasksResponse.Type.ValueType  # 4
+    """Every initial task has been sent (or there were none, or they were
+    not asked for): from here on the stream is live.
+    """
+    TYPE_PROGRESS: WatchTasksResponse.Type.ValueType  # 5
+    """Nothing happened for a while: a fresh resume token, and proof that the
+    stream is alive.
+    """
+
+    class _RemovalReason:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _RemovalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WatchTasksResponse._RemovalReason.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        REMOVAL_REASON_UNSPECIFIED: WatchTasksResponse._RemovalReason.ValueType  # 0
+        """Not a removal."""
+        REMOVAL_REASON_DELETED: WatchTasksResponse._RemovalReason.ValueType  # 1
+        """The task was deleted; `task` is unset."""
+        REMOVAL_REASON_NO_LONGER_MATCHES: WatchTasksResponse._RemovalReason.ValueType  # 2
+        """The task still exists but no longer matches the filter; `task` is
+        the task as it is now.
+        """
+
+    class RemovalReason(_RemovalReason, metaclass=_RemovalReasonEnumTypeWrapper):
+        """Why a task was removed."""
+
+    REMOVAL_REASON_UNSPECIFIED: WatchTasksResponse.RemovalReason.ValueType  # 0
+    """Not a removal."""
+    REMOVAL_REASON_DELETED: WatchTasksResponse.RemovalReason.ValueType  # 1
+    """The task was deleted; `task` is unset."""
+    REMOVAL_REASON_NO_LONGER_MATCHES: WatchTasksResponse.RemovalReason.ValueType  # 2
+    """The task still exists but no longer matches the filter; `task` is
+    the task as it is now.
+    """
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    REMOVAL_REASON_FIELD_NUMBER: _builtins.int
+    COMMIT_TIME_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    type: Global___WatchTasksResponse.Type.ValueType
+    """What happened."""
+    name: _builtins.str
+    """The task's resource name, "tasks/{task_id}". Empty for TYPE_CURRENT and
+    TYPE_PROGRESS.
+    """
+    removal_reason: Global___WatchTasksResponse.RemovalReason.ValueType
+    """Why the task was removed, for TYPE_REMOVED."""
+    resume_token: _builtins.str
+    """Send as WatchTasksRequest.resume_token to continue after this event."""
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task as the change left it. Unset for a deleted task, TYPE_CURRENT
+        and TYPE_PROGRESS.
+        """
+
+    @_builtins.property
+    def commit_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed, by the store's clock: the task's
+        update_time for TYPE_ADDED, TYPE_MODIFIED and a task that no longer
+        matches; for a deletion, the commit time on SQLite and, on Firestore,
+        the time of the first snapshot that no longer held the task (not before
+        the delete). For TYPE_CURRENT and TYPE_PROGRESS: the time up to which the
+        stream has sent every change.
+        """
+
+    def __init__(
+        self,
+        *,
+        type: Global___WatchTasksResponse.Type.ValueType = ...,
+        name: _builtins.str = ...,
+        task: Global___Task | None = ...,
+        removal_reason: Global___WatchTasksResponse.RemovalReason.ValueType = ...,
+        commit_time: _timestamp_pb2.Timestamp | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commit_time", b"commit_time", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_time", b"commit_time", "name", b"name", "removal_reason", b"removal_reason", "resume_token", b"resume_token", "task", b"task", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchTasksResponse: _TypeAlias = WatchTasksResponse  # noqa: Y015

@@ -76,6 +76,11 @@ class TaskServiceStub:
                 request_serializer=tasks_dot_v1_dot_task__service__pb2.CreateTaskRequest.SerializeToString,
                 response_deserializer=tasks_dot_v1_dot_task__service__pb2.BatchCreateTasksResponse.FromString,
                 _registered_method=True)
+        self.WatchTasks = channel.unary_stream(
+                '/tasks.v1.TaskService/WatchTasks',
+                request_serializer=tasks_dot_v1_dot_task__service__pb2.WatchTasksRequest.SerializeToString,
+                response_deserializer=tasks_dot_v1_dot_task__service__pb2.WatchTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -150,6 +155,37 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTasks(self, request, context):
+        """Streams changes to the tasks that match a filter: a task that starts to
+        match (TYPE_ADDED), changes while it matches (TYPE_MODIFIED), or stops
+        matching or is deleted (TYPE_REMOVED, with the reason). With
+        `include_initial`, the stream first sends every matching task as
+        TYPE_ADDED, then TYPE_CURRENT; without it, TYPE_CURRENT comes first. A
+        TYPE_PROGRESS event with a fresh resume token follows every 30 s without
+        another event.
+
+        Order and exactness: the events of one task arrive in commit order, and
+        a stream reopened with the `resume_token` of the last event received
+        continues exactly after that event, on any instance, after a restart:
+        nothing is lost or repeated. An event describes a task at a consistent
+        snapshot of the store: on Firestore, several commits to one task close
+        together may arrive as one event carrying the latest version (as
+        Firestore's own listeners see them); on SQLite every commit is an event.
+
+        The stream ends, with a resume token in the status's ErrorInfo metadata
+        ("resume_token"), so that the caller reconnects and resumes:
+        UNAVAILABLE (reason SERVER_DRAINING) when the server shuts down,
+        UNAVAILABLE (STREAM_MAX_AGE) after about 55 minutes, before the
+        platform's request timeout, and RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW)
+        when the caller reads so slowly that more than 1000 events wait for it.
+        A resume token the store can no longer honour (older than the change
+        history kept: an hour by default) is OUT_OF_RANGE with reason
+        RESUME_TOKEN_EXPIRED: list the tasks again, then watch from now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +218,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.BatchCreateTasks,
                     request_deserializer=tasks_dot_v1_dot_task__service__pb2.CreateTaskRequest.FromString,
                     response_serializer=tasks_dot_v1_dot_task__service__pb2.BatchCreateTasksResponse.SerializeToString,
+            ),
+            'WatchTasks': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTasks,
+                    request_deserializer=tasks_dot_v1_dot_task__service__pb2.WatchTasksRequest.FromString,
+                    response_serializer=tasks_dot_v1_dot_task__service__pb2.WatchTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +398,33 @@ class TaskService:
             '/tasks.v1.TaskService/BatchCreateTasks',
             tasks_dot_v1_dot_task__service__pb2.CreateTaskRequest.SerializeToString,
             tasks_dot_v1_dot_task__service__pb2.BatchCreateTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tasks.v1.TaskService/WatchTasks',
+            tasks_dot_v1_dot_task__service__pb2.WatchTasksRequest.SerializeToString,
+            tasks_dot_v1_dot_task__service__pb2.WatchTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

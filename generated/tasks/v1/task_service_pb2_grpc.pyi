@@ -78,6 +78,33 @@ class TaskServiceStub:
     A call cancelled before its commit starts writes nothing; a cancel that
     races the commit may still commit, which is why retries carry request_id.
     """
+    WatchTasks: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchTasksRequest, _task_service_pb2.WatchTasksResponse]
+    """Streams changes to the tasks that match a filter: a task that starts to
+    match (TYPE_ADDED), changes while it matches (TYPE_MODIFIED), or stops
+    matching or is deleted (TYPE_REMOVED, with the reason). With
+    `include_initial`, the stream first sends every matching task as
+    TYPE_ADDED, then TYPE_CURRENT; without it, TYPE_CURRENT comes first. A
+    TYPE_PROGRESS event with a fresh resume token follows every 30 s without
+    another event.
+
+    Order and exactness: the events of one task arrive in commit order, and
+    a stream reopened with the `resume_token` of the last event received
+    continues exactly after that event, on any instance, after a restart:
+    nothing is lost or repeated. An event describes a task at a consistent
+    snapshot of the store: on Firestore, several commits to one task close
+    together may arrive as one event carrying the latest version (as
+    Firestore's own listeners see them); on SQLite every commit is an event.
+
+    The stream ends, with a resume token in the status's ErrorInfo metadata
+    ("resume_token"), so that the caller reconnects and resumes:
+    UNAVAILABLE (reason SERVER_DRAINING) when the server shuts down,
+    UNAVAILABLE (STREAM_MAX_AGE) after about 55 minutes, before the
+    platform's request timeout, and RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW)
+    when the caller reads so slowly that more than 1000 events wait for it.
+    A resume token the store can no longer honour (older than the change
+    history kept: an hour by default) is OUT_OF_RANGE with reason
+    RESUME_TOKEN_EXPIRED: list the tasks again, then watch from now.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -127,6 +154,33 @@ class TaskServiceAsyncStub(TaskServiceStub):
 
     A call cancelled before its commit starts writes nothing; a cancel that
     races the commit may still commit, which is why retries carry request_id.
+    """
+    WatchTasks: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchTasksRequest, _task_service_pb2.WatchTasksResponse]  # type: ignore[assignment]
+    """Streams changes to the tasks that match a filter: a task that starts to
+    match (TYPE_ADDED), changes while it matches (TYPE_MODIFIED), or stops
+    matching or is deleted (TYPE_REMOVED, with the reason). With
+    `include_initial`, the stream first sends every matching task as
+    TYPE_ADDED, then TYPE_CURRENT; without it, TYPE_CURRENT comes first. A
+    TYPE_PROGRESS event with a fresh resume token follows every 30 s without
+    another event.
+
+    Order and exactness: the events of one task arrive in commit order, and
+    a stream reopened with the `resume_token` of the last event received
+    continues exactly after that event, on any instance, after a restart:
+    nothing is lost or repeated. An event describes a task at a consistent
+    snapshot of the store: on Firestore, several commits to one task close
+    together may arrive as one event carrying the latest version (as
+    Firestore's own listeners see them); on SQLite every commit is an event.
+
+    The stream ends, with a resume token in the status's ErrorInfo metadata
+    ("resume_token"), so that the caller reconnects and resumes:
+    UNAVAILABLE (reason SERVER_DRAINING) when the server shuts down,
+    UNAVAILABLE (STREAM_MAX_AGE) after about 55 minutes, before the
+    platform's request timeout, and RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW)
+    when the caller reads so slowly that more than 1000 events wait for it.
+    A resume token the store can no longer honour (older than the change
+    history kept: an hour by default) is OUT_OF_RANGE with reason
+    RESUME_TOKEN_EXPIRED: list the tasks again, then watch from now.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -210,6 +264,39 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
 
         A call cancelled before its commit starts writes nothing; a cancel that
         races the commit may still commit, which is why retries carry request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchTasks(
+        self,
+        request: _task_service_pb2.WatchTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_service_pb2.WatchTasksResponse], _abc.AsyncIterator[_task_service_pb2.WatchTasksResponse]]:
+        """Streams changes to the tasks that match a filter: a task that starts to
+        match (TYPE_ADDED), changes while it matches (TYPE_MODIFIED), or stops
+        matching or is deleted (TYPE_REMOVED, with the reason). With
+        `include_initial`, the stream first sends every matching task as
+        TYPE_ADDED, then TYPE_CURRENT; without it, TYPE_CURRENT comes first. A
+        TYPE_PROGRESS event with a fresh resume token follows every 30 s without
+        another event.
+
+        Order and exactness: the events of one task arrive in commit order, and
+        a stream reopened with the `resume_token` of the last event received
+        continues exactly after that event, on any instance, after a restart:
+        nothing is lost or repeated. An event describes a task at a consistent
+        snapshot of the store: on Firestore, several commits to one task close
+        together may arrive as one event carrying the latest version (as
+        Firestore's own listeners see them); on SQLite every commit is an event.
+
+        The stream ends, with a resume token in the status's ErrorInfo metadata
+        ("resume_token"), so that the caller reconnects and resumes:
+        UNAVAILABLE (reason SERVER_DRAINING) when the server shuts down,
+        UNAVAILABLE (STREAM_MAX_AGE) after about 55 minutes, before the
+        platform's request timeout, and RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW)
+        when the caller reads so slowly that more than 1000 events wait for it.
+        A resume token the store can no longer honour (older than the change
+        history kept: an hour by default) is OUT_OF_RANGE with reason
+        RESUME_TOKEN_EXPIRED: list the tasks again, then watch from now.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
