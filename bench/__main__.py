@@ -57,7 +57,11 @@ SERVICE = "/tasks.v1.TaskService/"
 
 
 def start_taskservice(
-    store: str, workdir: Path, emulator: str | None, workers: int = 1
+    store: str,
+    workdir: Path,
+    emulator: str | None,
+    workers: int = 1,
+    extra_env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """TaskService as in production: its own process, access lines at INFO."""
     env = {
@@ -65,6 +69,7 @@ def start_taskservice(
         "TASKSERVICE_WORKERS": str(workers),
         "TASKSERVICE_STORE": store,
         "TASKSERVICE_SQLITE_PATH": str(workdir / f"bench-{uuid.uuid4().hex[:6]}.db"),
+        **(extra_env or {}),
     }
     if store == "firestore":
         assert emulator

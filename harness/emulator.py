@@ -91,13 +91,22 @@ def start_emulator(jar: str, log: Path, timeout: float = 60) -> Emulator:
 
 
 def firestore_store(
-    host: str, interceptors: list[grpc.aio.ClientInterceptor] | None = None
+    host: str,
+    interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+    *,
+    project: str | None = None,
+    watch_retention_seconds: float = 3540.0,
 ) -> FirestoreStore:
     """A FirestoreStore on the emulator at host, in a project of its own (so
-    nothing another test wrote is seen, and queries stay small)."""
+    nothing another test wrote is seen, and queries stay small) unless
+    `project` names one (two stores as two instances of one service)."""
     channel = grpc.aio.insecure_channel(host, interceptors=interceptors)
+    listen = grpc.aio.insecure_channel(host, options=[("taskservice.channel_purpose", "listen")])
     return FirestoreStore(
         channel,
-        project=f"demo-t{uuid.uuid4().hex[:12]}",
+        project=project or f"demo-t{uuid.uuid4().hex[:12]}",
         extra_metadata=(("authorization", "Bearer owner"),),
+        watch_retention_seconds=watch_retention_seconds,
+        listen_channel=listen,
+        verify_listen=True,
     )

@@ -4,14 +4,16 @@ access line is written.
 In order, for every method of every service (TaskService, health, reflection):
 
 1. The caller's trace is read from the metadata (tracing.parse_trace; a
-   malformed header is ignored) and bound to the call's log lines.
+   malformed header is ignored) and bound to the call's log lines. With
+   telemetry on (taskservice.telemetry), the call's span starts here, a child
+   of the caller's, and its metrics are counted from here to the status.
 2. Authentication, when configured, for TaskService methods (health and
    reflection stay open for probes and tools).
-3. Admission. TaskService calls and the long-lived health Watch and
-   reflection streams are counted apart, each against its own bound (beyond
-   it: RESOURCE_EXHAUSTED at once), so neither can starve the other, and calls
-   refused by auth never take a slot. Health Check is never refused: it is the
-   liveness probe, and answers from memory.
+3. Admission. TaskService calls, WatchTasks streams, and the long-lived
+   health Watch and reflection streams are counted apart, each against its
+   own bound (beyond it: RESOURCE_EXHAUSTED at once), so none can starve the
+   others, and calls refused by auth never take a slot. Health Check is never
+   refused: it is the liveness probe, and answers from memory.
 4. The request bytes are decoded here, so a message that is not valid
    protobuf gets INVALID_ARGUMENT rather than gRPC's UNKNOWN with parser text.
 5. The handler runs. A ServiceError becomes its status (taskservice.status);
@@ -19,10 +21,15 @@ In order, for every method of every service (TaskService, health, reflection):
    id is logged with the stack trace.
 6. Server streams are written from here: a stream idle longer than its limit
    ends, and when the server starts draining every stream ends at once with
-   UNAVAILABLE, so open streams cannot hold the shutdown.
+   UNAVAILABLE, so open streams cannot hold the shutdown. A stream's own
+   code can end it too, even while a write waits for a client that does not
+   read (StreamControl.end), and say what its ending status carries
+   (StreamControl.status_metadata: WatchTasks puts its resume token there).
+   A message in flight is given a moment to arrive before the status.
 7. One access line per call, refused or not: method, code, latency, peer,
    request and response sizes, and message counts for streams. Payloads and
-   credentials are never logged.
+   credentials are never logged. With telemetry on, the same figures go to
+   the call's metrics and span.
 
 PipelineRegistrar stands in for the grpc.aio server in the generated
 add_*_to_server functions and registers every method already wrapped: no
@@ -33,12 +40,13 @@ pre-registered path.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
@@ -46,6 +54,7 @@ from taskservice.auth import IdTokenVerifier
 from taskservice.errors import (
     InvalidArgument,
     ResourceExhausted,
+    ServiceError,
     Unavailable,
 )
 from taskservice.jsonlog import log_fields
@@ -53,10 +62,17 @@ from taskservice.limits import MAX_STORE_CALL_SECONDS
 from taskservice.status import abort, as_service_error
 from taskservice.tracing import current_trace, parse_trace
 
+if TYPE_CHECKING:
+    from taskservice.telemetry import CallSpan, Telemetry
+
 log = logging.getLogger("taskservice.access")
+# When the server drains, how long a stream's message in flight may take to
+# reach its client before the stream is cut.
+DRAIN_WRITE_GRACE_SECONDS = 1.0
 T = TypeVar("T")
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+WATCH_TASKS = "/tasks.v1.TaskService/WatchTasks"
 _TOOL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -64,7 +80,15 @@ class Pool(enum.Enum):
     """What a call is counted against."""
 
     CALLS = "TaskService calls"
+    WATCHERS = "WatchTasks streams"
     TOOL_STREAMS = "health Watch and reflection streams"
+
+
+_REFUSAL_REASONS = {
+    Pool.CALLS: "TOO_MANY_CALLS",
+    Pool.WATCHERS: "TOO_MANY_WATCHERS",
+    Pool.TOOL_STREAMS: "TOO_MANY_STREAMS",
+}
 
 
 def pool_of(method: str) -> Pool | None:
@@ -72,12 +96,15 @@ def pool_of(method: str) -> Pool | None:
         return None  # never refused
     if method.startswith(_TOOL_PREFIXES):
         return Pool.TOOL_STREAMS
+    if method == WATCH_TASKS:
+        return Pool.WATCHERS
     return Pool.CALLS
 
 
 @dataclass(frozen=True)
 class CallLimits:
     max_calls: int = 1000  # TaskService calls in flight
+    max_watchers: int = 1000  # WatchTasks streams open
     max_tool_streams: int = 100  # health Watch and reflection streams open
     tool_stream_idle_seconds: float = 300.0
 
@@ -87,7 +114,11 @@ class CallGate:
 
     def __init__(self, limits: CallLimits) -> None:
         self.limits = limits
-        self._bounds = {Pool.CALLS: limits.max_calls, Pool.TOOL_STREAMS: limits.max_tool_streams}
+        self._bounds = {
+            Pool.CALLS: limits.max_calls,
+            Pool.WATCHERS: limits.max_watchers,
+            Pool.TOOL_STREAMS: limits.max_tool_streams,
+        }
         self.in_flight = dict.fromkeys(Pool, 0)
         self.draining = asyncio.Event()
 
@@ -95,12 +126,38 @@ class CallGate:
         if self.in_flight[pool] >= self._bounds[pool]:
             raise ResourceExhausted(
                 f"too many {pool.value} in flight ({self._bounds[pool]}); retry later",
-                reason="TOO_MANY_CALLS" if pool is Pool.CALLS else "TOO_MANY_STREAMS",
+                reason=_REFUSAL_REASONS[pool],
             )
         self.in_flight[pool] += 1
 
     def release(self, pool: Pool) -> None:
         self.in_flight[pool] -= 1
+
+
+@dataclass
+class StreamControl:
+    """What a server-streaming method's code may tell the pipeline about its
+    stream (taskservice.calls.current_stream, set while the method runs)."""
+
+    # Set to end the stream with that status at once, even while a write is
+    # waiting for a client that does not read.
+    ended: asyncio.Future[ServiceError] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    # How long the message in flight may take to reach the client after end().
+    grace_seconds: float = 30.0
+    # ErrorInfo metadata for the status the stream ends with (drain, end()),
+    # given the last message written: WatchTasks puts its resume token there.
+    status_metadata: Callable[[Any], dict[str, str]] = lambda last_written: {}
+
+    def end(self, error: ServiceError) -> None:
+        if not self.ended.done():
+            self.ended.set_result(error)
+
+
+current_stream: contextvars.ContextVar[StreamControl | None] = contextvars.ContextVar(
+    "current_stream", default=None
+)
 
 
 class _Call:
@@ -110,11 +167,13 @@ class _Call:
         "admitted",
         "code",
         "context",
+        "last_written",
         "messages_in",
         "messages_out",
         "method",
         "request_bytes",
         "response_bytes",
+        "span",
         "started",
     )
 
@@ -128,6 +187,8 @@ class _Call:
         self.response_bytes = 0
         self.messages_in: int | None = None
         self.messages_out: int | None = None
+        self.last_written: Any = None
+        self.span: CallSpan | None = None
 
 
 def _size(message: Any) -> int:
@@ -167,9 +228,15 @@ def time_left(context: grpc.aio.ServicerContext[Any, Any]) -> float:
 class CallPipeline:
     """Wraps method handlers so that each call goes through the steps above."""
 
-    def __init__(self, gate: CallGate, verifier: IdTokenVerifier | None = None) -> None:
+    def __init__(
+        self,
+        gate: CallGate,
+        verifier: IdTokenVerifier | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.gate = gate
         self.verifier = verifier
+        self.telemetry = telemetry
 
     def wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
@@ -201,8 +268,14 @@ class CallPipeline:
     async def _enter(self, call: _Call, pool: Pool | None) -> None:
         """Authentication, then admission."""
         context = call.context
-        current_trace.set(parse_trace(context.invocation_metadata()))
-        if pool is Pool.CALLS and self.verifier is not None:
+        caller = parse_trace(context.invocation_metadata())
+        if self.telemetry is not None:
+            call.span = self.telemetry.start_call(
+                call.method, caller, traced=not call.method.startswith(_TOOL_PREFIXES)
+            )
+            caller = call.span.log_trace
+        current_trace.set(caller)
+        if pool in (Pool.CALLS, Pool.WATCHERS) and self.verifier is not None:
             authorizations = [
                 value
                 for key, value in context.invocation_metadata() or ()
@@ -225,6 +298,16 @@ class CallPipeline:
     def _leave(self, call: _Call) -> None:
         if call.admitted is not None:
             self.gate.release(call.admitted)
+        if call.span is not None and self.telemetry is not None:
+            self.telemetry.end_call(
+                call.span,
+                call.code,
+                time.perf_counter() - call.started,
+                call.request_bytes,
+                call.response_bytes,
+                call.messages_in,
+                call.messages_out,
+            )
         _access_line(call)
 
     async def _serve(self, call: _Call, pool: Pool | None, body: Callable[[], Awaitable[T]]) -> T:
@@ -287,13 +370,18 @@ class CallPipeline:
             call.messages_out = 0
 
             async def body() -> None:
-                if client_streams:
-                    call.messages_in = 0
-                    responses = behavior(self._decoded(request, decode, call), context)
-                else:
-                    call.request_bytes = len(request)
-                    responses = behavior(_decode(decode, request, "request"), context)
-                await self._pump(responses, call, idle)
+                control = StreamControl()
+                token = current_stream.set(control)
+                try:
+                    if client_streams:
+                        call.messages_in = 0
+                        responses = behavior(self._decoded(request, decode, call), context)
+                    else:
+                        call.request_bytes = len(request)
+                        responses = behavior(_decode(decode, request, "request"), context)
+                    await self._pump(responses, call, idle, control)
+                finally:
+                    current_stream.reset(token)
 
             await self._serve(call, pool, body)
 
@@ -308,47 +396,83 @@ class CallPipeline:
             call.messages_in = (call.messages_in or 0) + 1
             yield message
 
-    async def _pump(self, responses: Any, call: _Call, idle: float | None) -> None:
+    async def _pump(
+        self, responses: Any, call: _Call, idle: float | None, control: StreamControl
+    ) -> None:
         """Writes the stream's messages until it ends, it is idle for `idle`
-        seconds, or the server starts draining (then UNAVAILABLE: reconnect)."""
-        writing = asyncio.ensure_future(_write_all(responses, call, idle))
+        seconds, its code ends it (control.end), or the server starts
+        draining (then UNAVAILABLE: reconnect). A stream is never cut in the
+        middle of a write while the write can still finish: the message in
+        flight is given control.grace_seconds (DRAIN_WRITE_GRACE_SECONDS when
+        draining) to reach the client, so that what the status says was
+        written was written; only a client that reads nothing is cut short."""
+        stop = asyncio.Event()
+        writing = asyncio.ensure_future(_write_all(responses, call, idle, stop))
         draining = asyncio.ensure_future(self.gate.draining.wait())
         try:
-            await asyncio.wait((writing, draining), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                (writing, draining, control.ended), return_when=asyncio.FIRST_COMPLETED
+            )
+            if control.ended.done():
+                error, grace = control.ended.result(), control.grace_seconds
+            elif draining.done():
+                error = Unavailable(
+                    "the server is shutting down; reconnect to another instance",
+                    reason="SERVER_DRAINING",
+                )
+                grace = DRAIN_WRITE_GRACE_SECONDS
+            else:
+                writing.result()  # the stream ended by itself
+                return
+            stop.set()  # the write in flight, if any, may finish; then no more
+            await asyncio.wait((writing,), timeout=grace)
+            if writing.done():
+                error.metadata.update(control.status_metadata(call.last_written))
+            else:
+                error.message += "; it was cut while a message was in flight: resume from the"
+                error.message += " last one received"
+            raise error
         finally:
             draining.cancel()
             if not writing.done():
                 writing.cancel()
                 await asyncio.gather(writing, return_exceptions=True)
-        if writing.cancelled():
-            raise Unavailable(
-                "the server is shutting down; reconnect to another instance",
-                reason="SERVER_DRAINING",
-            )
-        writing.result()
 
 
-async def _write_all(responses: Any, call: _Call, idle: float | None) -> None:
+async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyncio.Event) -> None:
+    """Writes until the stream ends or `stop` is set (then after the write in
+    flight, if any)."""
     iterator = aiter(responses)
+    stopped = asyncio.ensure_future(stop.wait())
     try:
         while True:
-            deadline = asyncio.timeout(idle)
-            try:
-                async with deadline:
-                    message = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                if not deadline.expired():
-                    raise
+            following = asyncio.ensure_future(anext(iterator))
+            done, _ = await asyncio.wait(
+                (following, stopped), timeout=idle, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                following.cancel()  # and let it end before the iterator is closed
+                await asyncio.gather(following, return_exceptions=True)
                 raise Unavailable(
                     f"the stream was idle for {idle:g} s and was ended; open a new one",
                     reason="STREAM_IDLE",
-                ) from None
+                )
+            if following not in done:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
+                return
+            try:
+                message = following.result()
+            except StopAsyncIteration:
+                return
             await call.context.write(message)
+            call.last_written = message
             call.messages_out = (call.messages_out or 0) + 1
             call.response_bytes += _size(message)
+            if stop.is_set():
+                return
     finally:
+        stopped.cancel()
         close = getattr(iterator, "aclose", None)
         if close is not None:
             await close()

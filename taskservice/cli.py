@@ -6,6 +6,7 @@
     taskctl get runbook --field etag
     taskctl export > tasks.jsonl    # every task, one JSON object per line
     taskctl import tasks.jsonl      # restores an export exactly; safe to re-run
+    taskctl watch --filter 'assignee = "ana"' --initial   # live, until Ctrl-C
 
 The target comes from --target or TASKCTL_TARGET (default localhost:8080); a
 *.run.app target gets TLS and a Google ID token (see taskservice.client).
@@ -42,7 +43,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tasks.v1 import task_service_pb2 as pb
 
-from taskservice.client import bearer_token_credentials, connect
+from taskservice.client import TaskClient, bearer_token_credentials, connect
 
 CHUNK = 500
 LOOKUPS_IN_FLIGHT = 32
@@ -410,6 +411,52 @@ async def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return 1 if report.failures else 0
         elif args.command == "export":
             await _export(stub, args, out, timeout)
+        elif args.command == "watch":
+            return await _watch(client, args, out, err)
+    return 0
+
+
+def _event_line(event: pb.WatchTasksResponse) -> str:
+    kind = pb.WatchTasksResponse.Type.Name(event.type).removeprefix("TYPE_")
+    when = event.commit_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    if event.type in (pb.WatchTasksResponse.TYPE_CURRENT, pb.WatchTasksResponse.TYPE_PROGRESS):
+        return f"{when}  {kind}"
+    line = f"{when}  {kind:<8}  {event.name.removeprefix('tasks/')}"
+    if event.type == pb.WatchTasksResponse.TYPE_REMOVED:
+        reason = pb.WatchTasksResponse.RemovalReason.Name(event.removal_reason)
+        line += f"  ({reason.removeprefix('REMOVAL_REASON_').lower().replace('_', ' ')})"
+    if event.HasField("task"):
+        t = event.task
+        state = pb.Task.State.Name(t.state).removeprefix("STATE_")
+        line += f"  {state}  {_cell(t.title, 50)}"
+    return line
+
+
+async def _watch(client: TaskClient, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Prints events as they come, until Ctrl-C or --max-events; the last
+    resume token goes to stderr so the watch can be picked up again."""
+    token = args.resume_token or ""
+    seen = 0
+    try:
+        async for event in client.watch(
+            args.filter or "", include_initial=args.initial, resume_token=token
+        ):
+            token = event.resume_token
+            if event.type == pb.WatchTasksResponse.TYPE_PROGRESS and not args.progress:
+                continue
+            if args.json:
+                out.write(json.dumps(_to_dict(event), ensure_ascii=False) + "\n")
+            else:
+                out.write(_event_line(event) + "\n")
+            out.flush()
+            seen += 1
+            if args.max_events and seen >= args.max_events:
+                break
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    finally:
+        if token:
+            err.write(f"taskctl: to continue: taskctl watch --resume-token {token}\n")
     return 0
 
 
@@ -599,6 +646,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", parents=[common], help="write every task as JSON lines")
     exp.add_argument("--filter")
     exp.add_argument("--order-by")
+
+    watch = sub.add_parser(
+        "watch", parents=[common], help="print changes to tasks as they happen, until Ctrl-C"
+    )
+    watch.add_argument("--filter", help="as for list")
+    watch.add_argument(
+        "--initial", action="store_true", help="first print every matching task (as ADDED)"
+    )
+    watch.add_argument("--resume-token", help="continue after the event this token came with")
+    watch.add_argument("--progress", action="store_true", help="also print PROGRESS events")
+    watch.add_argument("--max-events", type=int, default=0, help="stop after N events")
     return parser
 
 
@@ -606,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(run(args, sys.stdout, sys.stderr))
+    except KeyboardInterrupt:  # Ctrl-C (taskctl watch prints its resume token first)
+        return 130
     except BrokenPipeError:
         # The reader went away (`taskctl export | head -1`): end quietly, as
         # Unix tools do, without Python's own complaint when it flushes stdout.

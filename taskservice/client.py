@@ -15,17 +15,24 @@
   request_id, UpdateTask only with task.etag, DeleteTask only with an etag.
 - A default deadline for calls that set none (10 s; 60 s for
   BatchCreateTasks), and keepalive pings so a dead connection is noticed.
+- `TaskClient.watch`: WatchTasks as an async iterator that resumes by
+  itself, from the last resume token it received, when a stream ends in a
+  way a reconnect mends (server restart or drain, the stream's age limit,
+  a lost connection, a reader too slow), so the caller sees every event once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
 from taskservice.retry import Backoff, retrying
@@ -38,6 +45,20 @@ INITIAL_BACKOFF = 0.2
 MAX_BACKOFF = 2.0
 RETRY_BACKOFF = Backoff(attempts=MAX_ATTEMPTS, first=INITIAL_BACKOFF, maximum=MAX_BACKOFF)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+# A watch that ends with one of these is reopened from its last resume token
+# (after a pause: WATCH_BACKOFF, reset by every event received).
+WATCH_RECONNECT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,  # restart, drain, age limit, connection lost
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # too slow, or too many watchers just now
+        grpc.StatusCode.DEADLINE_EXCEEDED,  # a proxy's own timeout
+        grpc.StatusCode.CANCELLED,  # cancelled on the server's side
+        grpc.StatusCode.INTERNAL,  # a stream cut mid-frame (RST_STREAM)
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+WATCH_BACKOFF = Backoff(attempts=1 << 30, first=0.1, maximum=5.0)
+log = logging.getLogger(__name__)
 
 SERVICE_CONFIG = {
     "methodConfig": [
@@ -229,6 +250,49 @@ class TaskClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    async def watch(
+        self,
+        filter: str = "",
+        *,
+        include_initial: bool = False,
+        resume_token: str = "",
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> AsyncIterator[pb.WatchTasksResponse]:
+        """Every WatchTasks event for `filter`, across as many streams as it
+        takes: a stream that ends with a code in WATCH_RECONNECT_CODES is
+        reopened from the last resume token received, so nothing is missed or
+        repeated. Other errors (INVALID_ARGUMENT; OUT_OF_RANGE when the token
+        is too old: list again, then watch from now) are raised. Runs until
+        the caller stops iterating.
+
+            async for event in client.watch('assignee = "ana"'):
+                ...  # event.type, event.task, event.resume_token
+        """
+        token = resume_token
+        failures = 0
+        while True:
+            request = pb.WatchTasksRequest(
+                filter=filter, resume_token=token, include_initial=include_initial and not token
+            )
+            call = self.stub.WatchTasks(request, metadata=metadata)
+            try:
+                async for event in call:
+                    failures = 0
+                    token = event.resume_token
+                    yield event
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in WATCH_RECONNECT_CODES:
+                    raise
+                failures += 1
+                log.info("watch stream ended (%s); resuming", err.code().name)
+                await asyncio.sleep(WATCH_BACKOFF.pause(min(failures, 8)))
+                continue
+            finally:
+                call.cancel()
+            # The server never ends a watch with OK; a proxy might: resume.
+            failures += 1
+            await asyncio.sleep(WATCH_BACKOFF.pause(min(failures, 8)))
 
     async def __aenter__(self) -> TaskClient:
         return self

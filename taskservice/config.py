@@ -24,6 +24,9 @@ _HOST_PORT = re.compile(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}")
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Firestore reads at a past time go back one hour; a minute less leaves room
+# for the time a resumed watch takes to start reading.
+FIRESTORE_MAX_RETENTION_SECONDS = 3540
 
 
 class ConfigError(ValueError):
@@ -108,12 +111,68 @@ SETTINGS: tuple[Setting, ...] = (
         "such a stream without a message this long is ended",
     ),
     Setting(
+        "TASKSERVICE_MAX_WATCHERS",
+        "1000",
+        "open WatchTasks streams, counted apart from calls; beyond, RESOURCE_EXHAUSTED",
+    ),
+    Setting(
+        "TASKSERVICE_WATCH_PROGRESS_SECONDS",
+        "30",
+        "a WatchTasks stream without an event this long gets a PROGRESS event",
+    ),
+    Setting(
+        "TASKSERVICE_WATCH_MAX_SECONDS",
+        "3300",
+        "a WatchTasks stream is ended (UNAVAILABLE, with a resume token) at this age:"
+        " keep it below the platform's request timeout",
+    ),
+    Setting(
+        "TASKSERVICE_WATCH_BUFFER",
+        "1000",
+        "events a WatchTasks stream may fall behind its reader before it is ended",
+    ),
+    Setting(
+        "TASKSERVICE_WATCH_RETENTION_SECONDS",
+        "3600",
+        "how long resume tokens stay valid: SQLite keeps its change log this long;"
+        " Firestore allows at most 3540 (its reads in the past go back an hour)",
+    ),
+    Setting(
         "TASKSERVICE_WORKERS",
         "1",
         "server processes sharing the port (SO_REUSEPORT), supervised by the first; auto:"
         " the CPUs this container may use (its cgroup quota)",
     ),
+    Setting(
+        "TASKSERVICE_TELEMETRY",
+        "off",
+        "off, otlp (OpenTelemetry metrics and traces to OTEL_EXPORTER_OTLP_ENDPOINT) or gcp"
+        " (Cloud Monitoring and Cloud Trace)",
+    ),
+    Setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://localhost:4317",
+        "the OpenTelemetry collector (OTLP over gRPC) for TASKSERVICE_TELEMETRY=otlp;"
+        " http:// is plaintext",
+    ),
+    Setting(
+        "TASKSERVICE_TRACE_SAMPLE_RATIO",
+        "0.1",
+        "the share of calls traced when the caller sent no trace header (0..1); a caller's"
+        " own sampling decision is always followed",
+    ),
+    Setting(
+        "TASKSERVICE_METRICS_INTERVAL_SECONDS",
+        "60",
+        "how often metrics are exported (at least 10 with gcp)",
+    ),
     Setting("K_SERVICE", "unset", "set by Cloud Run; selects the Firestore store", platform=True),
+    Setting(
+        "K_REVISION",
+        "unset",
+        "set by Cloud Run; names this instance's revision in telemetry",
+        platform=True,
+    ),
     Setting(
         "TASKSERVICE_WORKER",
         "unset",
@@ -156,7 +215,18 @@ class Config:
     max_concurrent_rpcs: int = 1000  # TaskService calls; beyond: RESOURCE_EXHAUSTED at once
     max_tool_streams: int = 100  # open health Watch and reflection streams
     tool_stream_idle_seconds: float = 300.0  # such a stream idle this long is ended
+    max_watchers: int = 1000  # open WatchTasks streams
+    watch_progress_seconds: float = 30.0
+    watch_max_seconds: float = 3300.0
+    watch_buffer: int = 1000
+    watch_retention_seconds: float = 3600.0
     workers: int = 1  # server processes sharing the port
+    telemetry: str = "off"  # "off", "otlp" or "gcp"
+    otlp_endpoint: str = "http://localhost:4317"
+    trace_sample_ratio: float = 0.1
+    metrics_interval_seconds: float = 60.0
+    service_name: str = "taskservice"  # K_SERVICE on Cloud Run
+    revision: str = ""  # K_REVISION on Cloud Run
     worker: WorkerSlot | None = None  # set when this process is one of several workers
 
     @property
@@ -174,6 +244,19 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
         raise ConfigError(f"{name}={raw!r} is not an integer") from None
     if not lo <= value <= hi:
         raise ConfigError(f"{name}={value} is outside {lo}..{hi}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value:g} is outside {lo:g}..{hi:g}")
     return value
 
 
@@ -253,6 +336,37 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
     max_rpcs = _int(env, "TASKSERVICE_MAX_CONCURRENT_RPCS", 1000, 1, 100_000)
     max_tool_streams = _int(env, "TASKSERVICE_MAX_TOOL_STREAMS", 100, 1, 100_000)
     tool_idle = _int(env, "TASKSERVICE_TOOL_STREAM_IDLE_SECONDS", 300, 1, 86_400)
+    max_watchers = _int(env, "TASKSERVICE_MAX_WATCHERS", 1000, 1, 100_000)
+    progress = _int(env, "TASKSERVICE_WATCH_PROGRESS_SECONDS", 30, 1, 3600)
+    watch_max = _int(env, "TASKSERVICE_WATCH_MAX_SECONDS", 3300, 5, 86_400)
+    if progress >= watch_max:
+        raise ConfigError(
+            f"TASKSERVICE_WATCH_PROGRESS_SECONDS={progress} must be less than"
+            f" TASKSERVICE_WATCH_MAX_SECONDS={watch_max}: a stream must see a progress event"
+        )
+    watch_buffer = _int(env, "TASKSERVICE_WATCH_BUFFER", 1000, 1, 1_000_000)
+    retention = _int(env, "TASKSERVICE_WATCH_RETENTION_SECONDS", 3600, 1, 30 * 86_400)
+    if store == "firestore" and retention > FIRESTORE_MAX_RETENTION_SECONDS:
+        if "TASKSERVICE_WATCH_RETENTION_SECONDS" in env:
+            raise ConfigError(
+                f"TASKSERVICE_WATCH_RETENTION_SECONDS={retention} is more than Firestore allows"
+                f" ({FIRESTORE_MAX_RETENTION_SECONDS}: its reads in the past go back an hour)"
+            )
+        retention = FIRESTORE_MAX_RETENTION_SECONDS
+    telemetry = _choice(env, "TASKSERVICE_TELEMETRY", "off", ("off", "otlp", "gcp"))
+    otlp_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4317"
+    if not re.fullmatch(r"https?://[^/\s]+(:\d+)?/?", otlp_endpoint):
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_ENDPOINT={otlp_endpoint!r} must be http://host:port"
+            " (plaintext) or https://host:port"
+        )
+    sample_ratio = _float(env, "TASKSERVICE_TRACE_SAMPLE_RATIO", 0.1, 0.0, 1.0)
+    metrics_interval = _float(env, "TASKSERVICE_METRICS_INTERVAL_SECONDS", 60.0, 0.1, 3600.0)
+    if telemetry == "gcp" and metrics_interval < 10:
+        raise ConfigError(
+            f"TASKSERVICE_METRICS_INTERVAL_SECONDS={metrics_interval:g} is too short for Cloud"
+            " Monitoring (at least 10)"
+        )
     raw_workers = env.get("TASKSERVICE_WORKERS", "").strip().lower()
     if raw_workers == "auto":
         workers = available_cpus()
@@ -280,6 +394,17 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
         max_concurrent_rpcs=max_rpcs,
         max_tool_streams=max_tool_streams,
         tool_stream_idle_seconds=float(tool_idle),
+        max_watchers=max_watchers,
+        watch_progress_seconds=float(progress),
+        watch_max_seconds=float(watch_max),
+        watch_buffer=watch_buffer,
+        watch_retention_seconds=float(retention),
+        telemetry=telemetry,
+        otlp_endpoint=otlp_endpoint,
+        trace_sample_ratio=sample_ratio,
+        metrics_interval_seconds=metrics_interval,
+        service_name=env.get("K_SERVICE", "").strip() or "taskservice",
+        revision=env.get("K_REVISION", "").strip(),
         workers=workers,
         worker=worker,
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tasks.v1 import task_service_pb2 as pb
 
 from taskservice import validation
+from taskservice.changes import WatchEvent, WatchQuery
 from taskservice.errors import InvalidArgument, Violation
 from taskservice.filtering import parse_filter
 from taskservice.limits import MAX_BATCH, check_batch_response_size
@@ -32,6 +33,7 @@ from taskservice.model import (
     sort_time,
 )
 from taskservice.pagination import decode_token, encode_token, fingerprint
+from taskservice.watching import decode_resume_token, filter_fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,3 +222,30 @@ async def read_batch(messages: AsyncIterator[pb.CreateTaskRequest]) -> list[NewT
         items.append(item)
     check_batch_response_size((item.task_id, item.content) for item in items)
     return items
+
+
+def parse_watch_request(request: pb.WatchTasksRequest, progress_seconds: float) -> WatchQuery:
+    task_filter = parse_filter(request.filter)
+    after = None
+    if request.resume_token:
+        after = decode_resume_token(request.resume_token, filter_fingerprint(task_filter))
+    return WatchQuery(
+        filter=task_filter,
+        after=after,
+        include_initial=request.include_initial and after is None,
+        progress_seconds=progress_seconds,
+    )
+
+
+def watch_response(event: WatchEvent, resume_token: str) -> pb.WatchTasksResponse:
+    message = pb.WatchTasksResponse(
+        type=pb.WatchTasksResponse.Type.ValueType(event.type), resume_token=resume_token
+    )
+    if event.task_id:
+        message.name = "tasks/" + event.task_id
+    if event.task is not None:
+        message.task.CopyFrom(to_proto(event.task))
+    if event.reason is not None:
+        message.removal_reason = pb.WatchTasksResponse.RemovalReason.ValueType(event.reason)
+    message.commit_time.FromNanoseconds(event.commit_time_ns)
+    return message

@@ -29,6 +29,10 @@ class Backoff:
     maximum: float
     multiplier: float = 2.0
 
+    def pause(self, tries: int) -> float:
+        """A pause to take after `tries` failed attempts."""
+        return random.uniform(0, min(self.first * self.multiplier ** (tries - 1), self.maximum))
+
 
 async def retrying(
     attempt: Callable[[float], Awaitable[T]],

@@ -7,7 +7,9 @@ probe and from the moment shutdown starts; and on stop ends every open health
 Watch and reflection stream at once, refuses new calls, gives in-flight calls
 a grace period, then closes the store. As one of several workers
 (TASKSERVICE_WORKERS, taskservice.supervisor) it binds the port with
-SO_REUSEPORT and is SERVING only while every worker is ready.
+SO_REUSEPORT and is SERVING only while every worker is ready. With
+TASKSERVICE_TELEMETRY set it starts OpenTelemetry (taskservice.telemetry)
+for the pipeline and the store, and gives it a last export at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -23,7 +25,7 @@ from tasks.v1 import task_service_pb2, task_service_pb2_grpc
 
 from taskservice import jsonlog, reflection
 from taskservice.calls import CallGate, CallLimits, CallPipeline, PipelineRegistrar
-from taskservice.config import Config
+from taskservice.config import Config, ConfigError
 from taskservice.health import NOT_SERVING, SERVING, HealthService
 from taskservice.health import SERVICE_NAME as HEALTH_SERVICE
 from taskservice.limits import MAX_REQUEST_BYTES
@@ -31,6 +33,10 @@ from taskservice.ports import check_bindable
 from taskservice.service import TaskServicer
 from taskservice.store import TaskStore, open_store
 from taskservice.supervisor import ReadinessBoard
+from taskservice.watching import WatchSettings
+
+if TYPE_CHECKING:
+    from taskservice.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,7 @@ class TaskServer:
         self.gate = CallGate(
             CallLimits(
                 max_calls=config.max_concurrent_rpcs,
+                max_watchers=config.max_watchers,
                 max_tool_streams=config.max_tool_streams,
                 tool_stream_idle_seconds=config.tool_stream_idle_seconds,
             )
@@ -77,12 +84,21 @@ class TaskServer:
         if config.worker is not None:  # one of several processes on this port
             options[0] = ("grpc.so_reuseport", 1)
             self.board = ReadinessBoard(config.worker.readiness_path, config.worker.count)
+        self.telemetry = start_telemetry(config) if config.telemetry != "off" else None
+        if self.telemetry is not None:
+            self.store.use_telemetry(self.telemetry)
         self.server = grpc.aio.server(options=options)
-        registrar: Any = PipelineRegistrar(self.server, CallPipeline(self.gate, verifier))
+        pipeline = CallPipeline(self.gate, verifier, self.telemetry)
+        registrar: Any = PipelineRegistrar(self.server, pipeline)
         servicer = TaskServicer(
             self.store,
             stream_idle_seconds=config.stream_idle_seconds,
             stream_max_seconds=config.stream_max_seconds,
+            watch=WatchSettings(
+                progress_seconds=config.watch_progress_seconds,
+                max_seconds=config.watch_max_seconds,
+                buffer_events=config.watch_buffer,
+            ),
         )
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(servicer, registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
@@ -167,7 +183,35 @@ class TaskServer:
         self.gate.draining.set()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.store.close()
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.shutdown)
         log.info("stopped")
+
+
+def start_telemetry(config: Config) -> Telemetry:
+    """OpenTelemetry as configured (imported only when it is on)."""
+    from taskservice.telemetry import TelemetrySettings, start_telemetry
+
+    settings = TelemetrySettings(
+        exporter=config.telemetry,
+        otlp_endpoint=config.otlp_endpoint,
+        sample_ratio=config.trace_sample_ratio,
+        metrics_interval_seconds=config.metrics_interval_seconds,
+        service=config.service_name,
+        revision=config.revision,
+        project=config.project,
+    )
+    try:
+        return start_telemetry(settings)
+    except Exception as err:
+        if type(err).__name__ == "DefaultCredentialsError":  # google.auth, imported lazily
+            raise ConfigError(
+                "TASKSERVICE_TELEMETRY=gcp needs Google credentials: run `gcloud auth"
+                " application-default login` (in a container: mount a key and set"
+                " GOOGLE_APPLICATION_CREDENTIALS), or export to a collector"
+                " (TASKSERVICE_TELEMETRY=otlp), or turn it off (TASKSERVICE_TELEMETRY=off)"
+            ) from None
+        raise
 
 
 async def wait_for_stop_signal() -> None:

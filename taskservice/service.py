@@ -26,7 +26,7 @@ from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc as pb_grpc
 
 from taskservice import convert
-from taskservice.calls import time_left
+from taskservice.calls import StreamControl, current_stream, time_left
 from taskservice.errors import (
     AlreadyExists,
     Cancelled,
@@ -37,6 +37,7 @@ from taskservice.errors import (
 from taskservice.limits import BATCH_CANCEL_GRACE_SECONDS, MAX_BATCH
 from taskservice.model import NewTask
 from taskservice.store import TaskStore
+from taskservice.watching import WatchSettings, serve_watch
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -80,10 +81,12 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         store: TaskStore,
         stream_idle_seconds: float = 10.0,
         stream_max_seconds: float = 60.0,
+        watch: WatchSettings | None = None,
     ) -> None:
         self.store = store
         self.stream_idle_seconds = stream_idle_seconds
         self.stream_max_seconds = stream_max_seconds
+        self.watch = watch or WatchSettings()
 
     async def CreateTask(self, request: pb.CreateTaskRequest, context: Context) -> pb.Task:
         new = convert.parse_create_request(request)
@@ -138,6 +141,17 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
                 name=err.name,
             ) from None
         return pb.BatchCreateTasksResponse(tasks=[convert.to_proto(t) for t in tasks])
+
+    async def WatchTasks(
+        self, request: pb.WatchTasksRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTasksResponse]:
+        query = convert.parse_watch_request(request, self.watch.progress_seconds)
+        control = current_stream.get() or StreamControl()
+        messages = serve_watch(
+            self.store.watch(query), query, convert.watch_response, self.watch, control
+        )
+        async for message in messages:
+            yield message
 
     async def _read_batch(
         self, request_iterator: AsyncIterator[pb.CreateTaskRequest]

@@ -133,6 +133,9 @@ async def test_valid_allowed_caller_gets_in(guarded: Running, signer: Signer) ->
     assert (await guarded.stub.GetTask(pb.GetTaskRequest(name=task.name), metadata=md)) == task
     batch = await guarded.stub.BatchCreateTasks(stream_of([create_request("b")]), metadata=md)
     assert len(batch.tasks) == 1
+    async for event in guarded.stub.WatchTasks(pb.WatchTasksRequest(), metadata=md):
+        assert event.type == pb.WatchTasksResponse.TYPE_CURRENT
+        break
     upper = _bearer(signer.token(email=ALLOWED.upper()))
     await guarded.stub.GetTask(pb.GetTaskRequest(name=task.name), metadata=upper)
 
@@ -158,10 +161,16 @@ async def test_bad_credentials_are_unauthenticated_and_say_nothing_more(
 ) -> None:
     header = make(signer)
     md = (("authorization", header),) if header else ()
+
+    async def first_watch_event() -> None:
+        async for _ in guarded.stub.WatchTasks(pb.WatchTasksRequest(), metadata=md):
+            raise AssertionError("a watch without valid credentials got an event")
+
     for call in (
         guarded.stub.CreateTask(create_request("t"), metadata=md),
         guarded.stub.ListTasks(pb.ListTasksRequest(), metadata=md),
         guarded.stub.BatchCreateTasks(stream_of([create_request("t")]), metadata=md),
+        first_watch_event(),
     ):
         details = await expect_error(call, grpc.StatusCode.UNAUTHENTICATED)
         assert details.message == "missing or invalid credentials"

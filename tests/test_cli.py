@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -297,3 +298,42 @@ async def test_export_then_import_is_an_exact_round_trip(
     assert code == 0 and "created 0, already present 620, failed 0" in err
     code, again, _ = await taskctl(empty, "export")
     assert sorted(again.splitlines()) == sorted(restored.splitlines())  # etags too: unchanged
+
+
+async def test_watch_prints_events_live_and_its_resume_token_on_ctrl_c(running: Running) -> None:
+    await running.stub.CreateTask(create_request("already here", task_id="here"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskservice.cli",
+        "watch",
+        "--target",
+        running.target,
+        "--initial",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    lines = []
+    for _ in range(2):  # the initial task, then CURRENT
+        lines.append((await asyncio.wait_for(proc.stdout.readline(), 30)).decode())
+    created = await running.stub.CreateTask(create_request("new one", task_id="new"))
+    lines.append((await asyncio.wait_for(proc.stdout.readline(), 30)).decode())
+    proc.send_signal(signal.SIGINT)
+    err = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
+    await asyncio.wait_for(proc.wait(), 30)
+    assert "ADDED" in lines[0] and "here" in lines[0] and "OPEN" in lines[0]
+    assert lines[1].split()[-1] == "CURRENT"
+    assert "ADDED" in lines[2] and "new" in lines[2]
+    assert proc.returncode in (0, 130)
+    assert "Traceback" not in err
+    token = err.split("--resume-token ")[1].split()[0]
+    # The printed token continues after the last event shown.
+    await running.stub.DeleteTask(pb.DeleteTaskRequest(name=created.name))
+    code, out, err2 = await taskctl(
+        running, "watch", "--resume-token", token, "--json", "--max-events", "1"
+    )
+    assert code == 0, err2
+    event = json.loads(out)
+    assert event["type"] == "TYPE_REMOVED" and event["name"] == "tasks/new"
+    assert event["removal_reason"] == "REMOVAL_REASON_DELETED"

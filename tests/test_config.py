@@ -54,12 +54,44 @@ def test_overrides_win_over_the_environment() -> None:
         ({"FIRESTORE_EMULATOR_HOST": "localhost"}, "must be host:port"),
         ({"TASKSERVICE_GRACE_SECONDS": "61"}, "outside 0..60"),
         ({"TASKSERVICE_CERTS_URL": "http://example.com/certs"}, "must be https"),
+        ({"TASKSERVICE_MAX_WATCHERS": "0"}, "TASKSERVICE_MAX_WATCHERS=0 is outside 1..100000"),
+        ({"TASKSERVICE_WATCH_BUFFER": "many"}, "TASKSERVICE_WATCH_BUFFER='many' is not an integer"),
+        (
+            {"TASKSERVICE_WATCH_PROGRESS_SECONDS": "60", "TASKSERVICE_WATCH_MAX_SECONDS": "60"},
+            "must be less than TASKSERVICE_WATCH_MAX_SECONDS=60",
+        ),
+        (
+            {"TASKSERVICE_STORE": "firestore", "TASKSERVICE_WATCH_RETENTION_SECONDS": "7200"},
+            "is more than Firestore allows (3540",
+        ),
     ],
 )
 def test_bad_settings_say_what_to_do(env: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(env)
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_watch_settings() -> None:
+    default = load({})
+    assert (default.max_watchers, default.watch_buffer) == (1000, 1000)
+    assert (default.watch_progress_seconds, default.watch_max_seconds) == (30.0, 3300.0)
+    assert default.watch_retention_seconds == 3600.0  # SQLite keeps its log an hour
+    # Firestore reads in the past go back an hour at most: its default is capped.
+    firestore = load({"TASKSERVICE_STORE": "firestore", "GOOGLE_CLOUD_PROJECT": "my-project"})
+    assert firestore.watch_retention_seconds == config.FIRESTORE_MAX_RETENTION_SECONDS
+    tuned = load(
+        {
+            "TASKSERVICE_MAX_WATCHERS": "5",
+            "TASKSERVICE_WATCH_PROGRESS_SECONDS": "2",
+            "TASKSERVICE_WATCH_MAX_SECONDS": "10",
+            "TASKSERVICE_WATCH_BUFFER": "7",
+            "TASKSERVICE_WATCH_RETENTION_SECONDS": "86400",
+        }
+    )
+    assert (tuned.max_watchers, tuned.watch_buffer) == (5, 7)
+    assert (tuned.watch_progress_seconds, tuned.watch_max_seconds) == (2.0, 10.0)
+    assert tuned.watch_retention_seconds == 86400.0
 
 
 def test_log_level_is_read_in_any_case() -> None:

@@ -154,3 +154,22 @@ def test_the_capacity_model_is_what_its_generator_makes_of_the_measurements(
     assert out.read_text() == (ROOT / "docs" / "capacity.md").read_text(), (
         "docs/capacity.md is stale: run python scripts/capacity_report.py"
     )
+
+
+def test_watch_streams_end_before_cloud_runs_request_timeout() -> None:
+    """The server ends a WatchTasks stream (with a resume token) before Cloud
+    Run would cut it without one, with minutes to spare, and the progress
+    events come well within the idle timeouts of proxies in between
+    (nginx's default is 60 s)."""
+    import yaml
+
+    from taskservice.config import load
+
+    manifest = yaml.safe_load((DEPLOY / "service.yaml").read_text())
+    request_timeout = manifest["spec"]["template"]["spec"]["timeoutSeconds"]
+    env = {
+        e["name"]: e["value"] for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    config = load({k: v for k, v in env.items() if not v.startswith("$")})
+    assert config.watch_max_seconds <= request_timeout - 240
+    assert config.watch_progress_seconds <= 30

@@ -8,13 +8,15 @@ nothing else for expected failures.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from taskservice.changes import WatchEvent, WatchQuery
 from taskservice.model import ListQuery, ListResult, NewTask, Task, TaskPatch
 
 if TYPE_CHECKING:
     from taskservice.config import Config
+    from taskservice.telemetry import Telemetry
 
 
 class TaskStore(Protocol):
@@ -51,6 +53,20 @@ class TaskStore(Protocol):
 
     async def list(self, query: ListQuery, timeout: float) -> ListResult: ...
 
+    def watch(self, query: WatchQuery) -> AsyncIterator[WatchEvent]:
+        """The changes to the tasks matching query.filter, as they commit
+        (taskservice.changes says what each means): with query.after, exactly
+        after that position; else from now, first every matching task when
+        query.include_initial, then CURRENT. PROGRESS after
+        query.progress_seconds without an event. Runs until the caller stops
+        iterating. A position the store can no longer honour raises OutOfRange
+        (RESUME_TOKEN_EXPIRED); one it never issued, InvalidArgument."""
+        ...
+
+    def use_telemetry(self, telemetry: Telemetry) -> None:
+        """From now on, record the store's own calls (Firestore RPCs, SQLite
+        commits) as metrics and as child spans of the call being served."""
+
     async def close(self) -> None: ...
 
 
@@ -65,6 +81,7 @@ def open_store(config: Config) -> TaskStore:
         if not config.project:
             raise ValueError("the Firestore store needs config.project")
         connection = firestore_channel(config)
+        listen = firestore_channel(config, purpose="listen")
         return FirestoreStore(
             connection.channel,
             project=config.project,
@@ -72,7 +89,10 @@ def open_store(config: Config) -> TaskStore:
             collection=config.collection,
             extra_metadata=connection.extra_metadata,
             max_commit_bytes=connection.max_commit_bytes or MAX_COMMIT_BYTES,
+            watch_retention_seconds=config.watch_retention_seconds,
+            listen_channel=listen.channel,
+            verify_listen=bool(config.firestore_emulator_host),
         )
     from taskservice.store.sqlite import SqliteStore
 
-    return SqliteStore(config.sqlite_path)
+    return SqliteStore(config.sqlite_path, watch_retention_seconds=config.watch_retention_seconds)

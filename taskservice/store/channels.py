@@ -6,6 +6,14 @@ to Firestore over TLS with Google's application-default credentials
 (google.auth raises DefaultCredentialsError when there are none, which the
 entry point turns into one line saying what to do). The store takes the
 channel and never looks at the environment or credentials itself.
+
+WatchTasks's one Listen stream gets a connection of its own, built the same
+way (`purpose="listen"`): a stream that can carry a snapshot of every
+matching task then shares no HTTP/2 flow control with the store's calls,
+takes none of the connection's 100 concurrent streams from them, and a fault
+on it cannot take the calls down. (On one shared connection, the emulator
+corrupted Listen frames and reset the connection under 64 concurrent
+writers, failing their calls with UNAVAILABLE: 2 runs in 4; 0 in 6 apart.)
 """
 
 from __future__ import annotations
@@ -47,12 +55,17 @@ def discover_project() -> str:
 
 
 def firestore_channel(
-    config: Config, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
+    config: Config,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    *,
+    purpose: str = "calls",
 ) -> FirestoreChannel:
-    """The channel for config (interceptors only on the emulator's: tests)."""
+    """The channel for config (interceptors only on the emulator's: tests).
+    Channels of different purposes never share a connection."""
+    options = [*_OPTIONS, ("taskservice.channel_purpose", purpose)]
     if config.firestore_emulator_host:
         channel = grpc.aio.insecure_channel(
-            config.firestore_emulator_host, options=_OPTIONS, interceptors=interceptors
+            config.firestore_emulator_host, options=options, interceptors=interceptors
         )
         return FirestoreChannel(
             channel, (("authorization", "Bearer owner"),), EMULATOR_MAX_COMMIT_BYTES
@@ -62,6 +75,6 @@ def firestore_channel(
     from google.api_core import grpc_helpers_async
 
     channel = grpc_helpers_async.create_channel(
-        FIRESTORE_HOST, scopes=SCOPES, default_host=FIRESTORE_HOST, options=_OPTIONS
+        FIRESTORE_HOST, scopes=SCOPES, default_host=FIRESTORE_HOST, options=options
     )
     return FirestoreChannel(channel, (), None)

@@ -35,8 +35,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import grpc
@@ -47,12 +47,14 @@ from google.cloud.firestore_v1.types import query as _query
 from google.cloud.firestore_v1.types import write as _write
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
+from taskservice.changes import WatchEvent, WatchQuery
 from taskservice.errors import (
     Conflict,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    OutOfRange,
     ResourceExhausted,
     ServiceError,
     Unavailable,
@@ -77,6 +79,9 @@ from taskservice.store.common import (
     stale_etag,
     taken,
 )
+
+if TYPE_CHECKING:
+    from taskservice.telemetry import Telemetry
 
 # Raw protobuf classes (no proto-plus wrapping on the hot path).
 Document: Any = _document.Document.pb()
@@ -215,8 +220,15 @@ class FirestoreStore:
         collection: str = "tasks",
         extra_metadata: Sequence[tuple[str, str]] = (),
         max_commit_bytes: int = MAX_COMMIT_BYTES,
+        watch_retention_seconds: float = 3540.0,
+        listen_channel: grpc.aio.Channel | None = None,
+        verify_listen: bool = False,
     ) -> None:
         self._channel = channel
+        # On the emulator only: check each Listen snapshot against a read at
+        # its read time (taskservice.store.firestore_watch).
+        self.verify_listen = verify_listen
+        self._listen_channel = listen_channel or channel
         self.max_commit_bytes = max_commit_bytes
         self.project = project
         self.database = f"projects/{project}/databases/{database}"
@@ -231,12 +243,24 @@ class FirestoreStore:
             *extra_metadata,
         )
 
+        self._telemetry: Telemetry | None = None
+
         def method(kind: str, name: str, request: Any, response: Any) -> Any:
-            return getattr(channel, kind)(
+            rpc = getattr(channel, kind)(
                 _SERVICE + name,
                 request_serializer=request.SerializeToString,
                 response_deserializer=response.FromString,
             )
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                telemetry = self._telemetry
+                if telemetry is None:
+                    return rpc(*args, **kwargs)
+                if kind == "unary_unary":
+                    return telemetry.firestore_unary(name, rpc(*args, **kwargs))
+                return telemetry.firestore_stream(name, rpc(*args, **kwargs))
+
+            return call
 
         self._commit = method("unary_unary", "Commit", CommitRequest, CommitResponse)
         self._get_document = method("unary_unary", "GetDocument", GetDocumentRequest, Document)
@@ -244,6 +268,9 @@ class FirestoreStore:
             "unary_stream", "BatchGetDocuments", BatchGetDocumentsRequest, BatchGetDocumentsResponse
         )
         self._run_query = method("unary_stream", "RunQuery", RunQueryRequest, RunQueryResponse)
+        from taskservice.store.firestore_watch import FirestoreWatcher
+
+        self._watcher = FirestoreWatcher(self, watch_retention_seconds)
 
     # -- helpers ----------------------------------------------------------
 
@@ -563,8 +590,83 @@ class FirestoreStore:
             raise _store_error(exc) from None
         return ListResult([_task(d) for d in docs[: query.limit]], has_more=len(docs) > query.limit)
 
+    # -- WatchTasks (taskservice.store.firestore_watch) ----------------------
+
+    def watch(self, query: WatchQuery) -> AsyncIterator[WatchEvent]:
+        return self._watcher.watch(query)
+
+    def document(self, name: str, fields: dict[str, Any]) -> Any:
+        return Document(name=name, fields=fields)
+
+    async def view_at(self, task_filter: TaskFilter, read_ns: int) -> dict[str, Task]:
+        """The tasks matching task_filter as they were at read time read_ns
+        (one RunQuery in the past), by task id."""
+        query = self.build_query(ListQuery(filter=task_filter))
+        query.ClearField("limit")
+        request = RunQueryRequest(
+            parent=self.documents, structured_query=query, read_time=timestamp_from_ns(read_ns)
+        )
+
+        async def call(t: float) -> dict[str, Task]:
+            found: dict[str, Task] = {}
+            async for response in self._run_query(request, timeout=t, metadata=self._metadata):
+                if response.HasField("document"):
+                    task = _task(response.document)
+                    found[task.task_id] = task
+            return found
+
+        try:
+            result: dict[str, Task] = await self._read_retrying(call, 60.0)
+            return result
+        except grpc.aio.AioRpcError as exc:
+            raise _past_read_error(exc) from None
+
+    async def tasks_at(self, task_ids: Sequence[str], read_ns: int) -> dict[str, Task | None]:
+        """The tasks with these ids as they were at read time read_ns (None:
+        absent then), in one BatchGetDocuments."""
+        if not task_ids:
+            return {}
+        request = BatchGetDocumentsRequest(
+            database=self.database,
+            documents=[self._name(t) for t in task_ids],
+            read_time=timestamp_from_ns(read_ns),
+        )
+
+        async def call(t: float) -> dict[str, Task | None]:
+            found: dict[str, Task | None] = dict.fromkeys(task_ids)
+            async for response in self._batch_get(request, timeout=t, metadata=self._metadata):
+                if response.HasField("found"):
+                    task = _task(response.found)
+                    found[task.task_id] = task
+            return found
+
+        try:
+            result: dict[str, Task | None] = await self._read_retrying(call, 30.0)
+            return result
+        except grpc.aio.AioRpcError as exc:
+            raise _past_read_error(exc) from None
+
+    def use_telemetry(self, telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
+
     async def close(self) -> None:
+        await self._watcher.close()
         await self._channel.close()
+        if self._listen_channel is not self._channel:
+            await self._listen_channel.close()
+
+
+def _past_read_error(exc: grpc.aio.AioRpcError) -> ServiceError:
+    """A read at a past time that Firestore refuses is one too old to honour."""
+    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+        details = (exc.details() or "").lower()
+        if "read_time" in details or "read time" in details or "too old" in details:
+            return OutOfRange(
+                "the resume token can no longer be honoured (Firestore no longer has the"
+                " versions it points to); list the tasks again, then watch from now",
+                reason="RESUME_TOKEN_EXPIRED",
+            )
+    return _store_error(exc)
 
 
 def _filters(f: TaskFilter) -> list[Any]:

@@ -1,0 +1,575 @@
+"""OpenTelemetry metrics and traces: every call, and the store's own calls.
+
+Off unless TASKSERVICE_TELEMETRY is `otlp` (to an OpenTelemetry collector at
+OTEL_EXPORTER_OTLP_ENDPOINT) or `gcp` (Cloud Monitoring and Cloud Trace, with
+the Google Cloud resource detector); with it off nothing here is imported.
+
+Why opentelemetry-sdk and not gRPC's own plugin (grpcio-observability): on
+grpc.aio servers the plugin records every method as "other" and does no
+tracing (grpc/grpc#39061, #41573), and its per-call lock can stall the event
+loop while an export holds it (#43098). The call pipeline (taskservice.calls)
+already knows each call's method, status, latency and message counts, so it
+records them here under gRPC's standard instrument names (gRFC A66):
+
+  grpc.server.call.started                 counter    grpc.method
+  grpc.server.call.duration                histogram  grpc.method, grpc.status (s)
+  grpc.server.call.rcvd_total_compressed_message_size / sent_...  (By; the
+      server does not compress, so these are the messages' sizes)
+  taskservice.server.calls.in_flight       up-down counter, grpc.method
+  taskservice.server.stream.messages       histogram  grpc.method, direction
+      (messages per streaming call: batch sizes, watch events)
+  grpc.client.attempt.duration             histogram  grpc.method, grpc.status
+      (each Firestore RPC, e.g. google.firestore.v1.Firestore/Commit)
+  taskservice.sqlite.commit.duration       histogram  outcome (s)
+  taskservice.sqlite.commit.writes         histogram  outcome (writes per group commit)
+
+Traces: one SERVER span per call, a child of the caller's span when the call
+carries `traceparent` or Cloud Run's `x-cloud-trace-context` (sampled as the
+caller decided; calls without one at TASKSERVICE_TRACE_SAMPLE_RATIO), with a
+CLIENT child span per Firestore RPC (not the one long Listen stream of
+WatchTasks) and an INTERNAL child span per SQLite group commit that carried
+the call's write. While a sampled call runs, its log lines carry its span.
+
+Never slower or failing because of an exporter: spans go to a bounded queue
+(2,048; dropped when full) that a background thread exports; metrics are
+aggregated in memory and exported by another thread; exporters are wrapped so
+that a failure never raises, and what the SDK and exporters log goes out at
+most once a minute per logger, with a count of what was held back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.status import Status, StatusCode
+
+from taskservice import __version__
+from taskservice.tracing import CallTrace
+
+log = logging.getLogger(__name__)
+
+SPAN_QUEUE = 2048
+SPAN_BATCH = 512
+EXPORT_TIMEOUT_SECONDS = 5.0
+SHUTDOWN_SECONDS = 1.0  # after the drain: a last export, then give up (Cloud Run allows 10 s)
+LOG_EVERY_SECONDS = 60.0
+FIRESTORE_SERVICE = "google.firestore.v1.Firestore"
+# gRFC A66's latency buckets (seconds) and size buckets (bytes).
+LATENCY_BUCKETS = (
+    0, 0.00001, 0.00005, 0.0001, 0.0003, 0.0006, 0.0008, 0.001, 0.002, 0.003, 0.004,
+    0.005, 0.006, 0.008, 0.01, 0.013, 0.016, 0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08,
+    0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1, 2, 5, 10, 20, 50, 100,
+)  # fmt: skip
+SIZE_BUCKETS = (
+    0, 1024, 2048, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000, 100000)
+# The server-side codes: what the error-ratio alert counts (not the caller's
+# own mistakes, such as NOT_FOUND or INVALID_ARGUMENT).
+SERVER_ERROR_CODES = ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN")
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    exporter: str  # "otlp" or "gcp"
+    otlp_endpoint: str = "http://localhost:4317"
+    sample_ratio: float = 0.1
+    metrics_interval_seconds: float = 60.0
+    service: str = "taskservice"
+    revision: str = ""
+    project: str = ""
+
+
+# -- export that never fails a call -------------------------------------------
+
+
+class OncePerMinute(logging.Filter):
+    """Lets one record per logger through each LOG_EVERY_SECONDS; the next one
+    that passes says how many were held back meanwhile."""
+
+    def __init__(self, every: float = LOG_EVERY_SECONDS) -> None:
+        super().__init__()
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(record.name)
+            if last is not None and now - last < self.every:
+                self._held[record.name] = self._held.get(record.name, 0) + 1
+                return False
+            self._last[record.name] = now
+            held = self._held.pop(record.name, 0)
+        if held:
+            record.msg = f"{record.getMessage()} ({held} similar messages held back)"
+            record.args = ()
+        return True
+
+
+class _QuietHandler(logging.Handler):
+    """Where the OpenTelemetry SDK's and exporters' own log records go: through
+    OncePerMinute, then to the root logger's handlers (our JSON lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.addFilter(OncePerMinute())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in logging.getLogger().handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+_quiet = _QuietHandler()
+
+
+def quiet_sdk_logs() -> None:
+    """Routes the `opentelemetry` loggers through one rate-limited handler."""
+    otel = logging.getLogger("opentelemetry")
+    if _quiet not in otel.handlers:
+        otel.addHandler(_quiet)
+    otel.propagate = False
+
+
+class _Failures:
+    """Counts an exporter's failures; logs at most once a minute."""
+
+    def __init__(self, what: str, where: str) -> None:
+        self.what = what
+        self.where = where
+        self.count = 0
+        self._reported_at = -LOG_EVERY_SECONDS
+        self._lock = threading.Lock()
+
+    def failed(self, reason: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.count += 1
+            if now - self._reported_at < LOG_EVERY_SECONDS:
+                return
+            self._reported_at = now
+            count = self.count
+        log.warning(
+            "telemetry: exporting %s to %s failed (%d failures so far): %s; calls are not affected",
+            self.what,
+            self.where,
+            count,
+            reason,
+            extra={"fields": {"telemetry_failures": count}},
+        )
+
+
+class GuardedSpanExporter(SpanExporter):
+    def __init__(self, inner: SpanExporter, where: str) -> None:
+        self.inner = inner
+        self.failures = _Failures("spans", where)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:  # an exporter bug must not reach the SDK's thread
+            self.failures.failed(f"{type(exc).__name__}: {exc}")
+            return SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self.failures.failed(f"{len(spans)} spans not accepted")
+        return result
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        try:
+            return bool(self.inner.force_flush(timeout_millis))
+        except Exception:
+            return False
+
+
+class GuardedMetricExporter(MetricExporter):
+    def __init__(self, inner: MetricExporter, where: str) -> None:
+        super().__init__(
+            preferred_temporality=inner._preferred_temporality,
+            preferred_aggregation=inner._preferred_aggregation,
+        )
+        self.inner = inner
+        self.failures = _Failures("metrics", where)
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        try:
+            result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        except Exception as exc:
+            self.failures.failed(f"{type(exc).__name__}: {exc}")
+            return MetricExportResult.FAILURE
+        if result is not MetricExportResult.SUCCESS:
+            self.failures.failed("the metrics were not accepted")
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        try:
+            return bool(self.inner.force_flush(timeout_millis))
+        except Exception:
+            return False
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        with contextlib.suppress(Exception):
+            self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def build_exporters(settings: TelemetrySettings) -> tuple[SpanExporter, MetricExporter, Resource]:
+    """The exporters and resource for settings.exporter (imported only here)."""
+    resource = Resource.create(
+        {
+            "service.name": settings.service,
+            "service.version": __version__,
+            "service.instance.id": (
+                f"{settings.revision or 'local'}-{os.getpid()}-{os.urandom(4).hex()}"
+            ),
+        }
+    )
+    if settings.exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        endpoint = settings.otlp_endpoint
+        insecure = endpoint.startswith("http://")
+        spans = OTLPSpanExporter(
+            endpoint=endpoint, insecure=insecure, timeout=int(EXPORT_TIMEOUT_SECONDS)
+        )
+        metrics = OTLPMetricExporter(
+            endpoint=endpoint, insecure=insecure, timeout=int(EXPORT_TIMEOUT_SECONDS)
+        )
+        return spans, metrics, resource
+    if settings.exporter == "gcp":
+        from opentelemetry.exporter.cloud_monitoring import CloudMonitoringMetricsExporter
+        from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
+        from opentelemetry.resourcedetector.gcp_resource_detector import (
+            GoogleCloudResourceDetector,
+        )
+
+        detected = GoogleCloudResourceDetector(raise_on_error=False).detect()
+        project = settings.project or None
+        return (
+            CloudTraceSpanExporter(project_id=project),  # type: ignore[no-untyped-call]
+            # One time series per instance: instances must not overwrite each other's points.
+            CloudMonitoringMetricsExporter(project_id=project, add_unique_identifier=True),
+            resource.merge(detected),
+        )
+    raise ValueError(f"unknown telemetry exporter {settings.exporter!r}")
+
+
+# -- what is recorded ----------------------------------------------------------
+
+
+class CallSpan:
+    """One call's span and in-flight count, from start_call to end_call."""
+
+    __slots__ = ("attributes", "log_trace", "span", "token")
+
+    def __init__(self, span: Any, token: Any, attributes: dict[str, str], log_trace: Any) -> None:
+        self.span = span
+        self.token = token
+        self.attributes = attributes
+        self.log_trace = log_trace
+
+
+class Telemetry:
+    """The providers, instruments and the hooks the pipeline and stores call."""
+
+    def __init__(
+        self,
+        settings: TelemetrySettings,
+        span_exporter: SpanExporter,
+        metric_exporter: MetricExporter,
+        resource: Resource | None = None,
+    ) -> None:
+        quiet_sdk_logs()
+        where = settings.otlp_endpoint if settings.exporter == "otlp" else settings.exporter
+        self.settings = settings
+        self.span_exporter = GuardedSpanExporter(span_exporter, where)
+        self.metric_exporter = GuardedMetricExporter(metric_exporter, where)
+        resource = resource or Resource.create({"service.name": settings.service})
+        self.tracer_provider = TracerProvider(
+            resource=resource,
+            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+            shutdown_on_exit=False,
+        )
+        self.tracer_provider.add_span_processor(
+            BatchSpanProcessor(
+                self.span_exporter,
+                max_queue_size=SPAN_QUEUE,
+                max_export_batch_size=SPAN_BATCH,
+                schedule_delay_millis=min(5000, int(settings.metrics_interval_seconds * 1000)),
+                export_timeout_millis=int(EXPORT_TIMEOUT_SECONDS * 1000),
+            )
+        )
+        self.reader = PeriodicExportingMetricReader(
+            self.metric_exporter,
+            export_interval_millis=settings.metrics_interval_seconds * 1000,
+            export_timeout_millis=EXPORT_TIMEOUT_SECONDS * 1000,
+        )
+        latency = ExplicitBucketHistogramAggregation(LATENCY_BUCKETS)
+        sizes = ExplicitBucketHistogramAggregation(SIZE_BUCKETS)
+        counts = ExplicitBucketHistogramAggregation(COUNT_BUCKETS)
+        self.meter_provider = MeterProvider(
+            resource=resource,
+            metric_readers=[self.reader],
+            shutdown_on_exit=False,
+            views=[
+                View(instrument_name="*.duration", aggregation=latency),
+                View(instrument_name="*_message_size", aggregation=sizes),
+                View(instrument_name="taskservice.server.stream.messages", aggregation=counts),
+                View(instrument_name="taskservice.sqlite.commit.writes", aggregation=counts),
+            ],
+        )
+        self.tracer = self.tracer_provider.get_tracer("taskservice", __version__)
+        meter = self.meter_provider.get_meter("taskservice", __version__)
+        self._started = meter.create_counter(
+            "grpc.server.call.started", unit="{call}", description="Calls started"
+        )
+        self._duration = meter.create_histogram(
+            "grpc.server.call.duration", unit="s", description="Call latency, to the status"
+        )
+        self._rcvd = meter.create_histogram(
+            "grpc.server.call.rcvd_total_compressed_message_size",
+            unit="By",
+            description="Bytes of request messages per call",
+        )
+        self._sent = meter.create_histogram(
+            "grpc.server.call.sent_total_compressed_message_size",
+            unit="By",
+            description="Bytes of response messages per call",
+        )
+        self._in_flight = meter.create_up_down_counter(
+            "taskservice.server.calls.in_flight", unit="{call}", description="Calls in progress"
+        )
+        self._messages = meter.create_histogram(
+            "taskservice.server.stream.messages",
+            unit="{message}",
+            description="Messages per streaming call (batch sizes, watch events)",
+        )
+        self._firestore = meter.create_histogram(
+            "grpc.client.attempt.duration",
+            unit="s",
+            description="Firestore RPCs by method and status",
+        )
+        self._commit_seconds = meter.create_histogram(
+            "taskservice.sqlite.commit.duration", unit="s", description="SQLite group commits"
+        )
+        self._commit_writes = meter.create_histogram(
+            "taskservice.sqlite.commit.writes",
+            unit="{write}",
+            description="Writes per SQLite group commit",
+        )
+        self._method_attributes: dict[str, dict[str, str]] = {}
+
+    # -- server calls ----------------------------------------------------------
+
+    def start_call(self, method: str, caller: CallTrace | None, *, traced: bool = True) -> CallSpan:
+        """Counts the call and starts its span (current until end_call); with
+        traced=False (health checks, reflection) only its metrics."""
+        attributes = self._method_attributes.get(method)
+        if attributes is None:
+            attributes = {"grpc.method": method.lstrip("/")}
+            self._method_attributes[method] = attributes
+        self._started.add(1, attributes)
+        self._in_flight.add(1, attributes)
+        if not traced:
+            return CallSpan(None, None, attributes, caller)
+        parent = otel_context.Context()
+        if caller is not None:
+            span_id = int(caller.span_id, 16) if caller.span_id else int.from_bytes(os.urandom(8))
+            remote = SpanContext(
+                trace_id=int(caller.trace_id, 16),
+                span_id=span_id or 1,
+                is_remote=True,
+                trace_flags=TraceFlags(TraceFlags.SAMPLED if caller.sampled else 0),
+            )
+            parent = trace.set_span_in_context(NonRecordingSpan(remote), parent)
+        service, _, name = method.lstrip("/").partition("/")
+        span = self.tracer.start_span(
+            method.lstrip("/"),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        own = span.get_span_context()
+        log_trace = caller
+        if own.trace_flags.sampled:
+            log_trace = CallTrace(format(own.trace_id, "032x"), format(own.span_id, "016x"), True)
+        return CallSpan(span, token, attributes, log_trace)
+
+    def end_call(
+        self,
+        call: CallSpan,
+        code: str,
+        seconds: float,
+        request_bytes: int,
+        response_bytes: int,
+        messages_in: int | None,
+        messages_out: int | None,
+    ) -> None:
+        if call.token is not None:
+            otel_context.detach(call.token)
+        attributes = call.attributes
+        self._in_flight.add(-1, attributes)
+        coded = {**attributes, "grpc.status": code}
+        self._duration.record(seconds, coded)
+        self._rcvd.record(request_bytes, attributes)
+        self._sent.record(response_bytes, attributes)
+        if messages_in is not None:
+            self._messages.record(messages_in, {**attributes, "direction": "received"})
+        if messages_out is not None:
+            self._messages.record(messages_out, {**attributes, "direction": "sent"})
+        span = call.span
+        if span is not None and span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code)
+            if code != "OK":
+                span.set_status(Status(StatusCode.ERROR, code))
+            span.end()
+
+    # -- Firestore RPCs ----------------------------------------------------------
+
+    async def firestore_unary(self, method: str, call: Awaitable[Any]) -> Any:
+        """Awaits one unary Firestore RPC inside its span, recording its code."""
+        span, started = self._firestore_start(method)
+        code = "UNKNOWN"
+        try:
+            result = await call
+            code = "OK"
+            return result
+        except BaseException as exc:
+            code = _code_of(exc)
+            raise
+        finally:
+            self._firestore_end(method, span, started, code)
+
+    async def firestore_stream(self, method: str, call: Any) -> AsyncIterator[Any]:
+        """Yields one server-streaming Firestore RPC's responses inside its span."""
+        span, started = self._firestore_start(method)
+        code = "UNKNOWN"
+        try:
+            async for response in call:
+                yield response
+            code = "OK"
+        except BaseException as exc:
+            code = _code_of(exc)
+            raise
+        finally:
+            self._firestore_end(method, span, started, code)
+
+    def _firestore_start(self, method: str) -> tuple[Any, float]:
+        span = self.tracer.start_span(
+            f"{FIRESTORE_SERVICE}/{method}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": FIRESTORE_SERVICE,
+                "rpc.method": method,
+            },
+        )
+        return span, time.perf_counter()
+
+    def _firestore_end(self, method: str, span: Any, started: float, code: str) -> None:
+        self._firestore.record(
+            time.perf_counter() - started,
+            {"grpc.method": f"{FIRESTORE_SERVICE}/{method}", "grpc.status": code},
+        )
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code)
+            if code != "OK":
+                span.set_status(Status(StatusCode.ERROR, code))
+            span.end()
+
+    # -- SQLite commits ----------------------------------------------------------
+
+    def sqlite_group(self, writes: int, seconds: float, ok: bool) -> None:
+        """One group commit (the writer thread calls this)."""
+        outcome = {"outcome": "committed" if ok else "failed"}
+        self._commit_seconds.record(seconds, outcome)
+        self._commit_writes.record(writes, outcome)
+
+    def sqlite_commit_span(self, started_ns: int, ended_ns: int, writes: int, ok: bool) -> None:
+        """The group commit that carried the current call's write, as its child span."""
+        current = trace.get_current_span()
+        if not current.is_recording():
+            return
+        span = self.tracer.start_span(
+            "sqlite.commit",
+            kind=SpanKind.INTERNAL,
+            start_time=started_ns,
+            attributes={"db.system": "sqlite", "taskservice.commit.writes": writes},
+        )
+        if not ok:
+            span.set_status(Status(StatusCode.ERROR, "the group commit failed"))
+        span.end(end_time=ended_ns)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def flush(self, timeout: float = EXPORT_TIMEOUT_SECONDS) -> None:
+        """Exports what is pending now (tests; the drain)."""
+        self.tracer_provider.force_flush(int(timeout * 1000))
+        self.meter_provider.force_flush(int(timeout * 1000))
+
+    def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> None:
+        """A last export, given at most `timeout` seconds (it runs on a
+        daemon thread: an unreachable collector cannot hold up the exit)."""
+
+        def close() -> None:
+            with contextlib.suppress(Exception):
+                self.meter_provider.shutdown(timeout_millis=timeout * 1000)
+            with contextlib.suppress(Exception):
+                self.tracer_provider.shutdown()
+
+        closing = threading.Thread(target=close, name="telemetry-shutdown", daemon=True)
+        closing.start()
+        closing.join(timeout)
+
+
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, GeneratorExit):  # the store stopped reading: the RPC is cancelled
+        return "CANCELLED"
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            value = code()
+        except Exception:
+            return "UNKNOWN"
+        name = getattr(value, "name", None)
+        if isinstance(name, str):
+            return name
+    if type(exc).__name__ == "CancelledError":
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+def start_telemetry(settings: TelemetrySettings) -> Telemetry:
+    spans, metrics, resource = build_exporters(settings)
+    return Telemetry(settings, spans, metrics, resource)

@@ -1,0 +1,224 @@
+"""The server side of one WatchTasks stream: resume tokens, the bounded
+buffer between the store and the wire, and the stream's lifetime.
+
+A resume token wraps the store's position (WatchEvent.position) with the
+fingerprint of the filter it was issued for and a checksum, like a page token
+(taskservice.pagination, which explains why a checksum with a key in the
+source is enough: a decoded position is checked by the store, and the
+furthest a forged one leads is a point in a history the caller could watch
+anyway).
+
+The store's events go through a buffer of at most `buffer_events` messages
+and `buffer_bytes` bytes; the wire takes them as fast as the client reads.
+Events the store replays from what it keeps (initial tasks, the backlog of a
+resume) wait for room in the buffer: the client reads them at its own pace.
+Live events do not wait: a client that falls more than the buffer behind
+them is ended with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW), so that it costs
+no more memory, and one that stays longer than `max_seconds` with
+UNAVAILABLE (STREAM_MAX_AGE), before a platform's request timeout cuts it
+without a status. Both carry, in the ErrorInfo metadata "resume_token", the
+token of the last event written to the stream (the pipeline ends the stream
+after that event has reached the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from taskservice.changes import WatchEvent, WatchQuery
+from taskservice.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from taskservice.model import TaskFilter
+
+if TYPE_CHECKING:
+    from taskservice.calls import StreamControl
+
+_VERSION = 1
+_KEY = b"taskservice.v1.resume-token"
+_MAC_SIZE = 12
+MAX_RESUME_TOKEN_LENGTH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSettings:
+    progress_seconds: float = 30.0
+    max_seconds: float = 3300.0
+    buffer_events: int = 1000
+    buffer_bytes: int = 4 * 1024 * 1024
+
+
+def filter_fingerprint(task_filter: TaskFilter) -> bytes:
+    return hashlib.blake2b(repr(task_filter).encode(), digest_size=8).digest()
+
+
+def _mac(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, key=_KEY, digest_size=_MAC_SIZE).digest()
+
+
+def encode_resume_token(position: bytes, fingerprint: bytes) -> str:
+    payload = bytes([_VERSION]) + fingerprint + position
+    return base64.urlsafe_b64encode(payload + _mac(payload)).rstrip(b"=").decode()
+
+
+def _invalid(problem: str) -> InvalidArgument:
+    return InvalidArgument([("resume_token", problem)], reason="INVALID_RESUME_TOKEN")
+
+
+def decode_resume_token(token: str, fingerprint: bytes) -> bytes:
+    """The store position in `token`; INVALID_ARGUMENT unless it is intact
+    and was issued for the same filter."""
+    if len(token) > MAX_RESUME_TOKEN_LENGTH:
+        raise _invalid("is not a token this service issued")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise _invalid("is not a token this service issued") from None
+    if len(raw) < 1 + len(fingerprint) + _MAC_SIZE:
+        raise _invalid("is not a token this service issued")
+    payload, mac = raw[:-_MAC_SIZE], raw[-_MAC_SIZE:]
+    if not hmac.compare_digest(_mac(payload), mac):
+        raise _invalid("is corrupted or was altered")
+    if payload[0] != _VERSION:
+        raise _invalid("was issued by an incompatible version; list again, then watch from now")
+    if payload[1 : 1 + len(fingerprint)] != fingerprint:
+        raise _invalid("belongs to a different filter; send the filter it was issued for")
+    return payload[1 + len(fingerprint) :]
+
+
+class _Buffer:
+    """Messages waiting for the wire, bounded in count and bytes."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.messages: deque[Any] = deque()
+        self.bytes = 0
+        self.finished = False
+        self.error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def _fits(self, size: int) -> bool:
+        return not self.messages or (
+            len(self.messages) < self.max_messages and self.bytes + size <= self.max_bytes
+        )
+
+    def put_nowait(self, message: Any) -> bool:
+        """False when the message does not fit: the reader is too slow."""
+        size = message.ByteSize()
+        if not self._fits(size):
+            return False
+        self.messages.append(message)
+        self.bytes += size
+        self._ready.set()
+        return True
+
+    async def put(self, message: Any) -> None:
+        """Waits for room, then adds the message."""
+        size = message.ByteSize()
+        while not self._fits(size):
+            self._room.clear()
+            await self._room.wait()
+        self.messages.append(message)
+        self.bytes += size
+        self._ready.set()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.finished = True
+        self.error = error
+        self._ready.set()
+
+    async def get(self) -> Any | None:
+        """The next message; None at the end; raises the producer's error."""
+        while not self.messages:
+            if self.finished:
+                if self.error is not None:
+                    raise self.error
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        message = self.messages.popleft()
+        self.bytes -= message.ByteSize()
+        self._room.set()
+        return message
+
+
+async def serve_watch(
+    events: AsyncIterator[WatchEvent],
+    query: WatchQuery,
+    to_message: Callable[[WatchEvent, str], Any],
+    settings: WatchSettings,
+    control: StreamControl,
+) -> AsyncIterator[Any]:
+    """The messages of one WatchTasks stream (see the module docstring).
+    `events` is the store's watch of `query`; to_message turns an event and
+    its resume token into a WatchTasksResponse."""
+    fingerprint = filter_fingerprint(query.filter)
+    buffer = _Buffer(settings.buffer_events, settings.buffer_bytes)
+    control.status_metadata = lambda last: (
+        {} if last is None else {"resume_token": last.resume_token}
+    )
+
+    def end(error: ServiceError) -> None:
+        """Stops reading the store and drops what the client has not been
+        sent (a resume recomputes it): the pipeline ends the stream once the
+        message in flight has arrived, with the last written one's token."""
+        buffer.messages.clear()
+        buffer.finish(error)
+        control.end(error)
+
+    async def produce() -> None:
+        try:
+            async for event in events:
+                message = to_message(event, encode_resume_token(event.position, fingerprint))
+                if event.catching_up:
+                    await buffer.put(message)
+                elif not buffer.put_nowait(message):
+                    end(
+                        ResourceExhausted(
+                            f"the caller fell more than {settings.buffer_events} events behind"
+                            " (or more than the buffer's bytes); resume with the resume_token"
+                            " of the last event received, and read faster",
+                            reason="WATCHER_TOO_SLOW",
+                        )
+                    )
+                    return
+            buffer.finish()
+        except ServiceError as error:
+            buffer.finish(error)
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
+    def too_old() -> None:
+        end(
+            Unavailable(
+                f"the stream is {settings.max_seconds:g} s old and was ended before the"
+                " platform's request timeout; reconnect with the resume_token",
+                reason="STREAM_MAX_AGE",
+            )
+        )
+
+    producer = asyncio.create_task(produce())
+    timer = asyncio.get_running_loop().call_later(settings.max_seconds, too_old)
+    try:
+        while True:
+            message = await buffer.get()
+            if message is None:
+                return
+            yield message
+    finally:
+        timer.cancel()
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await producer
