@@ -4,25 +4,34 @@
 #   deploy/deploy.sh --project P --region R [--image IMAGE | --build]
 #                    [--service taskservice] [--database '(default)']
 #                    [--invoker serviceAccount:caller@P.iam.gserviceaccount.com]...
+#                    [--telemetry gcp|off] [--notify projects/P/notificationChannels/N]...
 #                    [--dry-run]
 #
 # What it does, in order (each command is printed before it runs):
-#   1. enables the APIs (Cloud Run, Firestore, Artifact Registry, Cloud Build);
-#   2. creates the runtime service account with only roles/datastore.user;
+#   1. enables the APIs (Cloud Run, Firestore, Artifact Registry, Cloud Build,
+#      Cloud Logging, Cloud Monitoring, Cloud Trace);
+#   2. creates the runtime service account with roles/datastore.user, and with
+#      --telemetry gcp (the default) roles/monitoring.metricWriter and
+#      roles/cloudtrace.agent to export OpenTelemetry metrics and traces;
 #   3. creates the Firestore database if it is missing, then the composite
 #      indexes, index exemptions and the request-id TTL policy
 #      (deploy/firestore.indexes.json, via deploy/index_commands.py);
 #   4. with --build, builds and pushes the image with Cloud Build;
 #   5. renders deploy/service.yaml and runs `gcloud run services replace`
 #      (h2c port, gRPC startup/liveness probes; no public access);
-#   6. grants roles/run.invoker to each --invoker.
+#   6. grants roles/run.invoker to each --invoker;
+#   7. creates or updates the log-based metrics (calls by method and code,
+#      latency), the alert policies (server-side error ratio, p99 latency,
+#      instances near max-instances, Firestore errors; each --notify channel
+#      is told) and the dashboard, from deploy/monitoring (deploy/monitoring.py).
 # --dry-run prints the plan and the rendered manifest path and runs nothing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 project="" region="" image="" build=0 service="taskservice" database="(default)" dry_run=0
-invokers=()
+telemetry="gcp"
+invokers=() channels=()
 
 # The header comment above, up to the first line that is not a comment.
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
@@ -35,12 +44,15 @@ while [ $# -gt 0 ]; do
     --service) service=${2:?}; shift 2 ;;
     --database) database=${2:?}; shift 2 ;;
     --invoker) invokers+=("${2:?}"); shift 2 ;;
+    --telemetry) telemetry=${2:?}; shift 2 ;;
+    --notify) channels+=("${2:?}"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage 0 ;;
     *) echo "deploy.sh: unknown argument $1" >&2; usage ;;
   esac
 done
 [ -n "$project" ] && [ -n "$region" ] || { echo "deploy.sh: --project and --region are required" >&2; usage; }
+case "$telemetry" in gcp|off) ;; *) echo "deploy.sh: --telemetry must be gcp or off" >&2; usage ;; esac
 if [ -z "$image" ]; then
   image="${region}-docker.pkg.dev/${project}/taskservice/${service}:$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo latest)"
 fi
@@ -75,7 +87,8 @@ echo "# image ${image}; runtime service account ${sa}"
 
 echo "# 1. APIs"
 run gcloud services enable run.googleapis.com firestore.googleapis.com \
-  artifactregistry.googleapis.com cloudbuild.googleapis.com --project "$project"
+  artifactregistry.googleapis.com cloudbuild.googleapis.com logging.googleapis.com \
+  monitoring.googleapis.com cloudtrace.googleapis.com --project "$project"
 
 echo "# 2. Runtime service account: Firestore access only"
 run_if_absent gcloud iam service-accounts describe "$sa" --project "$project" -- \
@@ -83,6 +96,12 @@ run_if_absent gcloud iam service-accounts describe "$sa" --project "$project" --
   --display-name "TaskService on Cloud Run"
 run gcloud projects add-iam-policy-binding "$project" \
   --member "serviceAccount:${sa}" --role roles/datastore.user --condition None
+if [ "$telemetry" = "gcp" ]; then
+  for role in roles/monitoring.metricWriter roles/cloudtrace.agent; do
+    run gcloud projects add-iam-policy-binding "$project" \
+      --member "serviceAccount:${sa}" --role "$role" --condition None
+  done
+fi
 
 echo "# 3. Firestore database, indexes, TTL"
 run_if_absent gcloud firestore databases describe --database "$database" --project "$project" -- \
@@ -104,10 +123,11 @@ fi
 echo "# 5. Cloud Run service (end-to-end HTTP/2, no public access)"
 rendered=$(mktemp "${TMPDIR:-/tmp}/${service}-service.XXXXXX.yaml")
 SERVICE="$service" REGION="$region" PROJECT_ID="$project" IMAGE="$image" \
-SERVICE_ACCOUNT="$sa" DATABASE="$database" python3 - "$here/service.yaml" "$rendered" <<'PY'
+SERVICE_ACCOUNT="$sa" DATABASE="$database" TELEMETRY="$telemetry" \
+python3 - "$here/service.yaml" "$rendered" <<'PY'
 import os, re, sys
 text = open(sys.argv[1]).read()
-names = ("SERVICE", "REGION", "PROJECT_ID", "IMAGE", "SERVICE_ACCOUNT", "DATABASE")
+names = ("SERVICE", "REGION", "PROJECT_ID", "IMAGE", "SERVICE_ACCOUNT", "DATABASE", "TELEMETRY")
 text = re.sub(r"\$\{(%s)\}" % "|".join(names), lambda m: os.environ[m.group(1)], text)
 left = re.findall(r"\$\{[A-Z_]+\}", text)
 if left:
@@ -123,6 +143,55 @@ for member in "${invokers[@]}"; do
     --project "$project" --member "$member" --role roles/run.invoker
 done
 [ ${#invokers[@]} -gt 0 ] || echo "# (no --invoker given: only project owners can call it)"
+
+echo "# 7. Monitoring: log-based metrics, alert policies, dashboard (deploy/monitoring)"
+apply_log_metric() {  # NAME FILE: update it when it exists, else create it
+  if [ "$dry_run" -eq 0 ] && gcloud logging metrics describe "$1" --project "$project" >/dev/null 2>&1; then
+    run gcloud logging metrics update "$1" --config-from-file "$2" --project "$project"
+  else
+    run gcloud logging metrics create "$1" --config-from-file "$2" --project "$project"
+  fi
+}
+apply_policy() {  # DISPLAY_NAME FILE: the policy of that name is updated, else created
+  local existing=""
+  [ "$dry_run" -eq 1 ] || existing=$(gcloud monitoring policies list --project "$project" \
+    --filter "displayName=\"$1\"" --format 'value(name)' | head -n 1)
+  if [ -n "$existing" ]; then
+    run gcloud monitoring policies update "$existing" --policy-from-file "$2" --project "$project"
+  else
+    run gcloud monitoring policies create --policy-from-file "$2" --project "$project"
+  fi
+}
+apply_dashboard() {  # DISPLAY_NAME FILE: an update carries the current etag
+  local existing="" etag=""
+  [ "$dry_run" -eq 1 ] || existing=$(gcloud monitoring dashboards list --project "$project" \
+    --filter "displayName=\"$1\"" --format 'value(name)' | head -n 1)
+  if [ -n "$existing" ]; then
+    etag=$(gcloud monitoring dashboards describe "$existing" --project "$project" --format 'value(etag)')
+    python3 - "$2" "$etag" <<'PY'
+import json, sys
+body = json.load(open(sys.argv[1]))
+body["etag"] = sys.argv[2]
+json.dump(body, open(sys.argv[1], "w"), indent=2)
+PY
+    run gcloud monitoring dashboards update "$existing" --config-from-file "$2" --project "$project"
+  else
+    run gcloud monitoring dashboards create --config-from-file "$2" --project "$project"
+  fi
+}
+monitoring=$(mktemp -d "${TMPDIR:-/tmp}/${service}-monitoring.XXXXXX")
+notify_args=()
+for channel in "${channels[@]}"; do notify_args+=(--notify "$channel"); done
+while IFS=$'\t' read -r kind name file; do
+  case "$kind" in
+    metric) apply_log_metric "$name" "$file" ;;
+    policy) apply_policy "$name" "$file" ;;
+    dashboard) apply_dashboard "$name" "$file" ;;
+  esac
+done < <(python3 "$here/monitoring.py" --service "$service" --project "$project" \
+          --out "$monitoring" "${notify_args[@]}")
+echo "# rendered monitoring: ${monitoring}"
+[ ${#channels[@]} -gt 0 ] || echo "# (no --notify given: the alerts open incidents but tell no one)"
 
 echo "# Call it:"
 echo "#   URL=\$(gcloud run services describe ${service} --region ${region} --project ${project} --format 'value(status.url)')"

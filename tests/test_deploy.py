@@ -66,9 +66,13 @@ def test_dry_run_prints_the_whole_plan_in_order() -> None:
     positions = [next(i for i, c in enumerate(commands) if c.startswith(s)) for s in steps]
     assert positions == sorted(positions), "steps out of order"
     roles = re.findall(r"--role (\S+)", "\n".join(commands))
-    assert roles.count("roles/datastore.user") == 1  # the runtime account gets only this
+    assert roles.count("roles/datastore.user") == 1  # the runtime account's data access
     assert roles.count("roles/run.invoker") == 2
-    assert set(roles) == {"roles/datastore.user", "roles/run.invoker"}
+    # and, with --telemetry gcp (the default), writing metrics and traces only
+    telemetry = {"roles/monitoring.metricWriter", "roles/cloudtrace.agent"}
+    assert set(roles) == {"roles/datastore.user", "roles/run.invoker", *telemetry}
+    quiet = _dry_run("--telemetry", "off")
+    assert not telemetry & set(re.findall(r"--role (\S+)", quiet))
     assert "allUsers" not in out and "--allow-unauthenticated" not in out
     assert sum(c.startswith("gcloud firestore indexes composite create") for c in commands) == 60
     assert 'grpcurl -H "authorization: Bearer $(gcloud auth print-identity-token)"' in out

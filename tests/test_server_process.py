@@ -225,6 +225,21 @@ def test_firestore_without_credentials_says_what_to_do(tmp_path: Path) -> None:
     assert "FIRESTORE_EMULATOR_HOST" in line and "--store sqlite" in line
 
 
+def test_gcp_telemetry_without_credentials_says_what_to_do(tmp_path: Path) -> None:
+    env = _env(
+        TASKSERVICE_STORE="sqlite",
+        TASKSERVICE_TELEMETRY="gcp",
+        HOME=str(tmp_path),
+        CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+        GCE_METADATA_HOST="127.0.0.1:9",
+        GCE_METADATA_IP="127.0.0.1:9",
+    )
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    line = _one_line(_run([], env, tmp_path))
+    assert "TASKSERVICE_TELEMETRY=gcp needs Google credentials" in line
+    assert "TASKSERVICE_TELEMETRY=off" in line
+
+
 async def test_flags_override_the_environment(
     launch: list[ServerProcess], tmp_path: Path, channel_to: list[grpc.aio.Channel]
 ) -> None:

@@ -1,0 +1,198 @@
+"""deploy/monitoring: log-based metrics, alert policies and dashboard, as deploy.sh renders them.
+
+Each object is parsed strictly into the Cloud API's own message type
+(LogMetric, AlertPolicy, Dashboard: an unknown or misspelt field fails), each
+PromQL query is parsed by a PromQL parser, the metrics and labels the queries
+name are the ones the log-based metrics define, and the fields those metrics
+extract are the ones a real access line of a real server carries.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import pytest
+from google.cloud.logging_v2.types import LogMetric
+from google.cloud.monitoring_dashboard_v1.types import Dashboard
+from google.cloud.monitoring_v3.types import AlertPolicy
+from tasks.v1 import task_service_pb2 as pb
+
+from harness import start_server
+from taskservice import jsonlog
+from taskservice.store.sqlite import SqliteStore
+from taskservice.telemetry import SERVER_ERROR_CODES
+from tests.helpers import create_request
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+CHANNEL = "projects/demo-proj/notificationChannels/42"
+USER_METRIC = re.compile(
+    r"logging_googleapis_com:user_([a-z_]+?)(?:_bucket|_count|_sum)?\{([^}]*)\}"
+)
+LABEL = re.compile(r'(\w+)\s*(?:=~|!~|!=|=)\s*"')
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[str, Path]]]:
+    out = tmp_path_factory.mktemp("monitoring")
+    result = subprocess.run(
+        [sys.executable, str(DEPLOY / "monitoring.py"), "--service", "tasks-prod",
+         "--project", "demo-proj", "--out", str(out), "--notify", CHANNEL],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    made: dict[str, list[tuple[str, Path]]] = {}
+    for line in result.stdout.splitlines():
+        kind, name, path = line.split("\t")
+        made.setdefault(kind, []).append((name, Path(path)))
+    return made
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _queries(policy: dict[str, Any]) -> list[str]:
+    return [c["conditionPrometheusQueryLanguage"]["query"] for c in policy["conditions"]]
+
+
+def test_everything_is_rendered(rendered: dict[str, list[tuple[str, Path]]]) -> None:
+    assert sorted(n for n, _ in rendered["metric"]) == [
+        "taskservice_grpc_calls",
+        "taskservice_grpc_latency",
+    ]
+    assert len(rendered["policy"]) == 4 and len(rendered["dashboard"]) == 1
+    for paths in rendered.values():
+        for _, path in paths:
+            assert "${" not in path.read_text(), path
+
+
+def test_log_metrics_are_valid_and_read_what_access_lines_carry(
+    rendered: dict[str, list[tuple[str, Path]]], access_line: dict[str, Any]
+) -> None:
+    for name, path in rendered["metric"]:
+        text = path.read_text()
+        metric = LogMetric.from_json(text)  # strict: unknown fields fail
+        assert metric.name == name
+        assert 'resource.labels.service_name="tasks-prod"' in metric.filter
+        body = json.loads(text)
+        keys = {label["key"] for label in body["metricDescriptor"]["labels"]}
+        assert set(body["labelExtractors"]) == keys == {"method", "code"}
+        extractors = [*body["labelExtractors"].values(), body.get("valueExtractor", "")]
+        for extractor in filter(None, extractors):
+            field = re.fullmatch(r'EXTRACT\(jsonPayload\.(?:"([^"]+)"|(\w+))\)', extractor)
+            assert field, extractor
+            assert (field.group(1) or field.group(2)) in access_line, extractor
+        assert 'jsonPayload.logger="taskservice.access"' in metric.filter
+        assert access_line["logger"] == "taskservice.access"
+    latency = _json(dict(rendered["metric"])["taskservice_grpc_latency"])
+    bounds = latency["bucketOptions"]["explicitBuckets"]["bounds"]
+    assert bounds == sorted(bounds) and latency["metricDescriptor"]["unit"] == "ms"
+    assert isinstance(access_line["latency_ms"], float)
+
+
+@pytest.fixture
+async def access_line(tmp_path: Path) -> dict[str, Any]:
+    """One access line of a real server, as Cloud Logging would receive it."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(jsonlog.JsonFormatter())
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        running = await start_server(SqliteStore(tmp_path / "t.db"))
+        task = await running.stub.CreateTask(create_request("logged"))
+        await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
+        await running.close()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return next(e for e in lines if e.get("grpc.method") == "/tasks.v1.TaskService/GetTask")
+
+
+def test_alert_policies_are_valid(rendered: dict[str, list[tuple[str, Path]]]) -> None:
+    metrics = {n: _json(p) for n, p in rendered["metric"]}
+    for name, path in rendered["policy"]:
+        policy = AlertPolicy.from_json(path.read_text())  # strict
+        body = _json(path)
+        assert policy.display_name == name and name.startswith("TaskService tasks-prod: ")
+        assert list(policy.notification_channels) == [CHANNEL]
+        assert policy.severity in (AlertPolicy.Severity.ERROR, AlertPolicy.Severity.WARNING)
+        assert "**First check:**" in policy.documentation.content
+        for condition in body["conditions"]:
+            assert condition["conditionPrometheusQueryLanguage"]["duration"] == "300s"
+        for query in _queries(body):
+            promql_parser.parse(query)  # raises on a syntax error
+            for metric, selector in USER_METRIC.findall(query):
+                assert metric in metrics, metric
+                defined = {label["key"] for label in metrics[metric]["metricDescriptor"]["labels"]}
+                used = set(LABEL.findall(selector)) - {"monitored_resource", "service_name"}
+                assert used <= defined, (metric, used)
+
+
+def test_the_error_ratio_counts_server_side_codes_only(
+    rendered: dict[str, list[tuple[str, Path]]],
+) -> None:
+    policy = next(_json(p) for n, p in rendered["policy"] if "error ratio" in n)
+    (query,) = _queries(policy)
+    codes = re.search(r'code=~"([^"]+)"', query)
+    assert codes and set(codes.group(1).split("|")) == set(SERVER_ERROR_CODES)
+    assert "NOT_FOUND" not in query and "INVALID_ARGUMENT" not in query
+    assert re.search(r"\) > 0\.01 and ", query)  # the rendered threshold
+    instances = next(_json(p) for n, p in rendered["policy"] if "max-instances" in n)
+    (query,) = _queries(instances)
+    assert query.endswith(">= 16")  # 80% of deploy/service.yaml's maxScale of 20
+
+
+def test_the_dashboard_is_valid(rendered: dict[str, list[tuple[str, Path]]]) -> None:
+    ((name, path),) = rendered["dashboard"]
+    dashboard = Dashboard.from_json(path.read_text())  # strict
+    assert dashboard.display_name == name == "TaskService tasks-prod"
+    cells: set[tuple[int, int]] = set()
+    charts = 0
+    for tile in _json(path)["mosaicLayout"]["tiles"]:
+        assert tile["xPos"] + tile["width"] <= 48
+        area = {
+            (x, y)
+            for x in range(tile["xPos"], tile["xPos"] + tile["width"])
+            for y in range(tile["yPos"], tile["yPos"] + tile["height"])
+        }
+        assert not area & cells, tile["widget"]["title"]  # tiles do not overlap
+        cells |= area
+        for data_set in tile["widget"].get("xyChart", {}).get("dataSets", []):
+            promql_parser.parse(data_set["timeSeriesQuery"]["prometheusQuery"])
+            charts += 1
+    assert charts >= 8
+
+
+def test_a_broken_query_is_caught() -> None:
+    with pytest.raises(Exception, match="paren"):
+        promql_parser.parse("sum(rate(logging_googleapis_com:user_taskservice_grpc_calls[5m])")
+
+
+def test_deploy_applies_them_after_the_service() -> None:
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "deploy.sh"), "--project", "demo-proj", "--region",
+         "europe-west1", "--dry-run", "--notify", CHANNEL],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    commands = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
+    replace = next(i for i, c in enumerate(commands) if c.startswith("gcloud run services replace"))
+    tail = commands[replace + 1 :]
+    assert sum(c.startswith("gcloud logging metrics create") for c in tail) == 2
+    assert sum(c.startswith("gcloud monitoring policies create") for c in tail) == 4
+    assert sum(c.startswith("gcloud monitoring dashboards create") for c in tail) == 1
+    rendered = Path(re.search(r"# rendered monitoring: (\S+)", result.stdout).group(1))  # type: ignore[union-attr]
+    for path in (rendered / "alerts").glob("*.json"):
+        assert _json(path)["notificationChannels"] == [CHANNEL]
