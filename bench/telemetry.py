@@ -6,7 +6,7 @@ header). Three settings, in rounds that alternate them so the machine's noise
 falls on all three alike:
 - off: TASKSERVICE_TELEMETRY unset (the default);
 - on: TASKSERVICE_TELEMETRY=otlp to a collector on loopback (a receiver in a
-  process of its own that accepts and drops), the default sample ratio 0.1,
+  process of its own that accepts and drops), the default sample ratio 0.01,
   metrics every 10 s;
 - on, every call traced: the same with TASKSERVICE_TRACE_SAMPLE_RATIO=1.
 The figure is the server's own CPU (user + system) per call; the ratio to

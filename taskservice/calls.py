@@ -303,8 +303,6 @@ class CallPipeline:
                 call.span,
                 call.code,
                 time.perf_counter() - call.started,
-                call.request_bytes,
-                call.response_bytes,
                 call.messages_in,
                 call.messages_out,
             )

@@ -64,6 +64,17 @@ def test_overrides_win_over_the_environment() -> None:
             {"TASKSERVICE_STORE": "firestore", "TASKSERVICE_WATCH_RETENTION_SECONDS": "7200"},
             "is more than Firestore allows (3540",
         ),
+        ({"TASKSERVICE_TELEMETRY": "jaeger"}, "TASKSERVICE_TELEMETRY='jaeger' must be 'off' or"),
+        (
+            {"TASKSERVICE_TRACE_SAMPLE_RATIO": "2"},
+            "TASKSERVICE_TRACE_SAMPLE_RATIO=2 is outside 0..1",
+        ),
+        ({"TASKSERVICE_TRACE_SAMPLE_RATIO": "half"}, "'half' is not a number"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4317"}, "must be http://host:port"),
+        (
+            {"TASKSERVICE_TELEMETRY": "gcp", "TASKSERVICE_METRICS_INTERVAL_SECONDS": "5"},
+            "too short for Cloud Monitoring (at least 10)",
+        ),
     ],
 )
 def test_bad_settings_say_what_to_do(env: dict[str, str], words: str) -> None:
@@ -92,6 +103,26 @@ def test_watch_settings() -> None:
     assert (tuned.max_watchers, tuned.watch_buffer) == (5, 7)
     assert (tuned.watch_progress_seconds, tuned.watch_max_seconds) == (2.0, 10.0)
     assert tuned.watch_retention_seconds == 86400.0
+
+
+def test_telemetry_settings() -> None:
+    default = load({})
+    assert (default.telemetry, default.trace_sample_ratio) == ("off", 0.01)
+    assert default.otlp_endpoint == "http://localhost:4317"
+    assert default.metrics_interval_seconds == 60.0
+    on = load(
+        {
+            "TASKSERVICE_TELEMETRY": "OTLP",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "https://collector.internal:4317",
+            "TASKSERVICE_TRACE_SAMPLE_RATIO": "0.25",
+            "TASKSERVICE_METRICS_INTERVAL_SECONDS": "5",
+            "K_SERVICE": "tasks",
+            "K_REVISION": "tasks-00042-abc",
+        }
+    )
+    assert (on.telemetry, on.otlp_endpoint) == ("otlp", "https://collector.internal:4317")
+    assert (on.trace_sample_ratio, on.metrics_interval_seconds) == (0.25, 5.0)
+    assert (on.service_name, on.revision) == ("tasks", "tasks-00042-abc")
 
 
 def test_log_level_is_read_in_any_case() -> None:
