@@ -417,6 +417,16 @@ def _watch_section(path: Path) -> list[str]:
             f"| {store} | {u['watchers']} | {u['updates']} | {u['rss_before_mb']} |"
             f" {u['rss_peak_mb']} | {u['rss_after_mb']} | {endings} |"
         )
+    fs = w["stores"].get("firestore", {}).get("unread", {})
+    if fs.get("endings", {}).get("still open"):
+        lines += [
+            "",
+            "On the emulator the unread Firestore watchers stayed open, at flat memory: the"
+            " process re-reads each Listen snapshot there, falls behind, and merges the"
+            " snapshots that wait (taskservice.store.firestore_watch), so the updates of 20"
+            " tasks made fewer events than a stream may fall behind. The slow-reader test"
+            " (tests/test_watch.py) ends one with WATCHER_TOO_SLOW on both stores.",
+        ]
     lines += [
         "",
         "Each stream buffers at most TASKSERVICE_WATCH_BUFFER events (and 4 MiB) beyond"
