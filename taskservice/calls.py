@@ -434,7 +434,9 @@ class CallPipeline:
             draining.cancel()
             if not writing.done():
                 writing.cancel()
-                await asyncio.gather(writing, return_exceptions=True)
+            # Its outcome is this stream's status already (the error raised
+            # above): retrieve it, or asyncio reports it as never retrieved.
+            await asyncio.gather(writing, return_exceptions=True)
 
 
 async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyncio.Event) -> None:
