@@ -43,13 +43,38 @@ def fingerprint(task_filter: TaskFilter, ordering: Ordering) -> bytes:
     return hashlib.blake2b(canonical, digest_size=8).digest()
 
 
-def _mac(payload: bytes) -> bytes:
-    return hashlib.blake2b(payload, key=_KEY, digest_size=_MAC_SIZE).digest()
+class TokenProblem(Exception):
+    """What is wrong with a sealed token, in words for the caller."""
+
+
+def seal(payload: bytes, key: bytes) -> str:
+    """payload with a keyed MAC, as unpadded URL-safe base64 (page tokens here,
+    resume tokens in taskservice.watching: each with a key of its own)."""
+    mac = hashlib.blake2b(payload, key=key, digest_size=_MAC_SIZE).digest()
+    return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
+
+
+def unseal(token: str, key: bytes, *, max_length: int, min_payload: int) -> bytes:
+    """The payload that seal(payload, key) made into `token`; TokenProblem
+    unless the token is one and is intact."""
+    if len(token) > max_length:
+        raise TokenProblem("is not a token this service issued")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise TokenProblem("is not a token this service issued") from None
+    if len(raw) < min_payload + _MAC_SIZE:
+        raise TokenProblem("is not a token this service issued")
+    payload, mac = raw[:-_MAC_SIZE], raw[-_MAC_SIZE:]
+    expected = hashlib.blake2b(payload, key=key, digest_size=_MAC_SIZE).digest()
+    if not hmac.compare_digest(expected, mac):
+        raise TokenProblem("is corrupted or was altered")
+    return payload
 
 
 def encode_token(cursor: Cursor, query_fingerprint: bytes) -> str:
     payload = _HEAD.pack(_VERSION, query_fingerprint, cursor.time_ns) + cursor.task_id.encode()
-    return base64.urlsafe_b64encode(payload + _mac(payload)).rstrip(b"=").decode()
+    return seal(payload, _KEY)
 
 
 def _invalid(problem: str) -> InvalidArgument:
@@ -59,17 +84,10 @@ def _invalid(problem: str) -> InvalidArgument:
 def decode_token(token: str, query_fingerprint: bytes) -> Cursor:
     """The cursor in `token`; INVALID_ARGUMENT unless it is intact and was
     issued for the same filter and order."""
-    if len(token) > MAX_PAGE_TOKEN_LENGTH:
-        raise _invalid("is not a token this service issued")
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    except (binascii.Error, ValueError):
-        raise _invalid("is not a token this service issued") from None
-    if len(raw) < _HEAD.size + _MAC_SIZE:
-        raise _invalid("is not a token this service issued")
-    payload, mac = raw[:-_MAC_SIZE], raw[-_MAC_SIZE:]
-    if not hmac.compare_digest(_mac(payload), mac):
-        raise _invalid("is corrupted or was altered")
+        payload = unseal(token, _KEY, max_length=MAX_PAGE_TOKEN_LENGTH, min_payload=_HEAD.size)
+    except TokenProblem as problem:
+        raise _invalid(str(problem)) from None
     version, fp, time_ns = _HEAD.unpack_from(payload)
     if version != _VERSION:
         raise _invalid("was issued by an incompatible version; start listing again")

@@ -24,11 +24,8 @@ after that event has reached the client).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
-import hmac
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -37,13 +34,13 @@ from typing import TYPE_CHECKING, Any
 from taskservice.changes import WatchEvent, WatchQuery
 from taskservice.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from taskservice.model import TaskFilter
+from taskservice.pagination import TokenProblem, seal, unseal
 
 if TYPE_CHECKING:
     from taskservice.calls import StreamControl
 
 _VERSION = 1
 _KEY = b"taskservice.v1.resume-token"
-_MAC_SIZE = 12
 MAX_RESUME_TOKEN_LENGTH = 512
 
 
@@ -59,13 +56,8 @@ def filter_fingerprint(task_filter: TaskFilter) -> bytes:
     return hashlib.blake2b(repr(task_filter).encode(), digest_size=8).digest()
 
 
-def _mac(payload: bytes) -> bytes:
-    return hashlib.blake2b(payload, key=_KEY, digest_size=_MAC_SIZE).digest()
-
-
 def encode_resume_token(position: bytes, fingerprint: bytes) -> str:
-    payload = bytes([_VERSION]) + fingerprint + position
-    return base64.urlsafe_b64encode(payload + _mac(payload)).rstrip(b"=").decode()
+    return seal(bytes([_VERSION]) + fingerprint + position, _KEY)
 
 
 def _invalid(problem: str) -> InvalidArgument:
@@ -75,17 +67,12 @@ def _invalid(problem: str) -> InvalidArgument:
 def decode_resume_token(token: str, fingerprint: bytes) -> bytes:
     """The store position in `token`; INVALID_ARGUMENT unless it is intact
     and was issued for the same filter."""
-    if len(token) > MAX_RESUME_TOKEN_LENGTH:
-        raise _invalid("is not a token this service issued")
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    except (binascii.Error, ValueError):
-        raise _invalid("is not a token this service issued") from None
-    if len(raw) < 1 + len(fingerprint) + _MAC_SIZE:
-        raise _invalid("is not a token this service issued")
-    payload, mac = raw[:-_MAC_SIZE], raw[-_MAC_SIZE:]
-    if not hmac.compare_digest(_mac(payload), mac):
-        raise _invalid("is corrupted or was altered")
+        payload = unseal(
+            token, _KEY, max_length=MAX_RESUME_TOKEN_LENGTH, min_payload=1 + len(fingerprint)
+        )
+    except TokenProblem as problem:
+        raise _invalid(str(problem)) from None
     if payload[0] != _VERSION:
         raise _invalid("was issued by an incompatible version; list again, then watch from now")
     if payload[1 : 1 + len(fingerprint)] != fingerprint:
