@@ -13,6 +13,8 @@ contract suite runs so in CI too (only `running.stub` is used there).
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +32,7 @@ from harness import (
     start_process,
     start_server,
 )
+from taskservice import jsonlog
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
 from tests.helpers import LOUD_SKIPS, loud_skip
@@ -48,6 +51,23 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
         yield started
     finally:
         started.stop()
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """The JSON lines the process logs meanwhile (traces in project demo-proj)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(jsonlog.JsonFormatter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    jsonlog.set_project("demo-proj")
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+    jsonlog.set_project("")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

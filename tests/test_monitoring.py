@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from google.cloud.monitoring_v3.types import AlertPolicy
 from tasks.v1 import task_service_pb2 as pb
 
 from harness import start_server
-from taskservice import jsonlog
 from taskservice.store.sqlite import SqliteStore
 from taskservice.telemetry import SERVER_ERROR_CODES
 from tests.helpers import create_request
@@ -99,24 +97,13 @@ def test_log_metrics_are_valid_and_read_what_access_lines_carry(
 
 
 @pytest.fixture
-async def access_line(tmp_path: Path) -> dict[str, Any]:
+async def access_line(tmp_path: Path, captured: io.StringIO) -> dict[str, Any]:
     """One access line of a real server, as Cloud Logging would receive it."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(jsonlog.JsonFormatter())
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        running = await start_server(SqliteStore(tmp_path / "t.db"))
-        task = await running.stub.CreateTask(create_request("logged"))
-        await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
-        await running.close()
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    running = await start_server(SqliteStore(tmp_path / "t.db"))
+    task = await running.stub.CreateTask(create_request("logged"))
+    await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
+    await running.close()
+    lines = [json.loads(line) for line in captured.getvalue().splitlines()]
     return next(e for e in lines if e.get("grpc.method") == "/tasks.v1.TaskService/GetTask")
 
 

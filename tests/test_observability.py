@@ -6,7 +6,7 @@ import io
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -25,22 +25,6 @@ class BrokenStore(SqliteStore):
 
     async def get(self, task_id: str, timeout: float) -> Task:
         raise RuntimeError("secret internal detail /var/lib/thing")
-
-
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(jsonlog.JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    jsonlog.set_project("demo-proj")
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(old_level)
-    jsonlog.set_project("")
 
 
 @pytest.fixture

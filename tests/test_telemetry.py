@@ -17,7 +17,7 @@ import logging
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -27,7 +27,6 @@ from tasks.v1 import task_service_pb2 as pb
 from harness import Running, free_port, start_server
 from harness.emulator import firestore_store
 from harness.otlp import Receiver, start_receiver
-from taskservice import jsonlog
 from taskservice.config import Config
 from taskservice.model import Task
 from taskservice.store import TaskStore
@@ -77,22 +76,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     yield started
     assert started.server is not None
     await started.server.stop(0)
-
-
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(jsonlog.JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    jsonlog.set_project("demo-proj")
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(old_level)
-    jsonlog.set_project("")
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, object]]:
