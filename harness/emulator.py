@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from harness.net import free_port, wait_for_port
+from taskservice.store.channels import CHANNEL_OPTIONS
 from taskservice.store.firestore import FirestoreStore
 
 # Where Google Cloud SDK installs put the emulator (Debian package, archive
@@ -100,8 +101,10 @@ def firestore_store(
     """A FirestoreStore on the emulator at host, in a project of its own (so
     nothing another test wrote is seen, and queries stay small) unless
     `project` names one (two stores as two instances of one service)."""
-    channel = grpc.aio.insecure_channel(host, interceptors=interceptors)
-    listen = grpc.aio.insecure_channel(host, options=[("taskservice.channel_purpose", "listen")])
+    channel = grpc.aio.insecure_channel(host, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    listen = grpc.aio.insecure_channel(
+        host, options=[*CHANNEL_OPTIONS, ("taskservice.channel_purpose", "listen")]
+    )
     return FirestoreStore(
         channel,
         project=project or f"demo-t{uuid.uuid4().hex[:12]}",
