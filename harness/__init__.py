@@ -11,7 +11,7 @@ from harness.emulator import (
     launch_emulator,
     start_emulator,
 )
-from harness.net import free_port, wait_for_port
+from harness.net import CuttableProxy, free_port, wait_for_port
 from harness.servers import (
     FAST_RECONNECT,
     ProcessRunning,
@@ -26,6 +26,7 @@ from harness.servers import (
 __all__ = [
     "FAST_RECONNECT",
     "CallCounter",
+    "CuttableProxy",
     "Emulator",
     "ProcessRunning",
     "Running",

@@ -30,7 +30,14 @@ from google.protobuf import field_mask_pb2
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from harness import Running, ServerProcess, firestore_store, start_server, wait_serving
+from harness import (
+    CuttableProxy,
+    Running,
+    ServerProcess,
+    firestore_store,
+    start_server,
+    wait_serving,
+)
 from taskservice.client import TaskClient, open_channel
 from taskservice.config import Config
 from taskservice.model import version_of
@@ -252,6 +259,7 @@ async def test_64_writers_reconcile_with_every_watcher(served: Running, store: T
     await open_only.until(lambda e: bool(e))
     hopping: list[pb.WatchTasksResponse] = []
     hopping_calls: list[Any] = []
+    hop_retries: list[str] = []  # UNAVAILABLE endings the hopper resumed past
     stop_hopping = asyncio.Event()
 
     async def hop() -> None:
@@ -268,7 +276,18 @@ async def test_64_writers_reconcile_with_every_watcher(served: Running, store: T
                     take -= 1
                     if take == 0 or stop_hopping.is_set():
                         break
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            except grpc.aio.AioRpcError as err:
+                # UNAVAILABLE is the documented "reconnect with your last
+                # resume_token" (the emulator resets connections under this
+                # load): do as taskservice.client.watch does, a bounded
+                # number of times.
+                if stop_hopping.is_set():
+                    return
+                if err.code() != grpc.StatusCode.UNAVAILABLE or len(hop_retries) >= 5:
+                    raise
+                hop_retries.append(err.details() or "")
+                await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
                 if not stop_hopping.is_set():
                     raise
             finally:
@@ -388,6 +407,7 @@ async def test_64_writers_reconcile_with_every_watcher(served: Running, store: T
         write_seconds=round(wrote_s, 2),
         events=counts,
         streams_while_hopping=len(hopping_calls),
+        hopper_resumed_after_unavailable=len(hop_retries),
     )
 
 
@@ -607,6 +627,43 @@ async def test_a_token_of_another_database_is_out_of_range(tmp_path: Path) -> No
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_resume_rides_out_a_short_store_outage(request: pytest.FixtureRequest) -> None:
+    """The network to Firestore fails (connections reset, then refused) for
+    1.5 s just as a watcher resumes: the server waits for the store and
+    reconnects, and the stream continues exactly, with no error for the
+    caller to handle."""
+    emulator = request.getfixturevalue("emulator")
+    proxy = await CuttableProxy(emulator.host).start()
+    store = firestore_store(proxy.target)
+    running = await start_server(store, config())
+    try:
+        stub = running.stub
+        for i in range(3):
+            await stub.CreateTask(create_request(f"before {i}"))
+        watch = Watch(stub, pb.WatchTasksRequest(include_initial=True))
+        await watch.until(lambda e: any(x.type == CURRENT for x in e))
+        token = watch.events[-1].resume_token
+        watch.close()
+        later = {(await stub.CreateTask(create_request(f"after {i}"))).name for i in range(3)}
+        await proxy.cut()
+        started = time.monotonic()
+        resumed = Watch(stub, pb.WatchTasksRequest(resume_token=token))
+        await asyncio.sleep(1.5)
+        assert resumed.error is None, resumed.error
+        await proxy.restore()
+        got = await resumed.next_changes(3)
+        caught_up_s = time.monotonic() - started
+        assert {e.name for e in got} == later and {e.type for e in got} == {ADDED}
+        await asyncio.sleep(0.5)  # anything repeated would arrive now
+        assert len(changes(resumed.events)) == 3 and resumed.error is None
+        record("watch_resume_outage", outage_s=1.5, caught_up_s=round(caught_up_s, 2))
+        resumed.close()
+    finally:
+        await running.close(grace=0.5)
+        await store.close()
+        await proxy.close()
 
 
 # -- restarts, drains and other instances ---------------------------------------------------

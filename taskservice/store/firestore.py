@@ -110,6 +110,14 @@ _SERVICE = "/google.firestore.v1.Firestore/"
 _RETRYABLE_READ = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 # An idempotent read that fails transiently is tried three times in all.
 _READ_BACKOFF = Backoff(attempts=3, first=0.05, maximum=1.0)
+# A watcher's catch-up reads (a resume reading the past) have no caller
+# waiting on a deadline: they wait for the channel to reconnect
+# (wait_for_ready) and retry a call the network cut, for up to 30 s, so that
+# a short outage delays a resume instead of ending it; after that the stream
+# ends UNAVAILABLE with its resume token. (Three quick attempts ended resumes
+# with UNAVAILABLE when the emulator reset the connection under 64 writers.)
+_CATCH_UP_BACKOFF = Backoff(attempts=8, first=0.1, maximum=2.0)
+_CATCH_UP_SECONDS = 30.0
 # A guarded read-modify-write that loses a race retries after a random pause
 # of up to 5, 10, 20, ... 200 ms: 32 writers at once on one document all
 # succeed on the emulator (8 immediate retries left about a third ABORTED).
@@ -280,7 +288,9 @@ class FirestoreStore:
     def _request_name(self, request_id: str) -> str:
         return self._request_prefix + request_id
 
-    async def _read_retrying(self, call: Any, timeout: float) -> Any:
+    async def _read_retrying(
+        self, call: Any, timeout: float, backoff: Backoff = _READ_BACKOFF
+    ) -> Any:
         """Runs an idempotent read, retrying a transient failure a few times
         (within timeout) before the caller is told UNAVAILABLE."""
 
@@ -292,7 +302,7 @@ class FirestoreStore:
         return await retrying(
             attempt,
             retryable=lambda e: isinstance(e, grpc.aio.AioRpcError) and e.code() in _RETRYABLE_READ,
-            backoff=_READ_BACKOFF,
+            backoff=backoff,
             timeout=timeout,
         )
 
@@ -609,17 +619,16 @@ class FirestoreStore:
 
         async def call(t: float) -> dict[str, Task]:
             found: dict[str, Task] = {}
-            async for response in self._run_query(request, timeout=t, metadata=self._metadata):
+            async for response in self._run_query(
+                request, timeout=t, metadata=self._metadata, wait_for_ready=True
+            ):
                 if response.HasField("document"):
                     task = _task(response.document)
                     found[task.task_id] = task
             return found
 
-        try:
-            result: dict[str, Task] = await self._read_retrying(call, 60.0)
-            return result
-        except grpc.aio.AioRpcError as exc:
-            raise _past_read_error(exc) from None
+        result: dict[str, Task] = await self._catch_up(call)
+        return result
 
     async def tasks_at(self, task_ids: Sequence[str], read_ns: int) -> dict[str, Task | None]:
         """The tasks with these ids as they were at read time read_ns (None:
@@ -634,17 +643,30 @@ class FirestoreStore:
 
         async def call(t: float) -> dict[str, Task | None]:
             found: dict[str, Task | None] = dict.fromkeys(task_ids)
-            async for response in self._batch_get(request, timeout=t, metadata=self._metadata):
+            async for response in self._batch_get(
+                request, timeout=t, metadata=self._metadata, wait_for_ready=True
+            ):
                 if response.HasField("found"):
                     task = _task(response.found)
                     found[task.task_id] = task
             return found
 
+        result: dict[str, Task | None] = await self._catch_up(call)
+        return result
+
+    async def _catch_up(self, call: Any) -> Any:
+        """Runs a read in the past for a watcher (see _CATCH_UP_BACKOFF)."""
         try:
-            result: dict[str, Task | None] = await self._read_retrying(call, 30.0)
-            return result
+            return await self._read_retrying(call, _CATCH_UP_SECONDS, _CATCH_UP_BACKOFF)
         except grpc.aio.AioRpcError as exc:
-            raise _past_read_error(exc) from None
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise _past_read_error(exc) from None
+        except DeadlineExceeded:
+            pass
+        raise Unavailable(
+            f"the task store did not answer for {_CATCH_UP_SECONDS:g} s; resume with the"
+            " resume_token of the last event received"
+        )
 
     def use_telemetry(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
