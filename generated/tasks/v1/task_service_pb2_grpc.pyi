@@ -101,6 +101,9 @@ class TaskServiceStub:
     UNAVAILABLE (STREAM_MAX_AGE) after about 55 minutes, before the
     platform's request timeout, and RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW)
     when the caller reads so slowly that more than 1000 events wait for it.
+    A store outage shorter than about 30 s delays the stream but does not
+    end it; a longer one ends it UNAVAILABLE: resume with the resume_token
+    of the last event received.
     A resume token the store can no longer honour (older than the change
     history kept: an hour by default) is OUT_OF_RANGE with reason
     RESUME_TOKEN_EXPIRED: list the tasks again, then watch from now.
@@ -178,6 +181,9 @@ class TaskServiceAsyncStub(TaskServiceStub):
     UNAVAILABLE (STREAM_MAX_AGE) after about 55 minutes, before the
     platform's request timeout, and RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW)
     when the caller reads so slowly that more than 1000 events wait for it.
+    A store outage shorter than about 30 s delays the stream but does not
+    end it; a longer one ends it UNAVAILABLE: resume with the resume_token
+    of the last event received.
     A resume token the store can no longer honour (older than the change
     history kept: an hour by default) is OUT_OF_RANGE with reason
     RESUME_TOKEN_EXPIRED: list the tasks again, then watch from now.
@@ -294,6 +300,9 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         UNAVAILABLE (STREAM_MAX_AGE) after about 55 minutes, before the
         platform's request timeout, and RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW)
         when the caller reads so slowly that more than 1000 events wait for it.
+        A store outage shorter than about 30 s delays the stream but does not
+        end it; a longer one ends it UNAVAILABLE: resume with the resume_token
+        of the last event received.
         A resume token the store can no longer honour (older than the change
         history kept: an hour by default) is OUT_OF_RANGE with reason
         RESUME_TOKEN_EXPIRED: list the tasks again, then watch from now.
