@@ -120,6 +120,7 @@ class CallGate:
             Pool.TOOL_STREAMS: limits.max_tool_streams,
         }
         self.in_flight = dict.fromkeys(Pool, 0)
+        self.started = 0  # calls the pipeline has picked up, ever
         self.draining = asyncio.Event()
 
     def admit(self, pool: Pool) -> None:
@@ -267,6 +268,7 @@ class CallPipeline:
 
     async def _enter(self, call: _Call, pool: Pool | None) -> None:
         """Authentication, then admission."""
+        self.gate.started += 1
         context = call.context
         caller = parse_trace(context.invocation_metadata())
         if self.telemetry is not None:

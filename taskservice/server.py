@@ -44,6 +44,11 @@ SERVICE_NAME = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_
 PROBE_TIMEOUT = 2.0
 PROBE_INTERVAL = 0.5
 SIBLING_POLL = 0.2
+# Before shutdown starts, calls that reached the server but were not yet
+# picked up are let in: until no call starts for PICKUP_QUIET_SECONDS, at most
+# PICKUP_MAX_SECONDS (see TaskServer._pick_up_arrived_calls).
+PICKUP_QUIET_SECONDS = 0.02
+PICKUP_MAX_SECONDS = 0.3
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # 1 for the workers of TASKSERVICE_WORKERS
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -181,11 +186,29 @@ class TaskServer:
                 task.cancel()
         await asyncio.sleep(0)  # let open Watch streams send NOT_SERVING first
         self.gate.draining.set()
+        await self._pick_up_arrived_calls()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.store.close()
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.shutdown)
         log.info("stopped")
+
+    async def _pick_up_arrived_calls(self) -> None:
+        """When shutdown starts, grpc core ends every call that has reached
+        the server but that grpc.aio has not yet picked up with CANCELLED, and
+        never runs it (grpc/grpc#41785): a caller cannot tell that from a call
+        cut short. A busy event loop leaves such a backlog, so the loop is
+        first given time to pick it up: until no new call has started for
+        PICKUP_QUIET_SECONDS, at most PICKUP_MAX_SECONDS. What still arrives
+        between shutdown and the client reading the GOAWAY meets the same
+        fate; taskservice.client retries that CANCELLED when the request is
+        safe to repeat."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PICKUP_MAX_SECONDS
+        seen = -1
+        while self.gate.started != seen and loop.time() < deadline:
+            seen = self.gate.started
+            await asyncio.sleep(PICKUP_QUIET_SECONDS)
 
 
 def start_telemetry(config: Config) -> Telemetry:
