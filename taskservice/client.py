@@ -10,9 +10,11 @@
 - `ipv4:host:port,host:port,...`: several instances, calls spread over them
   with gRPC's round_robin (an instance that goes away is skipped until it is
   back).
-- Retries on UNAVAILABLE only where a repeat cannot do harm: GetTask and
-  ListTasks always (by the channel's service config), CreateTask only with a
-  request_id, UpdateTask only with task.etag, DeleteTask only with an etag.
+- Retries on UNAVAILABLE, and on a CANCELLED it did not cause (a call that
+  met a server's shutdown, never run), only where a repeat cannot do harm:
+  GetTask and ListTasks always (by the channel's service config), CreateTask
+  only with a request_id, UpdateTask only with task.etag, DeleteTask only
+  with an etag; those three also after a proxy reset the stream mid-call.
 - A default deadline for calls that set none (10 s; 60 s for
   BatchCreateTasks), and keepalive pings so a dead connection is noticed.
 - `TaskClient.watch`: WatchTasks as an async iterator that resumes by
@@ -72,7 +74,9 @@ SERVICE_CONFIG = {
                 "initialBackoff": f"{INITIAL_BACKOFF}s",
                 "maxBackoff": f"{MAX_BACKOFF}s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                # CANCELLED: what grpc core answers for a call that reached a
+                # server as it began shutting down, unrun (grpc/grpc#41785).
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
             },
         }
     ]
@@ -136,17 +140,31 @@ def _idempotent(method: str, request: Any) -> bool:
     return False  # Get/List retry by service config; others never
 
 
+def _worth_retrying(err: grpc.aio.AioRpcError) -> bool:
+    """A failure that says nothing about the request, only the way to it:
+    UNAVAILABLE; CANCELLED, which a call this client did not cancel gets when
+    it reached a server as it began shutting down (grpc core ends it unrun:
+    grpc/grpc#41785); a stream a proxy reset mid-call (INTERNAL "Received
+    RST_STREAM", as nginx does when it loses its upstream). Only requests
+    that are safe to repeat are retried, so an attempt that did run is
+    answered by its request_id or refused by its etag."""
+    code = err.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return True
+    return code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (err.details() or "")
+
+
 class _Unavailable(Exception):
-    """An attempt failed with UNAVAILABLE; carries the call to return if it
-    was the last one."""
+    """An attempt failed in a way worth retrying (_worth_retrying); carries
+    the call to return if it was the last one."""
 
     def __init__(self, call: Any) -> None:
         self.call = call
 
 
 class _DefaultsAndRetries(grpc.aio.UnaryUnaryClientInterceptor):
-    """A default deadline, and UNAVAILABLE retries for requests that say they
-    are safe to repeat (request_id / etag), within the call's deadline."""
+    """A default deadline, and retries (_worth_retrying) for requests that say
+    they are safe to repeat (request_id / etag), within the call's deadline."""
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
@@ -159,7 +177,7 @@ class _DefaultsAndRetries(grpc.aio.UnaryUnaryClientInterceptor):
             try:
                 await call
             except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                if _worth_retrying(err):
                     raise _Unavailable(call) from None
             return call  # done, or failed in a way a retry cannot mend
 

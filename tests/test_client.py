@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
 from tasks.v1 import task_service_pb2 as pb
 
@@ -17,6 +23,7 @@ from taskservice.client import connect, parse_target
 from taskservice.config import Config
 from taskservice.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
+from tests.h2client import grpc_frame
 from tests.helpers import create_request
 
 
@@ -128,3 +135,63 @@ async def test_default_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
         for w in held:
             w.close()
         silent.close()
+
+
+class _FlakyFront:
+    """A raw HTTP/2 server standing in for a server or proxy in trouble: each
+    call's first attempts fail the way `failures` says ("cancelled": a
+    trailers-only CANCELLED, as grpc core answers a call that met its
+    shutdown; "reset": response headers, then RST_STREAM INTERNAL_ERROR, as
+    nginx does when it loses its upstream mid-call); later attempts get
+    `answer`. Counts the attempts."""
+
+    def __init__(self, failures: list[str], answer: pb.Task) -> None:
+        self.failures = list(failures)
+        self.answer = answer
+        self.attempts = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        while data := conn.recv(65535):
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.StreamEnded):
+                    self._answer(h2c, event.stream_id)
+            conn.sendall(h2c.data_to_send())
+
+    def _answer(self, h2c: h2.connection.H2Connection, stream: int) -> None:
+        self.attempts += 1
+        headers = [(":status", "200"), ("content-type", "application/grpc")]
+        failure = self.failures.pop(0) if self.failures else None
+        if failure == "cancelled":
+            h2c.send_headers(stream, [*headers, ("grpc-status", "1")], end_stream=True)
+        elif failure == "reset":
+            h2c.send_headers(stream, headers)
+            h2c.reset_stream(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        else:
+            h2c.send_headers(stream, headers)
+            h2c.send_data(stream, grpc_frame(self.answer))
+            h2c.send_headers(stream, [("grpc-status", "0")], end_stream=True)
+
+
+@pytest.mark.parametrize("failure", ["cancelled", "reset"])
+async def test_a_call_cut_by_a_shutdown_or_a_proxy_is_retried_when_safe(failure: str) -> None:
+    answer = pb.Task(name="tasks/t", title="t")
+    front = _FlakyFront([failure] * 2, answer)
+    async with connect(f"127.0.0.1:{front.port}") as client:
+        got = await client.stub.CreateTask(create_request("t", request_id=str(uuid.uuid4())))
+        assert got == answer
+        assert front.attempts == 3  # two failures, then the answer
+
+        # Not safe to repeat (no request_id): the failure is the answer.
+        front.failures = [failure]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.stub.CreateTask(create_request("no request id"))
+        expected = grpc.StatusCode.CANCELLED if failure == "cancelled" else grpc.StatusCode.INTERNAL
+        assert info.value.code() == expected
+        assert front.attempts == 4
