@@ -85,6 +85,7 @@ class NginxFrontEnd:
                 servers=servers,
             )
         )
+        self.log = d / "error.log"
         self.process = subprocess.Popen(
             [
                 nginx,
@@ -107,6 +108,10 @@ class NginxFrontEnd:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def error_log(self) -> str:
+        """What nginx logged (its error log: upstream failures, resets)."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGQUIT)  # graceful
