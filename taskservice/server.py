@@ -47,8 +47,8 @@ SIBLING_POLL = 0.2
 # Before shutdown starts, calls that reached the server but were not yet
 # picked up are let in: until no call starts for PICKUP_QUIET_SECONDS, at most
 # PICKUP_MAX_SECONDS (see TaskServer._pick_up_arrived_calls).
-PICKUP_QUIET_SECONDS = 0.02
-PICKUP_MAX_SECONDS = 0.3
+PICKUP_QUIET_SECONDS = 0.01
+PICKUP_MAX_SECONDS = 0.1
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # 1 for the workers of TASKSERVICE_WORKERS
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
