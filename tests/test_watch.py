@@ -340,9 +340,27 @@ async def test_64_writers_reconcile_with_every_watcher(served: Running, store: T
     # What the store holds now is what every watcher must end with.
     final: dict[str, int] = {}
     states: dict[str, int] = {}
+    reads_retried = 0
+
+    async def read(name: str) -> pb.Task:
+        """GetTask as the documented client does it: UNAVAILABLE (the
+        emulator drops its connections now and then under this load) is
+        retried, a few times."""
+        nonlocal reads_retried
+        for attempt in range(5):
+            try:
+                task: pb.Task = await stub.GetTask(pb.GetTaskRequest(name=name))
+                return task
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
+                    raise
+            reads_retried += 1
+            await asyncio.sleep(0.25 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     for name in set(acked) | uncertain | deleted:
         try:
-            task = await stub.GetTask(pb.GetTaskRequest(name=name))
+            task = await read(name)
         except grpc.aio.AioRpcError as err:
             assert err.code() == grpc.StatusCode.NOT_FOUND
             deleted.add(name)
@@ -408,6 +426,7 @@ async def test_64_writers_reconcile_with_every_watcher(served: Running, store: T
         events=counts,
         streams_while_hopping=len(hopping_calls),
         hopper_resumed_after_unavailable=len(hop_retries),
+        reconciliation_reads_retried=reads_retried,
     )
 
 
