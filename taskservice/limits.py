@@ -50,9 +50,9 @@ MAX_BATCH_RESPONSE_BYTES = 3 * 1024 * 1024
 # the median, 17 ms at p99 and 30 ms at most (325 cancels) on a quiet
 # machine; with two busy loops on the same cores, 25 ms at the 90th
 # percentile and 97, 102 and 135 ms for the slowest three of ~45 (a 50 ms
-# grace let 1 of 40 cancelled batches through in a loaded CI run). Every
-# batch pays this much latency (no CPU): the price of a cancelled batch not
-# being written.
+# grace let 1 of 40 cancelled batches through in a loaded CI run). Only
+# callers whose cancel sends END_STREAM first (Node's http2: grpc-js) pay this
+# latency (no CPU): the price of their cancelled batch not being written.
 BATCH_CANCEL_GRACE_SECONDS = 0.2
 
 # -- time ---------------------------------------------------------------------

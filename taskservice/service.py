@@ -7,10 +7,11 @@ never knows which store it has. Every store call gets the time left of the
 caller's deadline, at most limits.MAX_STORE_CALL_SECONDS.
 
 BatchCreateTasks reads its whole stream before it writes anything, within the
-stream's idle and total time limits, then gives a reset already on the wire
-BATCH_CANCEL_GRACE_SECONDS to arrive: a call cancelled before its commit
-starts writes nothing (one whose cancel races the commit may still commit,
-which is why retries carry request_id).
+stream's idle and total time limits. For callers on Node's http2 (grpc-js),
+whose cancel sends END_STREAM before RST_STREAM, it then gives a reset already
+on the wire BATCH_CANCEL_GRACE_SECONDS to arrive: a call cancelled before its
+commit starts writes nothing (one whose cancel races the commit may still
+commit, which is why retries carry request_id).
 """
 
 from __future__ import annotations
@@ -73,6 +74,27 @@ async def _drain(messages: AsyncIterator[pb.CreateTaskRequest], limit: int) -> N
         return  # idle or malformed: stop reading, the first error stands
 
 
+# Whose cancel of a client stream sends END_STREAM before RST_STREAM, by the
+# user-agent they send. Node's http2 module ends a stream's writable side
+# before it submits the reset when the stream is closed early (closeStream in
+# nodejs/node lib/internal/http2/core.js: `stream.end()`, then
+# finishCloseStream), and grpc-js's call.cancel() closes the stream that way
+# (grpc/grpc-node, packages/grpc-js/src/subchannel-call.ts), as does any
+# client on Node's http2. Measured with interop/node: the reset trails
+# END_STREAM by up to ~135 ms on a loaded machine (limits.py). gRPC's C core
+# (Python, C++, Ruby, PHP), grpc-go and grpc-java send RST_STREAM alone, so for
+# them END_STREAM is the caller's own end of the batch and no grace is owed.
+_END_STREAM_BEFORE_RESET = ("grpc-node-js/", "connect-es/")
+
+
+def _cancel_sends_end_stream_first(context: Context) -> bool:
+    for key, value in context.invocation_metadata() or ():
+        if key == "user-agent":
+            agent = value if isinstance(value, str) else value.decode(errors="replace")
+            return any(marker in agent for marker in _END_STREAM_BEFORE_RESET)
+    return False
+
+
 class TaskServicer(pb_grpc.TaskServiceServicer):
     """Serves tasks.v1.TaskService over any TaskStore."""
 
@@ -122,16 +144,18 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         items = await self._read_batch(request_iterator)
         if not items:
             return pb.BatchCreateTasksResponse()
-        # The stream has ended. A client that cancels (grpc-js: END_STREAM,
-        # then RST_STREAM) must not find its batch written. Once gRPC core has
-        # taken the half-close as the call's close, it only notices a reset
-        # that follows when it next sends on the stream: so send the response
-        # headers now, give a reset already on the wire the grace to arrive
-        # (this call is then cancelled, in the sleep), and check once more.
-        await context.send_initial_metadata(())
-        await asyncio.sleep(BATCH_CANCEL_GRACE_SECONDS)
-        if context.cancelled() or context.done():
-            raise Cancelled("the call was cancelled; nothing was written")
+        if _cancel_sends_end_stream_first(context):
+            # The stream has ended, but from a caller whose cancel also looks
+            # like this: it must not find its batch written. Once gRPC core
+            # has taken the half-close as the call's close, it only notices a
+            # reset that follows when it next sends on the stream: so send the
+            # response headers now, give a reset already on the wire the grace
+            # to arrive (this call is then cancelled, in the sleep), and check
+            # once more.
+            await context.send_initial_metadata(())
+            await asyncio.sleep(BATCH_CANCEL_GRACE_SECONDS)
+            if context.cancelled() or context.done():
+                raise Cancelled("the call was cancelled; nothing was written")
         try:
             tasks = await self.store.create_many(items, time_left(context))
         except AlreadyExists as err:

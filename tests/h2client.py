@@ -29,6 +29,7 @@ def cancelled_client_stream(
     *,
     reset_gap: float = 0.0,
     separate_end: bool = True,
+    user_agent: str = "grpc-node-js/1.14.0",
 ) -> None:
     """Sends a client stream, half-closes it and resets it with CANCEL.
 
@@ -36,6 +37,8 @@ def cancelled_client_stream(
     END_STREAM and the RST_STREAM(CANCEL) in one socket write (what grpc-js's
     call.cancel() puts on the wire); False sets END_STREAM on the last DATA
     frame. reset_gap > 0 waits that long between the half-close and the reset.
+    user_agent is grpc-js's by default: the server gives only callers on
+    Node's http2 a grace for a reset behind END_STREAM.
     """
     sock = socket.create_connection((host, port), timeout=5)
     try:
@@ -52,6 +55,7 @@ def cancelled_client_stream(
                 (":authority", f"{host}:{port}"),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
+                ("user-agent", user_agent),
             ],
         )
         body = b"".join(grpc_frame(m) for m in messages)

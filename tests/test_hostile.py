@@ -154,6 +154,27 @@ async def test_end_stream_then_reset_commits_nothing(
     assert written == 0
 
 
+async def test_other_clients_batches_commit_without_waiting_for_a_reset(
+    running: Running,
+) -> None:
+    """Only a caller on Node's http2 pays the grace: for a C-core client, whose
+    cancel is a lone RST_STREAM, END_STREAM ends the batch, so it commits at
+    once, and a reset 100 ms later (well inside the grace) finds it written."""
+    tag = f"committed-{uuid.uuid4().hex[:8]}"
+    items = [create_request(f"n{j}", tags=[tag]) for j in range(5)]
+    agent = "grpc-python-asyncio/1.85.1 grpc-c/58.0.0 (linux; chttp2)"
+    await asyncio.to_thread(
+        cancelled_client_stream,
+        "127.0.0.1",
+        running.server.port,
+        BATCH,
+        items,
+        reset_gap=0.1,
+        user_agent=agent,
+    )
+    assert await _count(running, f'tags:"{tag}"') == 5
+
+
 # -- 3. a bad request gets a small status, whatever its size ----------------
 
 
