@@ -59,7 +59,7 @@ WATCH_RECONNECT_CODES = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
-WATCH_BACKOFF = Backoff(attempts=1 << 30, first=0.1, maximum=5.0)
+WATCH_BACKOFF = Backoff(first=0.1, maximum=5.0)  # no bound: the caller stops iterating
 log = logging.getLogger(__name__)
 
 SERVICE_CONFIG = {
@@ -288,7 +288,7 @@ class TaskClient:
                 ...  # event.type, event.task, event.resume_token
         """
         token = resume_token
-        failures = 0
+        pauses = WATCH_BACKOFF.pauses()
         while True:
             request = pb.WatchTasksRequest(
                 filter=filter, resume_token=token, include_initial=include_initial and not token
@@ -296,21 +296,17 @@ class TaskClient:
             call = self.stub.WatchTasks(request, metadata=metadata)
             try:
                 async for event in call:
-                    failures = 0
+                    pauses = WATCH_BACKOFF.pauses()  # the stream was healthy: start over
                     token = event.resume_token
                     yield event
             except grpc.aio.AioRpcError as err:
                 if err.code() not in WATCH_RECONNECT_CODES:
                     raise
-                failures += 1
                 log.info("watch stream ended (%s); resuming", err.code().name)
-                await asyncio.sleep(WATCH_BACKOFF.pause(min(failures, 8)))
-                continue
             finally:
                 call.cancel()
             # The server never ends a watch with OK; a proxy might: resume.
-            failures += 1
-            await asyncio.sleep(WATCH_BACKOFF.pause(min(failures, 8)))
+            await asyncio.sleep(next(pauses))
 
     async def __aenter__(self) -> TaskClient:
         return self

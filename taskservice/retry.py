@@ -1,37 +1,51 @@
-"""One retry policy: a bounded number of attempts, full-jitter exponential
-backoff, and never a pause that would end after the caller's deadline.
+"""Retrying: one full-jitter exponential backoff sequence (exponential_pauses)
+that every retry loop consumes, and retrying(), a bounded number of attempts
+that never takes a pause ending after the caller's deadline.
 
-Used by the Firestore store (transient read failures; a read-modify-write
-that lost a race) and by taskservice.client (UNAVAILABLE on a call that is
-safe to repeat). google.api_core's AsyncRetry was the other candidate; it has
-no cap on attempts and cannot hand the interceptor back the failed call it
-must return, and this is twenty lines.
+retrying() serves the Firestore store (transient read failures; a
+read-modify-write that lost a race) and taskservice.client (UNAVAILABLE on a
+call that is safe to repeat); the reconnect loops of taskservice.client's
+watch and the Firestore Listen hub draw their pauses from the same sequence.
+google.api_core's AsyncRetry was the other candidate; it has no cap on
+attempts and cannot hand the interceptor back the failed call it must return.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
+def exponential_pauses(first: float, maximum: float, multiplier: float = 2.0) -> Iterator[float]:
+    """Full-jitter backoff, forever: the n-th pause is drawn uniformly from
+    [0, min(first * multiplier ** (n - 1), maximum)]. The one sequence every
+    retry loop consumes (google.api_core.retry's exponential_sleep_generator,
+    with full jitter); a loop that succeeds starts a fresh one."""
+    ceiling = first
+    while True:
+        yield random.uniform(0, ceiling)
+        ceiling = min(ceiling * multiplier, maximum)
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Before attempt n + 1, a pause drawn uniformly from [0, ceiling], the
-    ceiling starting at `first` and growing by `multiplier` up to `maximum`."""
+    """A retry policy: exponential_pauses(first, maximum, multiplier) between
+    attempts, and at most `attempts` of them (None: until the loop is
+    stopped, for reconnect loops that run as long as their owner)."""
 
-    attempts: int
     first: float
     maximum: float
     multiplier: float = 2.0
+    attempts: int | None = None
 
-    def pause(self, tries: int) -> float:
-        """A pause to take after `tries` failed attempts."""
-        return random.uniform(0, min(self.first * self.multiplier ** (tries - 1), self.maximum))
+    def pauses(self) -> Iterator[float]:
+        """A fresh sequence of pauses, the first after one failed attempt."""
+        return exponential_pauses(self.first, self.maximum, self.multiplier)
 
 
 async def retrying(
@@ -46,15 +60,15 @@ async def retrying(
     not end before `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    ceiling = backoff.first
+    pauses = backoff.pauses()
     tries = 0
     while True:
         tries += 1
         try:
             return await attempt(max(deadline - loop.time(), 0.0))
         except Exception as exc:
-            pause = random.uniform(0, ceiling)
-            if tries >= backoff.attempts or not retryable(exc) or loop.time() + pause >= deadline:
+            pause = next(pauses)
+            spent = backoff.attempts is not None and tries >= backoff.attempts
+            if spent or not retryable(exc) or loop.time() + pause >= deadline:
                 raise
         await asyncio.sleep(pause)
-        ceiling = min(ceiling * backoff.multiplier, backoff.maximum)

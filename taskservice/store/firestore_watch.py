@@ -77,7 +77,7 @@ _HEARTBEATS = 16  # heartbeat documents; each process listens to one of them
 _HEARTBEAT_MIN_SECONDS = 5.0  # at most one heartbeat write per process this often
 _HEARTBEAT_LEAD_SECONDS = 5.0  # how long before a PROGRESS event it is written
 TARGET_LINGER_SECONDS = 30.0  # a target with no watcher left is kept this long
-_RECONNECT = Backoff(attempts=1_000_000, first=0.1, maximum=5.0)
+_RECONNECT = Backoff(first=0.1, maximum=5.0)  # no bound: as long as the hub runs
 _TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -313,7 +313,7 @@ class ListenHub:
             log.warning(message)
 
     async def _run(self) -> None:
-        attempt = 0
+        pauses = _RECONNECT.pauses()
         while True:
             outbox: asyncio.Queue[Any] = asyncio.Queue()
             outbox.put_nowait(self._heartbeat_request())
@@ -331,7 +331,7 @@ class ListenHub:
                 async for response in call:
                     if response is None:  # gRPC could not parse it: start over
                         raise _Corrupt
-                    attempt = 0
+                    pauses = _RECONNECT.pauses()  # the stream answered: start over
                     self._on_response(response)
                 code = grpc.StatusCode.UNAVAILABLE  # Firestore ended the stream
             except grpc.aio.AioRpcError as exc:
@@ -356,8 +356,7 @@ class ListenHub:
                 self._outbox = None
                 call.cancel()
             self._report(f"the Firestore Listen stream ended ({code.name}); reconnecting")
-            attempt += 1
-            await asyncio.sleep(_RECONNECT.pause(min(attempt, 8)))
+            await asyncio.sleep(next(pauses))
 
     def _on_response(self, response: Any) -> None:
         kind = response.WhichOneof("response_type")
