@@ -59,7 +59,7 @@ BATCH_CANCEL_GRACE_SECONDS = 0.2
 # Every store call gets the time left of the caller's deadline, and never more
 # than this, whatever the deadline: one Firestore or SQLite operation that has
 # not answered in 30 s is stuck, and waiting longer (Cloud Run allows calls up
-# to its request timeout, 300 s here) only holds a call slot.
+# to its request timeout, 3600 s in deploy/service.yaml) only holds a call slot.
 MAX_STORE_CALL_SECONDS = 30.0
 # A request_id is remembered at least this long (Firestore's TTL policy then
 # deletes its marker; SQLite expires it in the query).

@@ -23,7 +23,9 @@ from harness import Emulator, free_port
 from tests.helpers import loud_skip
 from tests.readme_blocks import readme_blocks, run_block
 
-pytestmark = [pytest.mark.container, pytest.mark.slow]
+# Preparing the base image and building may take up to 20 minutes each on a
+# cold machine (their own subprocess timeouts); past that a test is hung.
+pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(2700)]
 ROOT = Path(__file__).resolve().parent.parent
 BASE_TOOL = ROOT.parent / "shared" / "tools" / "container-base.sh"
 

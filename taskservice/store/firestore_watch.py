@@ -1,9 +1,10 @@
 """WatchTasks on Firestore: one Listen stream per process, shared by every
 watcher, and exact resumes from Firestore's reads in the past.
 
-ListenHub keeps one Firestore Listen stream open on the store's channel (a
-connection carries at most 100 streams, so one per watcher would not scale
-and would queue the store's other calls), with one query target per distinct
+ListenHub keeps one Firestore Listen stream open on a channel of its own (a
+connection carries at most 100 streams, so one per watcher would not scale,
+and sharing the store's connection would queue its other calls behind the
+stream), with one query target per distinct
 filter, shared by every watcher of that filter and kept a while after the
 last one leaves, so that reconnecting watchers do not pay for a new target.
 At every consistent snapshot Firestore announces (a global NO_CHANGE with a
