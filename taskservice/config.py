@@ -1,12 +1,14 @@
 """Settings: the one reader of the environment, validated once at start.
 
-SETTINGS lists every setting: its environment variable, the command-line flag
-that overrides it (a few have one), its default and what it means; `load`
-reads them all into a frozen Config, and `python -m taskservice --help` prints
-the same table. Bad configuration raises ConfigError, whose message is one
-line that says what to do. A variable that is set but empty is an error (say
-what you mean: unset it for the default), except the ones that platforms set
-(GOOGLE_CLOUD_PROJECT, GCP_PROJECT, FIRESTORE_EMULATOR_HOST, K_SERVICE).
+Each setting is declared once, as a field of Config: its environment
+variable, the parser that checks it (with its bounds), its default and what
+it means (`setting`). `load` reads them all into a frozen Config; SETTINGS,
+the `--help` table (settings_help) and docs/configuration.md
+(`python -m taskservice.config`) are made from the same declarations. Bad
+configuration raises ConfigError, whose message is one line that says what to
+do. A variable that is set but empty is an error (say what you mean: unset
+it for the default), except the ones that platforms set (GOOGLE_CLOUD_PROJECT,
+GCP_PROJECT, FIRESTORE_EMULATOR_HOST, K_SERVICE, K_REVISION).
 """
 
 from __future__ import annotations
@@ -14,173 +16,188 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
-_COLLECTION = re.compile(r"[A-Za-z0-9_-]{1,100}")
-_PROJECT = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]|demo-[a-z0-9-]{1,60}")
-_HOST_PORT = re.compile(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}")
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Firestore reads at a past time go back one hour; a minute less leaves room
 # for the time a resumed watch takes to start reading.
 FIRESTORE_MAX_RETENTION_SECONDS = 3540
+T = TypeVar("T")
+Parse = Callable[[str, str], Any]  # (variable, raw value) -> value; raises ConfigError
 
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message says what to do."""
 
 
+# -- parsers: each checks one kind of value and says what is wrong -------------
+
+
+def integer(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name}={value} is outside {lo}..{hi}")
+        return value
+
+    parse.__doc__ = f"an integer, {lo}..{hi}"
+    return parse
+
+
+def seconds(lo: int, hi: int) -> Callable[[str, str], float]:
+    """Whole seconds, lo..hi, kept as a float."""
+    whole = integer(lo, hi)
+
+    def parse(name: str, raw: str) -> float:
+        return float(whole(name, raw))
+
+    parse.__doc__ = f"whole seconds, {lo}..{hi}"
+    return parse
+
+
+def number(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name}={value:g} is outside {lo:g}..{hi:g}")
+        return value
+
+    parse.__doc__ = f"a number, {lo:g}..{hi:g}"
+    return parse
+
+
+def choice(*options: str) -> Callable[[str, str], str]:
+    """One of `options`, in any case."""
+
+    def parse(name: str, raw: str) -> str:
+        value = raw.lower()
+        if value not in options:
+            shown = " or ".join(repr(c) for c in options)
+            raise ConfigError(f"{name}={value!r} must be {shown}")
+        return value
+
+    parse.__doc__ = " or ".join(options)
+    return parse
+
+
+def switch(name: str, raw: str) -> bool:
+    """on or off"""
+    return choice("on", "off")(name, raw) == "on"
+
+
+def text(name: str, raw: str) -> str:
+    """text"""
+    return raw
+
+
+def matching(pattern: str, must: str) -> Callable[[str, str], str]:
+    """Text that fully matches `pattern`; else '<NAME>=<value> <must>'."""
+    compiled = re.compile(pattern)
+
+    def parse(name: str, raw: str) -> str:
+        if not compiled.fullmatch(raw):
+            raise ConfigError(f"{name}={raw!r} {must}")
+        return raw
+
+    parse.__doc__ = must.removeprefix("must be ").removeprefix("is not ")
+    return parse
+
+
+def log_level(name: str, raw: str) -> str:
+    """one of DEBUG, INFO, WARNING, ERROR (any case)"""
+    value = raw.upper()
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def emails(name: str, raw: str) -> tuple[str, ...]:
+    """comma-separated emails"""
+    found = tuple(e.strip().lower() for e in raw.split(",") if e.strip())
+    bad = [e for e in found if not re.fullmatch(r"[^@\s,]+@[^@\s,]+", e)]
+    if bad:
+        raise ConfigError(f"{name} has entries that are not emails: {bad}")
+    return found
+
+
+def certs_url(name: str, raw: str) -> str:
+    """an https URL (http on loopback)"""
+    if not raw.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+        raise ConfigError(f"{name} must be https (or http on loopback)")
+    return raw
+
+
+def worker_count(name: str, raw: str) -> int:
+    """1..64, or auto: the CPUs this container may use"""
+    if raw.lower() == "auto":
+        return available_cpus()
+    return integer(1, 64)(name, raw)
+
+
+def worker_slot(name: str, raw: str) -> WorkerSlot:
+    """set by the supervisor"""
+    index, _, rest = raw.partition("/")
+    count, _, path = rest.partition(":")
+    try:
+        slot = WorkerSlot(int(index), int(count), path)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is set by taskservice itself") from None
+    if not 0 <= slot.index < slot.count or not path:
+        raise ConfigError(f"{name}={raw!r} is set by taskservice itself")
+    return slot
+
+
+# -- the declarations ----------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
+    """One setting as declared on Config: see `setting`."""
+
     env: str
-    default: str  # as shown in --help
+    attribute: str
+    default: Any
+    parse: Parse
     meaning: str
+    shown_default: str  # as --help and the docs show the default
     flag: str | None = None
     platform: bool = False  # set by a platform: empty means unset
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("PORT", "8080", "listen port, on every interface", flag="--port"),
-    Setting(
-        "TASKSERVICE_STORE",
-        "sqlite; firestore when K_SERVICE, GOOGLE_CLOUD_PROJECT, GCP_PROJECT or"
-        " FIRESTORE_EMULATOR_HOST is set",
-        "the store: sqlite or firestore",
-        flag="--store",
-    ),
-    Setting(
-        "TASKSERVICE_SQLITE_PATH",
-        "./tasks.db",
-        "the SQLite file (WAL mode; its directory is created)",
-        flag="--sqlite-path",
-    ),
-    Setting(
-        "GOOGLE_CLOUD_PROJECT",
-        "from credentials; demo-taskservice on the emulator",
-        "the Firestore project (GCP_PROJECT also works)",
-        platform=True,
-    ),
-    Setting("FIRESTORE_DATABASE", "(default)", "the Firestore database id"),
-    Setting(
-        "FIRESTORE_EMULATOR_HOST",
-        "unset",
-        "host:port of a Firestore emulator to use instead of Firestore",
-        platform=True,
-    ),
-    Setting(
-        "TASKSERVICE_COLLECTION",
-        "tasks",
-        "the Firestore collection (request-id markers go to <collection>-requests)",
-    ),
-    Setting("TASKSERVICE_HOST", "[::]", "listen address"),
-    Setting("TASKSERVICE_GRACE_SECONDS", "8", "how long in-flight calls may finish after SIGTERM"),
-    Setting("LOG_LEVEL", "INFO", f"one of {', '.join(LOG_LEVELS)}; JSON lines on stderr"),
-    Setting("TASKSERVICE_AUTH", "none", "none, or google-id-token: verify callers' ID tokens"),
-    Setting("TASKSERVICE_AUDIENCE", "unset", "the audience ID tokens must carry (with auth)"),
-    Setting("TASKSERVICE_ALLOWED_CALLERS", "unset", "comma-separated caller emails (with auth)"),
-    Setting(
-        "TASKSERVICE_CERTS_URL", GOOGLE_CERTS_URL, "where token-signing certificates come from"
-    ),
-    Setting("TASKSERVICE_REFLECTION", "on", "off removes server reflection"),
-    Setting(
-        "TASKSERVICE_STREAM_IDLE_SECONDS",
-        "10",
-        "a BatchCreateTasks stream silent this long is ended, nothing written",
-    ),
-    Setting(
-        "TASKSERVICE_STREAM_MAX_SECONDS",
-        "60",
-        "a BatchCreateTasks stream longer than this is ended, nothing written",
-    ),
-    Setting(
-        "TASKSERVICE_MAX_CONCURRENT_RPCS",
-        "1000",
-        "TaskService calls in flight; beyond, RESOURCE_EXHAUSTED",
-    ),
-    Setting(
-        "TASKSERVICE_MAX_TOOL_STREAMS",
-        "100",
-        "open health Watch and reflection streams; beyond, RESOURCE_EXHAUSTED",
-    ),
-    Setting(
-        "TASKSERVICE_TOOL_STREAM_IDLE_SECONDS",
-        "300",
-        "such a stream without a message this long is ended",
-    ),
-    Setting(
-        "TASKSERVICE_MAX_WATCHERS",
-        "1000",
-        "open WatchTasks streams, counted apart from calls; beyond, RESOURCE_EXHAUSTED",
-    ),
-    Setting(
-        "TASKSERVICE_WATCH_PROGRESS_SECONDS",
-        "30",
-        "a WatchTasks stream without an event this long gets a PROGRESS event",
-    ),
-    Setting(
-        "TASKSERVICE_WATCH_MAX_SECONDS",
-        "3300",
-        "a WatchTasks stream is ended (UNAVAILABLE, with a resume token) at this age:"
-        " keep it below the platform's request timeout",
-    ),
-    Setting(
-        "TASKSERVICE_WATCH_BUFFER",
-        "1000",
-        "events a WatchTasks stream may fall behind its reader before it is ended",
-    ),
-    Setting(
-        "TASKSERVICE_WATCH_RETENTION_SECONDS",
-        "3600",
-        "how long resume tokens stay valid: SQLite keeps its change log this long;"
-        " Firestore allows at most 3540 (its reads in the past go back an hour)",
-    ),
-    Setting(
-        "TASKSERVICE_WORKERS",
-        "1",
-        "server processes sharing the port (SO_REUSEPORT), supervised by the first; auto:"
-        " the CPUs this container may use (its cgroup quota)",
-    ),
-    Setting(
-        "TASKSERVICE_TELEMETRY",
-        "off",
-        "off, otlp (OpenTelemetry metrics and traces to OTEL_EXPORTER_OTLP_ENDPOINT) or gcp"
-        " (Cloud Monitoring and Cloud Trace)",
-    ),
-    Setting(
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "http://localhost:4317",
-        "the OpenTelemetry collector (OTLP over gRPC) for TASKSERVICE_TELEMETRY=otlp;"
-        " http:// is plaintext",
-    ),
-    Setting(
-        "TASKSERVICE_TRACE_SAMPLE_RATIO",
-        "0.01",
-        "the share of calls traced when the caller sent no trace header (0..1); a caller's"
-        " own sampling decision is always followed (a traced call costs ~250 µs of CPU)",
-    ),
-    Setting(
-        "TASKSERVICE_METRICS_INTERVAL_SECONDS",
-        "60",
-        "how often metrics are exported (at least 10 with gcp)",
-    ),
-    Setting("K_SERVICE", "unset", "set by Cloud Run; selects the Firestore store", platform=True),
-    Setting(
-        "K_REVISION",
-        "unset",
-        "set by Cloud Run; names this instance's revision in telemetry",
-        platform=True,
-    ),
-    Setting(
-        "TASKSERVICE_WORKER",
-        "unset",
-        "set by the supervisor for each worker (slot/count/readiness file); do not set",
-        platform=True,
-    ),
-)
-FLAGS = {s.flag: s.env for s in SETTINGS if s.flag}
+def setting(
+    env: str,
+    default: T,
+    parse: Callable[[str, str], T],
+    meaning: str,
+    *,
+    shown: str | None = None,
+    flag: str | None = None,
+    platform: bool = False,
+) -> T:
+    """Declares a Config field read from `env`: the field's default, the
+    parser that checks a set value, and what it means (shown: how the
+    default reads in --help, where it is not the value itself)."""
+    if shown is None:
+        shown = "unset" if default in ("", None, ()) else _shown(default)
+    declared = {"env": env, "parse": parse, "meaning": meaning, "shown": shown}
+    return field(default=default, metadata={**declared, "flag": flag, "platform": platform})
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,233 +212,293 @@ class WorkerSlot:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    host: str = "[::]"
-    port: int = 8080
-    store: str = "sqlite"  # "sqlite" or "firestore"
-    sqlite_path: str = "./tasks.db"
-    project: str = ""  # Firestore project; "" = discover from credentials
-    firestore_database: str = "(default)"
-    firestore_emulator_host: str = ""  # "" = the real Firestore
-    collection: str = "tasks"
-    grace_seconds: float = 8.0  # in-flight calls get this long after SIGTERM
-    log_level: str = "INFO"
-    auth: str = "none"  # "none" or "google-id-token"
-    audience: str = ""
-    allowed_callers: tuple[str, ...] = ()
-    certs_url: str = GOOGLE_CERTS_URL
-    reflection: bool = True
-    stream_idle_seconds: float = 10.0  # a batch stream silent this long is ended
-    stream_max_seconds: float = 60.0  # a batch stream longer than this is ended
-    max_concurrent_rpcs: int = 1000  # TaskService calls; beyond: RESOURCE_EXHAUSTED at once
-    max_tool_streams: int = 100  # open health Watch and reflection streams
-    tool_stream_idle_seconds: float = 300.0  # such a stream idle this long is ended
-    max_watchers: int = 1000  # open WatchTasks streams
-    watch_progress_seconds: float = 30.0
-    watch_max_seconds: float = 3300.0
-    watch_buffer: int = 1000
-    watch_retention_seconds: float = 3600.0
-    workers: int = 1  # server processes sharing the port
-    telemetry: str = "off"  # "off", "otlp" or "gcp"
-    otlp_endpoint: str = "http://localhost:4317"
-    trace_sample_ratio: float = 0.01
-    metrics_interval_seconds: float = 60.0
-    service_name: str = "taskservice"  # K_SERVICE on Cloud Run
-    revision: str = ""  # K_REVISION on Cloud Run
-    worker: WorkerSlot | None = None  # set when this process is one of several workers
+    port: int = setting(
+        "PORT", 8080, integer(0, 65535), "listen port, on all interfaces", flag="--port"
+    )
+    store: str = setting(
+        "TASKSERVICE_STORE",
+        "sqlite",
+        choice("sqlite", "firestore"),
+        "the store",
+        shown="sqlite; firestore when K_SERVICE, GOOGLE_CLOUD_PROJECT, GCP_PROJECT or"
+        " FIRESTORE_EMULATOR_HOST is set",
+        flag="--store",
+    )
+    sqlite_path: str = setting(
+        "TASKSERVICE_SQLITE_PATH",
+        "./tasks.db",
+        text,
+        "the SQLite file (WAL mode; its directory is created; /var/lib/taskservice/tasks.db"
+        " in the image)",
+        flag="--sqlite-path",
+    )
+    project: str = setting(
+        "GOOGLE_CLOUD_PROJECT",
+        "",
+        matching(r"[a-z][a-z0-9-]{4,28}[a-z0-9]|demo-[a-z0-9-]{1,60}", "is not a valid project id"),
+        "the Firestore project (GCP_PROJECT also works)",
+        shown=f"from credentials; {DEFAULT_EMULATOR_PROJECT} on the emulator",
+        platform=True,
+    )
+    firestore_database: str = setting(
+        "FIRESTORE_DATABASE",
+        "(default)",
+        matching(r"\(default\)|[a-z][a-z0-9-]{2,62}", "is not a valid database id"),
+        "the Firestore database id",
+    )
+    firestore_emulator_host: str = setting(
+        "FIRESTORE_EMULATOR_HOST",
+        "",
+        matching(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}", "must be host:port"),
+        "host:port of a Firestore emulator to use instead of Firestore",
+        platform=True,
+    )
+    collection: str = setting(
+        "TASKSERVICE_COLLECTION",
+        "tasks",
+        matching(r"[A-Za-z0-9_-]{1,100}", "must be 1-100 letters, digits, '_' or '-'"),
+        "the Firestore collection (request-id markers go to <collection>-requests)",
+    )
+    host: str = setting("TASKSERVICE_HOST", "[::]", text, "listen address")
+    grace_seconds: float = setting(
+        "TASKSERVICE_GRACE_SECONDS",
+        8.0,
+        seconds(0, 60),
+        "how long in-flight calls may finish after SIGTERM",
+    )
+    log_level: str = setting(
+        "LOG_LEVEL",
+        "INFO",
+        log_level,
+        "the diagnostics' level; logs are JSON lines on stderr (INFO access lines are"
+        " written in batches, at most 50 ms late; WARNING and above at once)",
+    )
+    auth: str = setting(
+        "TASKSERVICE_AUTH",
+        "none",
+        choice("none", "google-id-token"),
+        "google-id-token: verify callers' Google ID tokens (see SECURITY.md)",
+    )
+    audience: str = setting(
+        "TASKSERVICE_AUDIENCE",
+        "",
+        text,
+        "the audience tokens must carry (the service URL); required with auth",
+    )
+    allowed_callers: tuple[str, ...] = setting(
+        "TASKSERVICE_ALLOWED_CALLERS", (), emails, "the caller emails admitted; required with auth"
+    )
+    certs_url: str = setting(
+        "TASKSERVICE_CERTS_URL",
+        GOOGLE_CERTS_URL,
+        certs_url,
+        "where token-signing certificates come from",
+    )
+    reflection: bool = setting(
+        "TASKSERVICE_REFLECTION", True, switch, "off removes server reflection", shown="on"
+    )
+    stream_idle_seconds: float = setting(
+        "TASKSERVICE_STREAM_IDLE_SECONDS",
+        10.0,
+        seconds(1, 3600),
+        "a BatchCreateTasks stream silent this long is ended (DEADLINE_EXCEEDED, nothing written)",
+    )
+    stream_max_seconds: float = setting(
+        "TASKSERVICE_STREAM_MAX_SECONDS",
+        60.0,
+        seconds(1, 3600),
+        "a BatchCreateTasks stream longer than this in all is ended (DEADLINE_EXCEEDED,"
+        " nothing written)",
+    )
+    max_concurrent_rpcs: int = setting(
+        "TASKSERVICE_MAX_CONCURRENT_RPCS",
+        1000,
+        integer(1, 100_000),
+        "TaskService calls in flight; beyond, RESOURCE_EXHAUSTED at once. Calls refused by"
+        " auth never count, and health Check is never refused",
+    )
+    max_tool_streams: int = setting(
+        "TASKSERVICE_MAX_TOOL_STREAMS",
+        100,
+        integer(1, 100_000),
+        "open health Watch and reflection streams, counted apart from TaskService calls;"
+        " beyond, RESOURCE_EXHAUSTED",
+    )
+    tool_stream_idle_seconds: float = setting(
+        "TASKSERVICE_TOOL_STREAM_IDLE_SECONDS",
+        300.0,
+        seconds(1, 86_400),
+        "such a stream with no message this long is ended (UNAVAILABLE, reopen it)",
+    )
+    max_watchers: int = setting(
+        "TASKSERVICE_MAX_WATCHERS",
+        1000,
+        integer(1, 100_000),
+        "open WatchTasks streams, counted apart from calls; beyond, RESOURCE_EXHAUSTED"
+        " (TOO_MANY_WATCHERS)",
+    )
+    watch_progress_seconds: float = setting(
+        "TASKSERVICE_WATCH_PROGRESS_SECONDS",
+        30.0,
+        seconds(1, 3600),
+        "a WatchTasks stream without an event this long gets a PROGRESS event",
+    )
+    watch_max_seconds: float = setting(
+        "TASKSERVICE_WATCH_MAX_SECONDS",
+        3300.0,
+        seconds(5, 86_400),
+        "a WatchTasks stream is ended at this age (UNAVAILABLE STREAM_MAX_AGE, with a resume"
+        " token): below Cloud Run's request timeout (3600 s in deploy/service.yaml)",
+    )
+    watch_buffer: int = setting(
+        "TASKSERVICE_WATCH_BUFFER",
+        1000,
+        integer(1, 1_000_000),
+        "live events a WatchTasks stream may fall behind its reader before it is ended"
+        " (RESOURCE_EXHAUSTED WATCHER_TOO_SLOW); also at most 4 MiB",
+    )
+    watch_retention_seconds: float = setting(
+        "TASKSERVICE_WATCH_RETENTION_SECONDS",
+        3600.0,
+        seconds(1, 30 * 86_400),
+        "how long resume tokens stay valid: SQLite keeps its change log this long;"
+        f" Firestore allows at most {FIRESTORE_MAX_RETENTION_SECONDS} (its reads in the past"
+        " go back an hour)",
+    )
+    workers: int = setting(
+        "TASKSERVICE_WORKERS",
+        1,
+        worker_count,
+        "server processes sharing the port (SO_REUSEPORT), supervised by the first (see"
+        " docs on scaling out); auto: the CPUs of the container's cgroup quota",
+    )
+    telemetry: str = setting(
+        "TASKSERVICE_TELEMETRY",
+        "off",
+        choice("off", "otlp", "gcp"),
+        "otlp: OpenTelemetry metrics and traces to a collector; gcp: to Cloud Monitoring"
+        " and Cloud Trace (deploy.sh sets gcp)",
+    )
+    otlp_endpoint: str = setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://localhost:4317",
+        matching(
+            r"https?://[^/\s]+(:\d+)?/?",
+            "must be http://host:port (plaintext) or https://host:port",
+        ),
+        "the collector for otlp (OTLP over gRPC; http:// is plaintext, https:// TLS)",
+    )
+    trace_sample_ratio: float = setting(
+        "TASKSERVICE_TRACE_SAMPLE_RATIO",
+        0.01,
+        number(0.0, 1.0),
+        "the share of calls traced when the caller sent no trace header; a caller's own"
+        " sampling decision (traceparent, x-cloud-trace-context) is always followed. A traced"
+        " call costs about 250 µs of server CPU (its spans, and exporting them)",
+    )
+    metrics_interval_seconds: float = setting(
+        "TASKSERVICE_METRICS_INTERVAL_SECONDS",
+        60.0,
+        number(0.1, 3600.0),
+        "how often metrics are exported (at least 10 with gcp)",
+    )
+    service_name: str = setting(
+        "K_SERVICE",
+        "taskservice",
+        text,
+        "set by Cloud Run; selects the Firestore store and names the service in telemetry",
+        shown="unset (taskservice)",
+        platform=True,
+    )
+    revision: str = setting(
+        "K_REVISION",
+        "",
+        text,
+        "set by Cloud Run; names this instance's revision in telemetry",
+        platform=True,
+    )
+    worker: WorkerSlot | None = setting(
+        "TASKSERVICE_WORKER",
+        None,
+        worker_slot,
+        "set by the supervisor for each worker (slot/count/readiness file); do not set",
+        platform=True,
+    )
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}={value} is outside {lo}..{hi}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}={value:g} is outside {lo:g}..{hi:g}")
-    return value
-
-
-def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = env.get(name, "").strip().lower() or default
-    if value not in choices:
-        shown = " or ".join(repr(c) for c in choices)
-        raise ConfigError(f"{name}={value!r} must be {shown}")
-    return value
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(
+        env=f.metadata["env"],
+        attribute=f.name,
+        default=f.default,
+        parse=f.metadata["parse"],
+        meaning=f.metadata["meaning"],
+        shown_default=f.metadata["shown"],
+        flag=f.metadata["flag"],
+        platform=f.metadata["platform"],
+    )
+    for f in fields(Config)
+)
+FLAGS = {s.flag: s.env for s in SETTINGS if s.flag}
+_GOOGLE_CLOUD = ("K_SERVICE", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT")
 
 
 def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Config:
     """Reads TaskService's settings from `env` (os.environ), with `overrides`
     (keyed by variable name: the command-line flags) taking precedence."""
     env = {**env, **(overrides or {})}
-    for setting in SETTINGS:
-        raw = env.get(setting.env)
-        if raw is not None and not raw.strip() and not setting.platform:
-            raise ConfigError(
-                f"{setting.env} is set but empty; unset it for the default ({setting.default})"
-            )
-    port = _int(env, "PORT", 8080, 0, 65535)
-    on_google_cloud = any(
-        env.get(k, "").strip() for k in ("K_SERVICE", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT")
-    )
-    emulator = env.get("FIRESTORE_EMULATOR_HOST", "").strip()
-    if emulator and not _HOST_PORT.fullmatch(emulator):
-        raise ConfigError(f"FIRESTORE_EMULATOR_HOST={emulator!r} must be host:port")
-    store = _choice(
-        env,
-        "TASKSERVICE_STORE",
-        "firestore" if on_google_cloud or emulator else "sqlite",
-        ("sqlite", "firestore"),
-    )
-    project = (env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or "").strip()
-    if store == "firestore" and not project and emulator:
-        project = DEFAULT_EMULATOR_PROJECT
-    if project and not _PROJECT.fullmatch(project):
-        raise ConfigError(f"GOOGLE_CLOUD_PROJECT={project!r} is not a valid project id")
-    collection = env.get("TASKSERVICE_COLLECTION", "").strip() or "tasks"
-    if not _COLLECTION.fullmatch(collection):
-        raise ConfigError(
-            f"TASKSERVICE_COLLECTION={collection!r} must be 1-100 letters, digits, '_' or '-'"
-        )
-    database = env.get("FIRESTORE_DATABASE", "").strip() or "(default)"
-    if database != "(default)" and not re.fullmatch(r"[a-z][a-z0-9-]{2,62}", database):
-        raise ConfigError(f"FIRESTORE_DATABASE={database!r} is not a valid database id")
-    sqlite_path = env.get("TASKSERVICE_SQLITE_PATH", "").strip() or "./tasks.db"
-    grace = _int(env, "TASKSERVICE_GRACE_SECONDS", 8, 0, 60)
-    host = env.get("TASKSERVICE_HOST", "").strip() or "[::]"
-    log_level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
-    auth = _choice(env, "TASKSERVICE_AUTH", "none", ("none", "google-id-token"))
-    audience = env.get("TASKSERVICE_AUDIENCE", "").strip()
-    allowed = tuple(
-        e.strip().lower()
-        for e in env.get("TASKSERVICE_ALLOWED_CALLERS", "").split(",")
-        if e.strip()
-    )
-    if auth == "google-id-token":
-        if not audience:
+    if not env.get("GOOGLE_CLOUD_PROJECT", "").strip() and env.get("GCP_PROJECT", "").strip():
+        env["GOOGLE_CLOUD_PROJECT"] = env["GCP_PROJECT"]  # the older name
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = env.get(s.env)
+        if raw is None or not raw.strip():
+            if raw is not None and not s.platform:
+                raise ConfigError(
+                    f"{s.env} is set but empty; unset it for the default ({s.shown_default})"
+                )
+            continue
+        values[s.attribute] = s.parse(s.env, raw.strip())
+    # What one setting's default or bounds take from others.
+    on_google_cloud = any(env.get(k, "").strip() for k in _GOOGLE_CLOUD)
+    emulator = values.get("firestore_emulator_host", "")
+    if "store" not in values and (on_google_cloud or emulator):
+        values["store"] = "firestore"
+    firestore = values.get("store") == "firestore"
+    if firestore and emulator and not values.get("project"):
+        values["project"] = DEFAULT_EMULATOR_PROJECT
+    config = Config(**values)
+    if config.auth == "google-id-token":
+        if not config.audience:
             raise ConfigError("TASKSERVICE_AUTH=google-id-token needs TASKSERVICE_AUDIENCE")
-        if not allowed:
+        if not config.allowed_callers:
             raise ConfigError(
                 "TASKSERVICE_AUTH=google-id-token needs TASKSERVICE_ALLOWED_CALLERS (emails)"
             )
-        bad = [e for e in allowed if not re.fullmatch(r"[^@\s,]+@[^@\s,]+", e)]
-        if bad:
-            raise ConfigError(f"TASKSERVICE_ALLOWED_CALLERS has entries that are not emails: {bad}")
-    certs_url = env.get("TASKSERVICE_CERTS_URL", "").strip() or GOOGLE_CERTS_URL
-    if not certs_url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
-        raise ConfigError("TASKSERVICE_CERTS_URL must be https (or http on loopback)")
-    reflection = _choice(env, "TASKSERVICE_REFLECTION", "on", ("on", "off"))
-    idle = _int(env, "TASKSERVICE_STREAM_IDLE_SECONDS", 10, 1, 3600)
-    stream_max = _int(env, "TASKSERVICE_STREAM_MAX_SECONDS", 60, 1, 3600)
-    max_rpcs = _int(env, "TASKSERVICE_MAX_CONCURRENT_RPCS", 1000, 1, 100_000)
-    max_tool_streams = _int(env, "TASKSERVICE_MAX_TOOL_STREAMS", 100, 1, 100_000)
-    tool_idle = _int(env, "TASKSERVICE_TOOL_STREAM_IDLE_SECONDS", 300, 1, 86_400)
-    max_watchers = _int(env, "TASKSERVICE_MAX_WATCHERS", 1000, 1, 100_000)
-    progress = _int(env, "TASKSERVICE_WATCH_PROGRESS_SECONDS", 30, 1, 3600)
-    watch_max = _int(env, "TASKSERVICE_WATCH_MAX_SECONDS", 3300, 5, 86_400)
-    if progress >= watch_max:
+    if config.watch_progress_seconds >= config.watch_max_seconds:
         raise ConfigError(
-            f"TASKSERVICE_WATCH_PROGRESS_SECONDS={progress} must be less than"
-            f" TASKSERVICE_WATCH_MAX_SECONDS={watch_max}: a stream must see a progress event"
+            f"TASKSERVICE_WATCH_PROGRESS_SECONDS={config.watch_progress_seconds:g} must be less"
+            f" than TASKSERVICE_WATCH_MAX_SECONDS={config.watch_max_seconds:g}: a stream must"
+            " see a progress event"
         )
-    watch_buffer = _int(env, "TASKSERVICE_WATCH_BUFFER", 1000, 1, 1_000_000)
-    retention = _int(env, "TASKSERVICE_WATCH_RETENTION_SECONDS", 3600, 1, 30 * 86_400)
-    if store == "firestore" and retention > FIRESTORE_MAX_RETENTION_SECONDS:
-        if "TASKSERVICE_WATCH_RETENTION_SECONDS" in env:
+    if firestore and config.watch_retention_seconds > FIRESTORE_MAX_RETENTION_SECONDS:
+        if "watch_retention_seconds" in values:
             raise ConfigError(
-                f"TASKSERVICE_WATCH_RETENTION_SECONDS={retention} is more than Firestore allows"
+                "TASKSERVICE_WATCH_RETENTION_SECONDS="
+                f"{config.watch_retention_seconds:g} is more than Firestore allows"
                 f" ({FIRESTORE_MAX_RETENTION_SECONDS}: its reads in the past go back an hour)"
             )
-        retention = FIRESTORE_MAX_RETENTION_SECONDS
-    telemetry = _choice(env, "TASKSERVICE_TELEMETRY", "off", ("off", "otlp", "gcp"))
-    otlp_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4317"
-    if not re.fullmatch(r"https?://[^/\s]+(:\d+)?/?", otlp_endpoint):
+        values["watch_retention_seconds"] = float(FIRESTORE_MAX_RETENTION_SECONDS)
+    if config.telemetry == "gcp" and config.metrics_interval_seconds < 10:
         raise ConfigError(
-            f"OTEL_EXPORTER_OTLP_ENDPOINT={otlp_endpoint!r} must be http://host:port"
-            " (plaintext) or https://host:port"
+            "TASKSERVICE_METRICS_INTERVAL_SECONDS="
+            f"{config.metrics_interval_seconds:g} is too short for Cloud Monitoring (at least 10)"
         )
-    sample_ratio = _float(env, "TASKSERVICE_TRACE_SAMPLE_RATIO", 0.01, 0.0, 1.0)
-    metrics_interval = _float(env, "TASKSERVICE_METRICS_INTERVAL_SECONDS", 60.0, 0.1, 3600.0)
-    if telemetry == "gcp" and metrics_interval < 10:
-        raise ConfigError(
-            f"TASKSERVICE_METRICS_INTERVAL_SECONDS={metrics_interval:g} is too short for Cloud"
-            " Monitoring (at least 10)"
-        )
-    raw_workers = env.get("TASKSERVICE_WORKERS", "").strip().lower()
-    if raw_workers == "auto":
-        workers = available_cpus()
-    else:
-        workers = _int(env, "TASKSERVICE_WORKERS", 1, 1, 64)
-    worker = _worker_slot(env.get("TASKSERVICE_WORKER", "").strip())
-    return Config(
-        host=host,
-        port=port,
-        store=store,
-        sqlite_path=sqlite_path,
-        project=project,
-        firestore_database=database,
-        firestore_emulator_host=emulator,
-        collection=collection,
-        grace_seconds=float(grace),
-        log_level=log_level,
-        auth=auth,
-        audience=audience,
-        allowed_callers=allowed,
-        certs_url=certs_url,
-        reflection=reflection == "on",
-        stream_idle_seconds=float(idle),
-        stream_max_seconds=float(stream_max),
-        max_concurrent_rpcs=max_rpcs,
-        max_tool_streams=max_tool_streams,
-        tool_stream_idle_seconds=float(tool_idle),
-        max_watchers=max_watchers,
-        watch_progress_seconds=float(progress),
-        watch_max_seconds=float(watch_max),
-        watch_buffer=watch_buffer,
-        watch_retention_seconds=float(retention),
-        telemetry=telemetry,
-        otlp_endpoint=otlp_endpoint,
-        trace_sample_ratio=sample_ratio,
-        metrics_interval_seconds=metrics_interval,
-        service_name=env.get("K_SERVICE", "").strip() or "taskservice",
-        revision=env.get("K_REVISION", "").strip(),
-        workers=workers,
-        worker=worker,
-    )
-
-
-def _worker_slot(raw: str) -> WorkerSlot | None:
-    if not raw:
-        return None
-    index, _, rest = raw.partition("/")
-    count, _, path = rest.partition(":")
-    try:
-        slot = WorkerSlot(int(index), int(count), path)
-    except ValueError:
-        raise ConfigError(f"TASKSERVICE_WORKER={raw!r} is set by taskservice itself") from None
-    if not 0 <= slot.index < slot.count or not path:
-        raise ConfigError(f"TASKSERVICE_WORKER={raw!r} is set by taskservice itself")
-    return slot
+    return Config(**values)
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -448,11 +525,41 @@ def _cgroup_quota(cgroup: Path) -> float | None:
 
 
 def settings_help() -> str:
-    """The settings table for --help: variable, default, meaning."""
+    """The settings table for --help: variable, meaning, default."""
     width = max(len(s.env) for s in SETTINGS)
     lines = []
     for s in SETTINGS:
         flag = f" (or {s.flag})" if s.flag else ""
         lines.append(f"  {s.env.ljust(width)}  {s.meaning}{flag}")
-        lines.append(f"  {' ' * width}  default: {s.default}")
+        lines.append(f"  {' ' * width}  default: {s.shown_default}")
     return "\n".join(lines)
+
+
+def settings_markdown() -> str:
+    """docs/configuration.md: every setting, from the same declarations."""
+    rows = [
+        "# Configuration",
+        "",
+        "<!-- Generated by `python -m taskservice.config > docs/configuration.md`"
+        " from the declarations in taskservice/config.py; tests/test_config.py fails"
+        " when this file is stale. -->",
+        "",
+        "TaskService reads these environment variables once, at start. A bad value stops the"
+        " server with one line that names the variable, and exit status 2. A variable that is"
+        " set but empty is an error (unset it for the default), except those a platform sets.",
+        "",
+        "| variable | meaning | accepts | default |",
+        "| --- | --- | --- | --- |",
+    ]
+    for s in SETTINGS:
+        name = f"`{s.env}`" + (f" (`{s.flag}`)" if s.flag else "")
+        accepts = (s.parse.__doc__ or "").strip().splitlines()[0]
+        if s.platform:
+            accepts += "; set by the platform"
+        meaning = s.meaning.replace("|", "\\|").replace("<", "\\<")
+        rows.append(f"| {name} | {meaning} | {accepts} | {s.shown_default} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

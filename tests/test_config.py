@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
@@ -134,9 +136,29 @@ def test_every_setting_is_documented_in_help() -> None:
     for setting in SETTINGS:
         assert setting.env in text and setting.meaning in text
     assert len({s.env for s in SETTINGS}) == len(SETTINGS)
-    # Every variable load() reads is in SETTINGS (besides GCP_PROJECT, an alias).
+    # Every field of Config is a declared setting, and load() reads nothing
+    # else but GCP_PROJECT (GOOGLE_CLOUD_PROJECT's older name).
+    assert [s.attribute for s in SETTINGS] == [f.name for f in dataclasses.fields(Config)]
     source = inspect.getsource(config.load)
-    read = set(re.findall(r'env, "([A-Z][A-Z0-9_]+)"|env.get\("([A-Z][A-Z0-9_]+)"', source))
-    names = {name for pair in read for name in pair if name}
-    assert names - {s.env for s in SETTINGS} == {"GCP_PROJECT"}
-    assert len(names) >= 20
+    read = set(re.findall(r'env(?:\.get)?\(?\[?"([A-Z][A-Z0-9_]+)"', source))
+    assert read - {s.env for s in SETTINGS} == {"GCP_PROJECT"}
+    assert len(SETTINGS) >= 30
+
+
+def test_each_default_is_declared_once() -> None:
+    """The default a setting's declaration holds is Config's, load()'s and the
+    one --help shows."""
+    for setting in SETTINGS:
+        assert getattr(Config(), setting.attribute) == setting.default
+        assert getattr(load({}), setting.attribute) == setting.default
+    assert "default: 8080" in settings_help()
+    assert "default: 8\n" in settings_help() + "\n"  # the grace, in whole seconds
+
+
+def test_the_configuration_doc_is_generated_from_the_declarations() -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == config.settings_markdown(), (
+        "docs/configuration.md is stale: python -m taskservice.config > docs/configuration.md"
+    )
+    for setting in SETTINGS:
+        assert f"`{setting.env}`" in doc.read_text()
