@@ -29,11 +29,13 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
@@ -140,6 +142,60 @@ def _idempotent(method: str, request: Any) -> bool:
     return False  # Get/List retry by service config; others never
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorDetails:
+    """What a failed call says, decoded once from its google.rpc.Status
+    (grpc-status-details-bin): the ErrorInfo's reason, domain and metadata,
+    and the fields a BadRequest names. has_status is False when the call
+    carried no Status (an error from gRPC itself or a proxy)."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    domain: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    fields: list[str] = field(default_factory=list)
+    has_status: bool = False
+    has_error_info: bool = False
+    status_code: int | None = None  # the Status's own code, which should match `code`
+
+
+def error_details(err: grpc.aio.AioRpcError) -> ErrorDetails:
+    """The one decoder of an error's google.rpc.Status details."""
+    status = rpc_status.from_call(err)
+    code, message = err.code(), err.details() or ""
+    if status is None:
+        return ErrorDetails(code, message)
+    info: error_details_pb2.ErrorInfo | None = None
+    fields: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields.extend(v.field for v in bad.field_violations)
+    return ErrorDetails(
+        code,
+        message,
+        reason=info.reason if info else "",
+        domain=info.domain if info else "",
+        metadata=dict(info.metadata) if info else {},
+        fields=fields,
+        has_status=True,
+        has_error_info=info is not None,
+        status_code=status.code,
+    )
+
+
+def is_stream_reset(err: grpc.aio.AioRpcError) -> bool:
+    """A stream reset mid-call by the peer or a proxy (nginx sends
+    RST_STREAM INTERNAL_ERROR when it loses its upstream): gRPC reports
+    INTERNAL "Received RST_STREAM with error code 2"."""
+    return err.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in (err.details() or "")
+
+
 def _worth_retrying(err: grpc.aio.AioRpcError) -> bool:
     """A failure that says nothing about the request, only the way to it:
     UNAVAILABLE; CANCELLED, which a call this client did not cancel gets when
@@ -151,7 +207,7 @@ def _worth_retrying(err: grpc.aio.AioRpcError) -> bool:
     code = err.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return True
-    return code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (err.details() or "")
+    return is_stream_reset(err)
 
 
 class _Unavailable(Exception):

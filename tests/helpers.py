@@ -3,14 +3,13 @@ skipping a whole suite loudly."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from tasks.v1 import task_service_pb2 as pb
+
+from taskservice.client import ErrorDetails, error_details
 
 LOUD_SKIPS: list[str] = []
 
@@ -23,35 +22,13 @@ def loud_skip(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-@dataclass
-class ErrorDetails:
-    code: grpc.StatusCode
-    message: str
-    reason: str
-    domain: str
-    metadata: dict[str, str]
-    fields: list[str]
-
-
 def details_of(err: grpc.aio.AioRpcError) -> ErrorDetails:
     """The google.rpc.Status details an error carries (ErrorInfo is required)."""
-    status = rpc_status.from_call(err)
-    assert status is not None, f"no google.rpc.Status details on {err.code()}: {err.details()}"
-    assert status.code == err.code().value[0]
-    info = None
-    fields: list[str] = []
-    for any_ in status.details:
-        if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            any_.Unpack(info)
-        elif any_.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            any_.Unpack(bad)
-            fields.extend(v.field for v in bad.field_violations)
-    assert info is not None, "every error must carry an ErrorInfo"
-    return ErrorDetails(
-        err.code(), err.details() or "", info.reason, info.domain, dict(info.metadata), fields
-    )
+    details = error_details(err)
+    assert details.has_status, f"no google.rpc.Status details on {err.code()}: {err.details()}"
+    assert details.status_code == err.code().value[0]
+    assert details.has_error_info, "every error must carry an ErrorInfo"
+    return details
 
 
 async def expect_error(awaitable: Any, code: grpc.StatusCode) -> ErrorDetails:

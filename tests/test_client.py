@@ -16,10 +16,11 @@ import h2.errors
 import h2.events
 import pytest
 from tasks.v1 import task_service_pb2 as pb
+from tasks.v1 import task_service_pb2_grpc as pb_grpc
 
-from harness import free_port
+from harness import Running, free_port
 from taskservice import client as client_module
-from taskservice.client import connect, parse_target
+from taskservice.client import connect, error_details, is_stream_reset, parse_target
 from taskservice.config import Config
 from taskservice.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
@@ -195,3 +196,25 @@ async def test_a_call_cut_by_a_shutdown_or_a_proxy_is_retried_when_safe(failure:
         expected = grpc.StatusCode.CANCELLED if failure == "cancelled" else grpc.StatusCode.INTERNAL
         assert info.value.code() == expected
         assert front.attempts == 4
+
+
+async def test_error_details_decode_what_the_server_said_and_nothing_else(
+    running: Running,
+) -> None:
+    """client.error_details is the one decoder of google.rpc.Status details:
+    a refused request's ErrorInfo and BadRequest fields; an error gRPC itself
+    answers (no server at the address) carries no Status at all."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await running.stub.CreateTask(pb.CreateTaskRequest(task=pb.Task(title=" ")))
+    details = error_details(info.value)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.has_status and details.has_error_info
+    assert details.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert details.domain and details.reason and details.fields == ["task.title"]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as nowhere:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.TaskServiceStub(nowhere).GetTask(pb.GetTaskRequest(name="tasks/x"))
+    bare = error_details(info.value)
+    assert bare.code == grpc.StatusCode.UNAVAILABLE
+    assert not bare.has_status and bare.fields == [] and bare.reason == ""
+    assert not is_stream_reset(info.value)

@@ -38,7 +38,7 @@ from tasks.v1 import task_service_pb2 as pb
 from harness import Emulator
 from harness.cluster import Cluster, Replacement
 from harness.frontend import NginxFrontEnd, nginx_binary
-from taskservice.client import TaskClient, connect
+from taskservice.client import TaskClient, connect, is_stream_reset
 from tests.helpers import create_request
 from tests.reliability import record
 
@@ -57,10 +57,6 @@ EXPECTED_CODES = {"OK", "ABORTED", "NOT_FOUND", "UNAVAILABLE", "CANCELLED"}
 # every operation here is safe to repeat. Allowed in nginx mode only; an
 # INTERNAL that TaskService itself answers is never allowed.
 STREAM_RESET = "INTERNAL (stream reset by the proxy)"
-
-
-def _stream_reset(err: grpc.aio.AioRpcError) -> bool:
-    return err.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in (err.details() or "")
 
 
 @dataclass
@@ -102,7 +98,7 @@ class Callers:
                 self.ledger.codes["OK"] += 1
                 return result
             except grpc.aio.AioRpcError as err:
-                reset = _stream_reset(err)
+                reset = is_stream_reset(err)
                 code = STREAM_RESET if reset else err.code().name
                 self.ledger.codes[code] += 1
                 if code not in EXPECTED_CODES and len(self.ledger.surprises) < 5:
