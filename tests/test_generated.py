@@ -54,9 +54,27 @@ def test_buf_lint_and_format_are_clean() -> None:
 RELEASED_CONTRACT = "3cbd1c205746424302d39cfd0f7058b2578fbd1d"
 
 
-def _released_tree(into: Path) -> Path:
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+
+def _last_committed_contract() -> str:
+    """The newest commit whose protos/ differ from the working tree's: the
+    contract as it stood before the change under test (HEAD's own change
+    to it, or one not committed yet)."""
+    changed = _git("rev-list", "HEAD", "--", "protos")
+    if changed.returncode != 0:
+        pytest.fail("the breaking check needs the git history (a full clone): " + changed.stderr)
+    for commit in changed.stdout.split():
+        for candidate in (commit, f"{commit}^"):
+            if _git("diff", "--quiet", candidate, "--", "protos").returncode == 1:
+                return _git("rev-parse", candidate).stdout.strip()
+    pytest.fail("no earlier contract in the history")
+
+
+def _released_tree(into: Path, commit: str = RELEASED_CONTRACT) -> Path:
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", RELEASED_CONTRACT, "buf.yaml", "protos", "third_party"],
+        ["git", "-C", str(ROOT), "archive", commit, "buf.yaml", "protos", "third_party"],
         capture_output=True,
     )
     if archive.returncode != 0:
@@ -93,6 +111,14 @@ def test_contract_changes_since_release_are_additive(tmp_path: Path) -> None:
     proto.write_text(text.replace("string request_id = ", "string request_key = ", 1))
     result = _breaking(broken, released)
     assert result.returncode != 0 and "request_id" in result.stdout, result.stdout
+
+
+def test_the_contract_change_under_test_is_wire_compatible(tmp_path: Path) -> None:
+    """buf breaking against the contract before the newest change to it, so
+    that what was added after the release (WatchTasks) is held as well."""
+    before = _last_committed_contract()
+    result = _breaking(ROOT, _released_tree(tmp_path / "before", before))
+    assert result.returncode == 0, f"against {before}: " + result.stdout + result.stderr
 
 
 def test_vendored_googleapis_protos_match_the_wheel() -> None:
