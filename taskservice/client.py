@@ -210,7 +210,7 @@ def _worth_retrying(err: grpc.aio.AioRpcError) -> bool:
     return is_stream_reset(err)
 
 
-class _Unavailable(Exception):
+class _WorthRetrying(Exception):
     """An attempt failed in a way worth retrying (_worth_retrying); carries
     the call to return if it was the last one."""
 
@@ -234,17 +234,17 @@ class _DefaultsAndRetries(grpc.aio.UnaryUnaryClientInterceptor):
                 await call
             except grpc.aio.AioRpcError as err:
                 if _worth_retrying(err):
-                    raise _Unavailable(call) from None
+                    raise _WorthRetrying(call) from None
             return call  # done, or failed in a way a retry cannot mend
 
         try:
             return await retrying(
                 attempt,
-                retryable=lambda e: isinstance(e, _Unavailable),
+                retryable=lambda e: isinstance(e, _WorthRetrying),
                 backoff=RETRY_BACKOFF,
                 timeout=timeout,
             )
-        except _Unavailable as last:
+        except _WorthRetrying as last:
             return last.call
 
 
