@@ -31,6 +31,8 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -46,6 +48,7 @@ from tasks.v1 import task_service_pb2 as pb
 from taskservice.client import TaskClient, bearer_token_credentials, connect
 
 CHUNK = 500
+DEFAULT_TARGET = "localhost:8080"
 LOOKUPS_IN_FLIGHT = 32
 _IMPORT_NAMESPACE = uuid.UUID("6f1d7f7e-7c47-4a53-9b5e-2b8f3c1d9a10")
 _PRIORITIES = {
@@ -432,11 +435,42 @@ def _event_line(event: pb.WatchTasksResponse) -> str:
     return line
 
 
+def continue_command(args: argparse.Namespace, token: str) -> str:
+    """The taskctl command that continues this watch after `token`: the same
+    target (when not the default), filter and output flags. Never the ID
+    token: that stays in the environment or is fetched again."""
+    words = ["taskctl"]
+    if args.target != os.environ.get("TASKCTL_TARGET", DEFAULT_TARGET):
+        words += ["--target", args.target]
+    words.append("watch")
+    if args.filter:
+        words += ["--filter", args.filter]
+    if args.json:
+        words.append("--json")
+    if args.progress:
+        words.append("--progress")
+    words += ["--resume-token", token]
+    return shlex.join(words)
+
+
 async def _watch(client: TaskClient, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Prints events as they come, until Ctrl-C or --max-events; the last
-    resume token goes to stderr so the watch can be picked up again."""
+    """Prints events as they come, until Ctrl-C, SIGTERM or --max-events;
+    then, on stderr, the command that continues after the last event. A
+    watch that fails (a bad filter or token) prints only its error."""
     token = args.resume_token or ""
     seen = 0
+    status = 0
+    stop = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        if stop is not None:
+            stop.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         async for event in client.watch(
             args.filter or "", include_initial=args.initial, resume_token=token
@@ -453,11 +487,15 @@ async def _watch(client: TaskClient, args: argparse.Namespace, out: TextIO, err:
             if args.max_events and seen >= args.max_events:
                 break
     except (KeyboardInterrupt, asyncio.CancelledError):
-        pass
+        if terminated:
+            status = 128 + signal.SIGTERM
+            if stop is not None:
+                stop.uncancel()
     finally:
-        if token:
-            err.write(f"taskctl: to continue: taskctl watch --resume-token {token}\n")
-    return 0
+        loop.remove_signal_handler(signal.SIGTERM)
+    if token:
+        err.write(f"taskctl: to continue: {continue_command(args, token)}\n")
+    return status
 
 
 async def _pages(
@@ -565,7 +603,7 @@ def _global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
     parser.add_argument(
         "--target",
-        default=default(os.environ.get("TASKCTL_TARGET", "localhost:8080")),
+        default=default(os.environ.get("TASKCTL_TARGET", DEFAULT_TARGET)),
         help="host:port or https URL (env TASKCTL_TARGET; default localhost:8080)",
     )
     parser.add_argument(
@@ -648,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--order-by")
 
     watch = sub.add_parser(
-        "watch", parents=[common], help="print changes to tasks as they happen, until Ctrl-C"
+        "watch",
+        parents=[common],
+        help="print changes to tasks as they happen, until Ctrl-C; then how to continue",
     )
     watch.add_argument("--filter", help="as for list")
     watch.add_argument(
@@ -664,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(run(args, sys.stdout, sys.stderr))
-    except KeyboardInterrupt:  # Ctrl-C (taskctl watch prints its resume token first)
+    except KeyboardInterrupt:  # Ctrl-C (taskctl watch prints how to continue first)
         return 130
     except BrokenPipeError:
         # The reader went away (`taskctl export | head -1`): end quietly, as

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -337,3 +338,67 @@ async def test_watch_prints_events_live_and_its_resume_token_on_ctrl_c(running: 
     event = json.loads(out)
     assert event["type"] == "TYPE_REMOVED" and event["name"] == "tasks/new"
     assert event["removal_reason"] == "REMOVAL_REASON_DELETED"
+
+
+def _continue_line(err: str) -> str:
+    [line] = [x for x in err.splitlines() if "to continue:" in x]
+    return line.split("to continue: ", 1)[1]
+
+
+async def test_watch_continue_line_pasted_as_is_continues_the_watch_after_sigterm(
+    running: Running,
+) -> None:
+    """SIGTERM prints the token as Ctrl-C does, in a command that keeps the
+    filter and output flags: run as printed, it continues the same watch."""
+    await running.stub.CreateTask(create_request("ops one", task_id="ops-1", tags=["ops"]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskservice.cli",
+        "watch",
+        "--target",
+        running.target,
+        "--filter",
+        'tags:"ops"',
+        "--initial",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    for _ in range(2):  # ops-1, then CURRENT
+        await asyncio.wait_for(proc.stdout.readline(), 30)
+    proc.send_signal(signal.SIGTERM)
+    err = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
+    await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    command = _continue_line(err)
+    assert command.startswith("taskctl ") and "--filter" in command and "--json" in command
+
+    await running.stub.CreateTask(create_request("not ops", task_id="other"))
+    await running.stub.CreateTask(create_request("ops two", task_id="ops-2", tags=["ops"]))
+    pasted = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        command,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert pasted.stdout is not None
+    first = (await asyncio.wait_for(pasted.stdout.readline(), 30)).decode()
+    pasted.send_signal(signal.SIGTERM)
+    _, err2 = await asyncio.wait_for(pasted.communicate(), 30)
+    assert "belongs to a different filter" not in err2.decode(), err2.decode()
+    event = json.loads(first)  # --json kept; the filter kept: "other" never shows
+    assert event["type"] == "TYPE_ADDED" and event["name"] == "tasks/ops-2"
+
+
+async def test_watch_with_a_bad_token_prints_the_error_and_no_continue_line(
+    running: Running,
+) -> None:
+    code, out, err = await taskctl(running, "watch", "--resume-token", "bogus")
+    assert code == 1 and out == ""
+    assert "to continue" not in err, err
+    assert err.startswith("taskctl: INVALID_ARGUMENT") and len(err.splitlines()) == 1, err
