@@ -6,6 +6,7 @@
     taskctl get runbook --field etag
     taskctl export > tasks.jsonl    # every task, one JSON object per line
     taskctl import tasks.jsonl      # restores an export exactly; safe to re-run
+    taskctl export | taskctl --target other:8080 import -   # a move between stores
     taskctl watch --filter 'assignee = "ana"' --initial   # live, until Ctrl-C
 
 The target comes from --target or TASKCTL_TARGET (default localhost:8080); a
@@ -16,8 +17,8 @@ subcommand. Output is a table unless --json (JSON in the API's own shapes) or
 call failed, 2 usage; a closed pipe (`| head`) ends quietly.
 
 Import restores what export wrote: every line becomes a task with a known id
-(its name; for a line without one, an id derived from the file, the line
-number and the text), so a task that already exists is left alone and counted
+(its name; for a line without one, an id derived from the file (or
+stdin), the line number and the text), so a task that already exists is left alone and counted
 as already present. New tasks start STATE_OPEN, as the API says; their
 exported state is then set with an update. Running an import again, finished
 or interrupted, creates nothing twice and finishes what was left.
@@ -341,9 +342,13 @@ def _lines_named(err: grpc.aio.AioRpcError, items: Sequence[ImportItem]) -> str:
 async def import_file(
     stub: Any, path: str, output: Output, errors: TextIO, timeout: float, chunk_size: int = CHUNK
 ) -> ImportReport:
-    with open(path, "rb") as f:
-        raw = f.read()
-    file_key = os.path.realpath(path)
+    if path == "-":  # stdin: `taskctl export | taskctl --target other import -`
+        raw = await asyncio.to_thread(sys.stdin.buffer.read)
+        file_key = "<stdin>"
+    else:
+        with open(path, "rb") as f:
+            raw = f.read()
+        file_key = os.path.realpath(path)
     lines = [
         (n, line) for n, line in enumerate(raw.decode("utf-8").splitlines(), 1) if line.strip()
     ]
@@ -676,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser(
         "import", parents=[common], help="restore tasks from a JSONL file (export's output)"
     )
-    imp.add_argument("file")
+    imp.add_argument("file", help="the JSONL file; - reads stdin")
     imp.add_argument(
         "--chunk-size", type=int, default=CHUNK, choices=range(1, CHUNK + 1), metavar="N"
     )

@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from google.protobuf import field_mask_pb2
 from tasks.v1 import task_service_pb2 as pb
 
-from harness import Running, firestore_store, start_server
+from harness import Emulator, Running, firestore_store, start_server
 from taskservice.errors import EtagMismatch
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
@@ -402,3 +403,70 @@ async def test_watch_with_a_bad_token_prints_the_error_and_no_continue_line(
     assert code == 1 and out == ""
     assert "to continue" not in err, err
     assert err.startswith("taskctl: INVALID_ARGUMENT") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.firestore
+async def test_export_piped_into_import_from_stdin_moves_tasks_between_stores(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """`taskctl export | taskctl --target other import -`: SQLite to Firestore."""
+    source_store = SqliteStore(tmp_path / "source.db")
+    target_store = firestore_store(emulator.host)
+    source = await start_server(source_store)
+    target = await start_server(target_store)
+    try:
+        await source.stub.BatchCreateTasks(
+            stream_of(
+                [create_request(f"moved {i}", tags=["move"], priority=1 + i % 4) for i in range(30)]
+            )
+        )
+        done = await source.stub.CreateTask(create_request("finished", task_id="done-one"))
+        await source.stub.UpdateTask(
+            pb.UpdateTaskRequest(
+                task=pb.Task(name=done.name, state=pb.Task.STATE_DONE),
+                update_mask=field_mask_pb2.FieldMask(paths=["state"]),
+            )
+        )
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        for attempt in ("created 31, already present 0", "created 0, already present 31"):
+            pipeline = await asyncio.create_subprocess_exec(
+                "bash",
+                "-euo",
+                "pipefail",
+                "-c",
+                f"taskctl --target {source.target} export"
+                f" | taskctl --target {target.target} import -",
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await asyncio.wait_for(pipeline.communicate(), 60)
+            assert pipeline.returncode == 0, err.decode()
+            assert attempt in err.decode() and "failed 0" in err.decode(), err.decode()
+        _, exported, _ = await taskctl(source, "export")
+        _, imported, _ = await taskctl(target, "export")
+        assert _comparable(imported) == _comparable(exported)
+        assert len(exported.splitlines()) == 31
+    finally:
+        for running, store in ((source, source_store), (target, target_store)):
+            await running.channel.close()
+            await running.server.stop(grace=0)
+            await store.close()
+
+
+async def test_import_dash_with_nothing_on_stdin_creates_nothing(running: Running) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskservice.cli",
+        "--target",
+        running.target,
+        "import",
+        "-",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "created 0, already present 0, failed 0" in err.decode()
