@@ -36,7 +36,7 @@ import shlex
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -60,6 +60,28 @@ _PRIORITIES = {
 _STATES = {
     name.removeprefix("STATE_").lower(): value for name, value in pb.Task.State.items() if value
 }
+
+
+def _enum_flag(values: Mapping[str, int], prefix: str, what: str, example: str) -> Any:
+    """An argparse type that takes every unambiguous spelling of an enum value
+    (done, DONE, STATE_DONE, in-progress) and gives its short name."""
+
+    def parse(text: str) -> str:
+        key = text.strip().lower().replace("-", "_").removeprefix(prefix.lower())
+        if key in values:
+            return key
+        names = ", ".join(sorted(values, key=values.__getitem__))
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a {what}: give one of {names}"
+            f" (any case, or with the prefix, as in {prefix}{example.upper()})"
+        )
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+_PRIORITY_FLAG = _enum_flag(_PRIORITIES, "PRIORITY_", "priority", "high")
+_STATE_FLAG = _enum_flag(_STATES, "STATE_", "state", "done")
 FIELDS = ("name", "title", "description", "priority", "state", "assignee", "tags", "etag")
 _MUTABLE = ("title", "description", "priority", "assignee", "tags")
 
@@ -627,6 +649,10 @@ def _global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+_PRIORITY_HELP = "low, medium, high or critical (any case; PRIORITY_HIGH works too)"
+_STATE_HELP = "open, in_progress, done or cancelled (any case; STATE_DONE works too)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskctl", description="Talk to a TaskService.")
     _global_flags(parser, top=True)
@@ -641,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = sub.add_parser("create", parents=[common, shows], help="create a task")
     create.add_argument("title")
     create.add_argument("--description")
-    create.add_argument("--priority", choices=sorted(_PRIORITIES))
+    create.add_argument("--priority", type=_PRIORITY_FLAG, metavar="PRIORITY", help=_PRIORITY_HELP)
     create.add_argument("--assignee")
     create.add_argument("--tag", action="append", default=[])
     create.add_argument("--id", help="task id (default: the server picks one)")
@@ -661,8 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("task")
     update.add_argument("--title")
     update.add_argument("--description")
-    update.add_argument("--priority", choices=sorted(_PRIORITIES))
-    update.add_argument("--state", choices=sorted(_STATES))
+    update.add_argument("--priority", type=_PRIORITY_FLAG, metavar="PRIORITY", help=_PRIORITY_HELP)
+    update.add_argument("--state", type=_STATE_FLAG, metavar="STATE", help=_STATE_HELP)
     update.add_argument("--assignee", help='"" clears it')
     update.add_argument("--tag", action="append", help="replaces all tags (repeat)")
     update.add_argument("--clear-tags", action="store_true")

@@ -470,3 +470,31 @@ async def test_import_dash_with_nothing_on_stdin_creates_nothing(running: Runnin
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     assert "created 0, already present 0, failed 0" in err.decode()
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+async def test_enum_flags_take_every_unambiguous_spelling(running: Running) -> None:
+    for spelling, priority in (("high", "HIGH"), ("CRITICAL", "CRITICAL"), ("PRIORITY_LOW", "LOW")):
+        code, out, err = await taskctl(
+            running, "create", "spelled", "--priority", spelling, "--field", "priority"
+        )
+        assert code == 0, err
+        assert out.strip() == f"PRIORITY_{priority}"
+    await running.stub.CreateTask(create_request("to change", task_id="spell"))
+    for spelling, state in (
+        ("done", "DONE"),
+        ("DONE", "DONE"),
+        ("STATE_IN_PROGRESS", "IN_PROGRESS"),
+        ("in-progress", "IN_PROGRESS"),
+        ("state_cancelled", "CANCELLED"),
+        ("Open", "OPEN"),
+    ):
+        code, out, err = await taskctl(
+            running, "update", "spell", "--state", spelling, "--field", "state"
+        )
+        assert code == 0, f"{spelling}: {err}"
+        assert out.strip() == f"STATE_{state}"
+    code, _, err = await taskctl(running, "update", "spell", "--state", "finished")
+    assert code == 2
+    assert "'finished'" in err and "open, in_progress, done, cancelled" in err, err
+    assert "STATE_DONE" in err  # says the prefixed spelling works too
