@@ -40,13 +40,18 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+# gRPC core reads its log level once, when it loads: keep its INFO lines out
+# of taskctl's output (a TLS handshake failure logs one per connection
+# attempt); every failure reaches the user as one line of taskctl's own.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 from google.protobuf import field_mask_pb2, json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tasks.v1 import task_service_pb2 as pb
 
-from taskservice.client import TaskClient, bearer_token_credentials, connect
+from taskservice.client import TaskClient, Unreachable, bearer_token_credentials, connect
 
 CHUNK = 500
 DEFAULT_TARGET = "localhost:8080"
@@ -401,6 +406,7 @@ async def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async with connect(args.target, call_credentials=credentials) as client:
         stub = client.stub
         timeout = args.timeout
+        await client.connected(timeout)
         if args.command == "create":
             task = pb.Task(title=args.title, description=args.description or "", tags=args.tag)
             if args.priority:
@@ -745,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.aio.AioRpcError as err:
         print(f"taskctl: {describe_error(err)}", file=sys.stderr)
         return 1
-    except (CliError, OSError, ValueError) as err:
+    except (CliError, OSError, ValueError, Unreachable) as err:
         print(f"taskctl: {err}", file=sys.stderr)
         return 2 if isinstance(err, CliError) else 1
 
