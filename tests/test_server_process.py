@@ -20,7 +20,7 @@ from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
 from harness import Emulator, ServerProcess, free_port, server_env, wait_serving
-from tests.helpers import create_request
+from tests.helpers import create_request, loud_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -337,7 +337,7 @@ def test_an_unusable_sqlite_path_stops_the_server_at_once(tmp_path: Path, case: 
 def test_a_sqlite_path_on_a_read_only_mount_stops_the_server_at_once(tmp_path: Path) -> None:
     """A read-only tmpfs, mounted in a private mount namespace of the run."""
     if not _unshare_works():
-        pytest.skip("unshare -rm is not permitted here: no private read-only mount")
+        loud_skip("READ-ONLY MOUNT TEST SKIPPED: unshare -rm is not permitted here")
     mount = tmp_path / "ro"
     mount.mkdir()
     path = mount / "tasks.db"
