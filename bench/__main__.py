@@ -1,6 +1,6 @@
 """TaskService benchmarks, all in one run so ratios are fair on a noisy machine.
 
-    python -m bench [--quick] [--out docs]
+    python -m bench [--quick] [--out DIR]
 
 Starts everything itself on loopback (the Firestore emulator, an echo server,
 TaskService on each store), then measures:
@@ -12,8 +12,10 @@ TaskService on each store), then measures:
 - Firestore RPCs and billed documents per call (counted on the store's channel);
 - GetTask p99 while 500-task batches commit (does SQLite stall the loop?);
 - cold start (launch to SERVING, median of 5) and import time.
-Writes OUT/benchmarks.json, OUT/benchmarks.md and OUT/benchmarks.png.
-Needs h2load (Debian nghttp2-client) and, for the chart, matplotlib.
+Writes benchmarks.json, benchmarks.md and, with matplotlib, benchmarks.png:
+a full run into docs/ (the tracked figures), a --quick one into a new
+temporary directory, unless --out names the place; it prints each file it
+wrote, and no more. Needs h2load (Debian nghttp2-client).
 """
 
 from __future__ import annotations
@@ -575,18 +577,62 @@ def versions() -> dict[str, str]:
     return out
 
 
-async def main() -> int:
+# Wall times measured on the project's 2-core machine, with other work beside
+# it (issue 19: --quick took 216 s); the help states them.
+QUICK_MINUTES = 4
+FULL_MINUTES = 9
+
+
+def output_dir(quick: bool, out: str | None) -> Path:
+    """Where a run writes: --out when given; else docs/ (the tracked figures)
+    for a full run, and a new temporary directory for a quick one."""
+    if out is not None:
+        return Path(out)
+    if quick:
+        return Path(tempfile.mkdtemp(prefix="taskservice-bench-quick-"))
+    return ROOT / "docs"
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path) -> str:
+    """Writes the figures and the report; what to tell the user: every file
+    written, and why the chart is missing when it is."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The raw figures first, so a failure in the report loses nothing.
+    (out_dir / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
+    from bench.report import write_report
+
+    written = write_report(results, out_dir)
+    text = "wrote " + ", ".join(str(p) for p in written)
+    if not any(p.suffix == ".png" for p in written):
+        text += "\nno chart: matplotlib is not installed (pip install -e '.[bench]')"
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument(
-        "--quick", action="store_true", help="about a minute; default: a few minutes"
+        "--quick",
+        action="store_true",
+        help=f"fewer calls: about {QUICK_MINUTES} minutes on a 2-core machine (a full run:"
+        f" about {FULL_MINUTES}); writes into a new temporary directory unless --out is given",
     )
-    parser.add_argument("--out", default=str(ROOT / "docs"))
-    args = parser.parse_args()
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write benchmarks.md/.json/.png (default: docs/ for a full run,"
+        " a new temporary directory for --quick)",
+    )
+    return parser
+
+
+async def main() -> int:
+    args = build_parser().parse_args()
     if shutil.which("h2load") is None:
         print("bench: h2load not found (apt-get install nghttp2-client)", file=sys.stderr)
         return 2
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    out_dir = output_dir(args.quick, args.out)
+    print(f"writing to {out_dir}", flush=True)
     results: dict[str, Any] = {
         "versions": versions(),
         "quick": args.quick,
@@ -635,12 +681,9 @@ async def main() -> int:
                     emulator_proc.wait(10)
                 except subprocess.TimeoutExpired:
                     emulator_proc.kill()
-    # The raw figures first, so a failure in the report loses nothing.
-    (out_dir / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
-    from bench.report import write_report
-
-    write_report(results, out_dir)
-    print(f"wrote {out_dir / 'benchmarks.md'}, benchmarks.json, benchmarks.png")
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    print(write_outputs(results, out_dir))
+    print(f"took {results['wall_seconds']:.0f} s")
     return 0
 
 

@@ -189,7 +189,9 @@ def _chart(r: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_report(r: dict[str, Any], out: Path) -> None:
+def write_report(r: dict[str, Any], out: Path) -> list[Path]:
+    """Writes benchmarks.json, benchmarks.md and (with matplotlib)
+    benchmarks.png into out; returns the files it wrote."""
     (out / "benchmarks.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
     charted = _chart(r, out / "benchmarks.png")
     v = r["versions"]
@@ -322,6 +324,8 @@ def write_report(r: dict[str, Any], out: Path) -> None:
     if charted:
         lines += ["", "![calls/s by RPC and concurrency vs. the echo ceiling](benchmarks.png)", ""]
     (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
+    written = [out / "benchmarks.md", out / "benchmarks.json"]
+    return [*written, out / "benchmarks.png"] if charted else written
 
 
 def _workers_section(path: Path) -> list[str]:
@@ -487,4 +491,5 @@ if __name__ == "__main__":
     import sys
 
     source = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks.json")
-    write_report(_int_keys(json.loads(source.read_text())), source.parent)
+    written = write_report(_int_keys(json.loads(source.read_text())), source.parent)
+    print("wrote " + ", ".join(str(p) for p in written))

@@ -35,6 +35,8 @@ TESTS = [
 WHAT = {
     "frozen_backend": "Firestore emulator frozen (SIGSTOP) for 6 s under 16 writers, then SIGCONT",
     "sigterm_under_load": "SIGTERM with 64 calls in flight (creates, updates, batch streams)",
+    "sigterm_under_load_descheduled": "the same, the server given no CPU (SIGSTOP) for 0.5 s"
+    " from the SIGTERM, as on a loaded machine",
     "sqlite_sigkill": "SIGKILL of the SQLite server under 16 writers, then restart",
     "stalled_streams": "50 batch streams send one message and stall; GetTask latency meanwhile",
     "soak_sqlite": "64 mixed callers (create/get/list/update/delete/batch/etag races), SQLite",

@@ -4,9 +4,9 @@ or SIGINT.
 --help lists every setting with its environment variable and default, and
 exits without binding; --version prints the version; --port, --store and
 --sqlite-path override their environment variables. Whatever stops the
-server from starting (a bad setting, a busy port, no Google credentials for
-the Firestore store) prints one line that says what to do and exits 2: no
-traceback, no gRPC core log. A clean shutdown exits 0.
+server from starting (a bad setting, a busy port, a SQLite path that cannot
+hold the database, no Google credentials for the Firestore store) prints one
+line that says what to do and exits 2: no traceback, no gRPC core log. A clean shutdown exits 0.
 """
 
 from __future__ import annotations
@@ -105,6 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskservice: configuration error: {err}", file=sys.stderr)
         return 2
     jsonlog.configure(config.log_level)
+    if config.store == "sqlite":
+        from taskservice.store.sqlite import unusable_reason
+
+        why = unusable_reason(config.sqlite_path)
+        if why is not None:
+            print(
+                f"taskservice: cannot start: the SQLite file {config.sqlite_path} {why}; give"
+                " another --sqlite-path (TASKSERVICE_SQLITE_PATH)",
+                file=sys.stderr,
+            )
+            return 2
     if config.workers > 1 and config.worker is None:
         from taskservice.supervisor import supervise
 

@@ -6,6 +6,7 @@
     taskctl get runbook --field etag
     taskctl export > tasks.jsonl    # every task, one JSON object per line
     taskctl import tasks.jsonl      # restores an export exactly; safe to re-run
+    taskctl export | taskctl --target other:8080 import -   # a move between stores
     taskctl watch --filter 'assignee = "ana"' --initial   # live, until Ctrl-C
 
 The target comes from --target or TASKCTL_TARGET (default localhost:8080); a
@@ -16,8 +17,8 @@ subcommand. Output is a table unless --json (JSON in the API's own shapes) or
 call failed, 2 usage; a closed pipe (`| head`) ends quietly.
 
 Import restores what export wrote: every line becomes a task with a known id
-(its name; for a line without one, an id derived from the file, the line
-number and the text), so a task that already exists is left alone and counted
+(its name; for a line without one, an id derived from the file (or
+stdin), the line number and the text), so a task that already exists is left alone and counted
 as already present. New tasks start STATE_OPEN, as the API says; their
 exported state is then set with an update. Running an import again, finished
 or interrupted, creates nothing twice and finishes what was left.
@@ -31,11 +32,18 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+
+# gRPC core reads its log level once, when it loads: keep its INFO lines out
+# of taskctl's output (a TLS handshake failure logs one per connection
+# attempt); every failure reaches the user as one line of taskctl's own.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format
@@ -43,9 +51,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tasks.v1 import task_service_pb2 as pb
 
-from taskservice.client import TaskClient, bearer_token_credentials, connect
+from taskservice.client import TaskClient, Unreachable, bearer_token_credentials, connect
 
 CHUNK = 500
+DEFAULT_TARGET = "localhost:8080"
 LOOKUPS_IN_FLIGHT = 32
 _IMPORT_NAMESPACE = uuid.UUID("6f1d7f7e-7c47-4a53-9b5e-2b8f3c1d9a10")
 _PRIORITIES = {
@@ -56,6 +65,28 @@ _PRIORITIES = {
 _STATES = {
     name.removeprefix("STATE_").lower(): value for name, value in pb.Task.State.items() if value
 }
+
+
+def _enum_flag(values: Mapping[str, int], prefix: str, what: str, example: str) -> Any:
+    """An argparse type that takes every unambiguous spelling of an enum value
+    (done, DONE, STATE_DONE, in-progress) and gives its short name."""
+
+    def parse(text: str) -> str:
+        key = text.strip().lower().replace("-", "_").removeprefix(prefix.lower())
+        if key in values:
+            return key
+        names = ", ".join(sorted(values, key=values.__getitem__))
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a {what}: give one of {names}"
+            f" (any case, or with the prefix, as in {prefix}{example.upper()})"
+        )
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+_PRIORITY_FLAG = _enum_flag(_PRIORITIES, "PRIORITY_", "priority", "high")
+_STATE_FLAG = _enum_flag(_STATES, "STATE_", "state", "done")
 FIELDS = ("name", "title", "description", "priority", "state", "assignee", "tags", "etag")
 _MUTABLE = ("title", "description", "priority", "assignee", "tags")
 
@@ -338,9 +369,13 @@ def _lines_named(err: grpc.aio.AioRpcError, items: Sequence[ImportItem]) -> str:
 async def import_file(
     stub: Any, path: str, output: Output, errors: TextIO, timeout: float, chunk_size: int = CHUNK
 ) -> ImportReport:
-    with open(path, "rb") as f:
-        raw = f.read()
-    file_key = os.path.realpath(path)
+    if path == "-":  # stdin: `taskctl export | taskctl --target other import -`
+        raw = await asyncio.to_thread(sys.stdin.buffer.read)
+        file_key = "<stdin>"
+    else:
+        with open(path, "rb") as f:
+            raw = f.read()
+        file_key = os.path.realpath(path)
     lines = [
         (n, line) for n, line in enumerate(raw.decode("utf-8").splitlines(), 1) if line.strip()
     ]
@@ -371,6 +406,7 @@ async def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async with connect(args.target, call_credentials=credentials) as client:
         stub = client.stub
         timeout = args.timeout
+        await client.connected(timeout)
         if args.command == "create":
             task = pb.Task(title=args.title, description=args.description or "", tags=args.tag)
             if args.priority:
@@ -432,11 +468,42 @@ def _event_line(event: pb.WatchTasksResponse) -> str:
     return line
 
 
+def continue_command(args: argparse.Namespace, token: str) -> str:
+    """The taskctl command that continues this watch after `token`: the same
+    target (when not the default), filter and output flags. Never the ID
+    token: that stays in the environment or is fetched again."""
+    words = ["taskctl"]
+    if args.target != os.environ.get("TASKCTL_TARGET", DEFAULT_TARGET):
+        words += ["--target", args.target]
+    words.append("watch")
+    if args.filter:
+        words += ["--filter", args.filter]
+    if args.json:
+        words.append("--json")
+    if args.progress:
+        words.append("--progress")
+    words += ["--resume-token", token]
+    return shlex.join(words)
+
+
 async def _watch(client: TaskClient, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Prints events as they come, until Ctrl-C or --max-events; the last
-    resume token goes to stderr so the watch can be picked up again."""
+    """Prints events as they come, until Ctrl-C, SIGTERM or --max-events;
+    then, on stderr, the command that continues after the last event. A
+    watch that fails (a bad filter or token) prints only its error."""
     token = args.resume_token or ""
     seen = 0
+    status = 0
+    stop = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        if stop is not None:
+            stop.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         async for event in client.watch(
             args.filter or "", include_initial=args.initial, resume_token=token
@@ -453,11 +520,15 @@ async def _watch(client: TaskClient, args: argparse.Namespace, out: TextIO, err:
             if args.max_events and seen >= args.max_events:
                 break
     except (KeyboardInterrupt, asyncio.CancelledError):
-        pass
+        if terminated:
+            status = 128 + signal.SIGTERM
+            if stop is not None:
+                stop.uncancel()
     finally:
-        if token:
-            err.write(f"taskctl: to continue: taskctl watch --resume-token {token}\n")
-    return 0
+        loop.remove_signal_handler(signal.SIGTERM)
+    if token:
+        err.write(f"taskctl: to continue: {continue_command(args, token)}\n")
+    return status
 
 
 async def _pages(
@@ -565,7 +636,7 @@ def _global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
     parser.add_argument(
         "--target",
-        default=default(os.environ.get("TASKCTL_TARGET", "localhost:8080")),
+        default=default(os.environ.get("TASKCTL_TARGET", DEFAULT_TARGET)),
         help="host:port or https URL (env TASKCTL_TARGET; default localhost:8080)",
     )
     parser.add_argument(
@@ -584,6 +655,10 @@ def _global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+_PRIORITY_HELP = "low, medium, high or critical (any case; PRIORITY_HIGH works too)"
+_STATE_HELP = "open, in_progress, done or cancelled (any case; STATE_DONE works too)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskctl", description="Talk to a TaskService.")
     _global_flags(parser, top=True)
@@ -598,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = sub.add_parser("create", parents=[common, shows], help="create a task")
     create.add_argument("title")
     create.add_argument("--description")
-    create.add_argument("--priority", choices=sorted(_PRIORITIES))
+    create.add_argument("--priority", type=_PRIORITY_FLAG, metavar="PRIORITY", help=_PRIORITY_HELP)
     create.add_argument("--assignee")
     create.add_argument("--tag", action="append", default=[])
     create.add_argument("--id", help="task id (default: the server picks one)")
@@ -618,8 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("task")
     update.add_argument("--title")
     update.add_argument("--description")
-    update.add_argument("--priority", choices=sorted(_PRIORITIES))
-    update.add_argument("--state", choices=sorted(_STATES))
+    update.add_argument("--priority", type=_PRIORITY_FLAG, metavar="PRIORITY", help=_PRIORITY_HELP)
+    update.add_argument("--state", type=_STATE_FLAG, metavar="STATE", help=_STATE_HELP)
     update.add_argument("--assignee", help='"" clears it')
     update.add_argument("--tag", action="append", help="replaces all tags (repeat)")
     update.add_argument("--clear-tags", action="store_true")
@@ -638,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser(
         "import", parents=[common], help="restore tasks from a JSONL file (export's output)"
     )
-    imp.add_argument("file")
+    imp.add_argument("file", help="the JSONL file; - reads stdin")
     imp.add_argument(
         "--chunk-size", type=int, default=CHUNK, choices=range(1, CHUNK + 1), metavar="N"
     )
@@ -648,7 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--order-by")
 
     watch = sub.add_parser(
-        "watch", parents=[common], help="print changes to tasks as they happen, until Ctrl-C"
+        "watch",
+        parents=[common],
+        help="print changes to tasks as they happen, until Ctrl-C; then how to continue",
     )
     watch.add_argument("--filter", help="as for list")
     watch.add_argument(
@@ -664,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(run(args, sys.stdout, sys.stderr))
-    except KeyboardInterrupt:  # Ctrl-C (taskctl watch prints its resume token first)
+    except KeyboardInterrupt:  # Ctrl-C (taskctl watch prints how to continue first)
         return 130
     except BrokenPipeError:
         # The reader went away (`taskctl export | head -1`): end quietly, as
@@ -674,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.aio.AioRpcError as err:
         print(f"taskctl: {describe_error(err)}", file=sys.stderr)
         return 1
-    except (CliError, OSError, ValueError) as err:
+    except (CliError, OSError, ValueError, Unreachable) as err:
         print(f"taskctl: {err}", file=sys.stderr)
         return 2 if isinstance(err, CliError) else 1
 

@@ -17,6 +17,8 @@
   with an etag; those three also after a proxy reset the stream mid-call.
 - A default deadline for calls that set none (10 s; 60 s for
   BatchCreateTasks), and keepalive pings so a dead connection is noticed.
+- `TaskClient.connected`: waits for the connection, or says in one line why
+  there is none (no server there, TLS against a plaintext server).
 - `TaskClient.watch`: WatchTasks as an async iterator that resumes by
   itself, from the last resume token it received, when a stream ends in a
   way a reconnect mends (server restart or drain, the stream's age limit,
@@ -315,12 +317,75 @@ def open_channel(
     )
 
 
+class Unreachable(Exception):
+    """No connection to the target; the message is one line saying what to do."""
+
+
+async def _tcp_answers(address: str, timeout: float) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), timeout
+        )
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    return True
+
+
 class TaskClient:
     """A channel and its TaskService stub; an async context manager."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, target: str = "") -> None:
         self.channel = channel
+        self.target = target
         self.stub = task_service_pb2_grpc.TaskServiceStub(channel)
+
+    async def connected(self, timeout: float) -> None:
+        """Returns once the channel is connected; raises Unreachable, with one
+        line that names the target and the likely fix, as soon as the first
+        attempt fails (no server there, TLS against a plaintext server, or
+        the reverse) or when timeout passes first. Calls would otherwise
+        retry UNAVAILABLE for seconds and end in gRPC's own wording."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        state = self.channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state in (
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                grpc.ChannelConnectivity.SHUTDOWN,
+            ):
+                raise Unreachable(await self._why_unreachable())
+            try:
+                async with asyncio.timeout(max(deadline - loop.time(), 0)):
+                    await self.channel.wait_for_state_change(state)
+            except TimeoutError:
+                raise Unreachable(
+                    f"no answer from {self.target} within {timeout:g} s: check --target"
+                    " (TASKCTL_TARGET), or that the server is up"
+                ) from None
+            state = self.channel.get_state(try_to_connect=True)
+
+    async def _why_unreachable(self) -> str:
+        target = self.target
+        try:
+            parsed = parse_target(target)
+        except ValueError as err:
+            return str(err)
+        if "," in parsed.address or not await _tcp_answers(parsed.address, 1.0):
+            return (
+                f"cannot connect to {target}: no server is listening there; start one"
+                " (`taskservice`), or check --target (TASKCTL_TARGET)"
+            )
+        if parsed.secure:
+            return (
+                f"cannot connect to {target}: the TLS handshake failed; a local server"
+                " speaks plaintext: use --target host:port, without https://"
+            )
+        return (
+            f"cannot connect to {target}: something listens there but does not speak"
+            " plaintext gRPC; for a TLS server, use an https:// target"
+        )
 
     async def close(self) -> None:
         await self.channel.close()
@@ -372,4 +437,4 @@ class TaskClient:
 
 
 def connect(target: str, **kwargs: Any) -> TaskClient:
-    return TaskClient(open_channel(target, **kwargs))
+    return TaskClient(open_channel(target, **kwargs), target)

@@ -24,13 +24,20 @@ from taskservice.validation import normalize_tag
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<string>"(?:[^"\\]|\\.)*")
-      | (?P<op>=|:)
-      | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
+      | (?P<op>==|!=|<=|>=|=|:|<|>)
+      | (?P<word>[A-Za-z_][A-Za-z0-9_.]*(?![^\s"=:<>!()]))
+      | (?P<bare>[^\s"=:<>!()]+)
       | (?P<bad>\S)
     )""",
     re.VERBOSE | re.DOTALL,
 )
 _FIELDS = {"state": "=", "priority": "=", "assignee": "=", "tags": ":"}
+_EXAMPLES = {
+    "state": "state = STATE_OPEN",
+    "priority": "priority = PRIORITY_HIGH",
+    "assignee": 'assignee = "ana@example.com"',
+    "tags": 'tags:"ops"',
+}
 
 
 def _invalid(problem: str) -> InvalidArgument:
@@ -51,9 +58,23 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             if value == '"':
                 raise _invalid("unterminated string")
             raise _invalid(f"unexpected character {value!r} at position {m.start(kind)}")
+        if kind == "bare":  # a run of characters no word may hold (an unquoted e-mail)
+            if len(out) >= 2 and out[-1][0] == "op" and out[-2][1] in ("assignee", "tags"):
+                raise _quote_hint(out[-2][1], out[-1][1], value)
+            bad = re.search(r"[^A-Za-z0-9_.]", value)
+            offset = bad.start() if bad else 0
+            raise _invalid(
+                f"unexpected character {value[offset]!r} at position {m.start(kind) + offset}"
+            )
         out.append((kind, value))
         pos = m.end()
     return out
+
+
+def _quote_hint(field: str, op: str, value: str) -> InvalidArgument:
+    shown = clip(value, 64).replace("\\", "\\\\").replace('"', '\\"')
+    spaced = f"{field} {op} " if op == "=" else f"{field}{op}"
+    return _invalid(f'{field} takes a quoted string; quote strings: {spaced}"{shown}"')
 
 
 def _unquote(literal: str) -> str:
@@ -81,8 +102,16 @@ def parse_filter(text: str) -> TaskFilter:
             raise _invalid(
                 f"unsupported field {clip(field, 64)!r}; filterable fields are {allowed}"
             )
+        if k2 == "op" and op == "==" and _FIELDS[field] == "=":
+            raise _invalid(f"'==' is not a filter operator; use a single '=': {_EXAMPLES[field]}")
+        if k2 == "op" and op != _FIELDS[field] and _FIELDS[field] == "=" and op != ":":
+            raise _invalid(
+                f"{op!r} is not supported for {field}; only '=' is supported: {_EXAMPLES[field]}"
+            )
         if k2 != "op" or op != _FIELDS[field]:
-            raise _invalid(f"{field} must be followed by {_FIELDS[field]!r}")
+            raise _invalid(
+                f"{field} must be followed by {_FIELDS[field]!r}, e.g. {_EXAMPLES[field]}"
+            )
         if field in seen:
             raise _invalid(f"{field} is restricted more than once")
         seen.add(field)
@@ -92,7 +121,7 @@ def parse_filter(text: str) -> TaskFilter:
             priority = Priority[_enum_name(Priority, "PRIORITY_", value, k3)]
         else:
             if k3 != "string":
-                raise _invalid(f'{field} takes a quoted string, e.g. {field}{op}"value"')
+                raise _quote_hint(field, op, value)
             strings[field] = _unquote(value)
         i += 3
         if i == len(tokens):
@@ -119,5 +148,7 @@ def _enum_name(enum: type[State] | type[Priority], prefix: str, value: str, kind
     member = enum.__members__.get(name)
     if member is None or member.value == 0:
         choices = ", ".join(prefix + m.name for m in enum if m.value)
-        raise _invalid(f"{clip(value, 64)!r} is not one of {choices}")
+        meant = enum.__members__.get(value.upper().removeprefix(prefix))
+        hint = f"; did you mean {prefix}{meant.name}?" if meant is not None and meant.value else ""
+        raise _invalid(f"{clip(value, 64)!r} is not one of {choices}{hint}")
     return name

@@ -11,7 +11,10 @@ oneofs and nested types, enums and their values, services, methods and
 extensions. TaskService's own files are served with their doc comments
 (tasks/v1/*_documented.binpb, written by scripts/generate_protos.py), so
 `grpcurl describe` shows the contract's text. A file is always sent with its
-transitive dependencies.
+transitive dependencies. The files of the error model that TaskService's
+errors carry (google/rpc/status.proto, error_details.proto) are served too,
+so tools decode an error's ErrorInfo and BadRequest details instead of
+printing their bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
@@ -33,6 +37,8 @@ _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 Request: Any = reflection_pb2.ServerReflectionRequest
 Response: Any = reflection_pb2.ServerReflectionResponse
 FileProto = descriptor_pb2.FileDescriptorProto
+# Files no service names but every error carries (google.rpc.Status details).
+ERROR_MODEL_FILES = (status_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR)
 
 
 def documented_files() -> dict[str, FileProto]:
@@ -160,6 +166,10 @@ class ReflectionService:
             pool.FindServiceByName(name).file.CopyToProto(file)
             roots.append(file)
         roots.append(_v1_file())
+        for descriptor in ERROR_MODEL_FILES:
+            file = FileProto()
+            descriptor.CopyToProto(file)
+            roots.append(file)
         self.services = [*names, V1]
         self.index = DescriptorIndex(roots)
 

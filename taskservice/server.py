@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,7 @@ class TaskServer:
             served = reflection.ReflectionService((SERVICE_NAME, HEALTH_SERVICE))
             for name in (reflection.V1, reflection.V1ALPHA):
                 registrar.add_registered_method_handlers(name, reflection.method_handlers(served))
+        self.store_target = store_target(config) if store is None else "a store given in-process"
         self.port = 0
         self._probe: asyncio.Task[None] | None = None
         self._siblings: asyncio.Task[None] | None = None
@@ -130,12 +132,17 @@ class TaskServer:
         await self.server.start()
         self._probe = asyncio.create_task(self._become_ready())
         log.info(
-            "listening on %s:%d with the %s store",
+            "listening on %s:%d with the %s store (%s)",
             self.config.host,
             self.port,
             self.store.kind,
+            self.store_target,
             extra={
-                "fields": {"address": f"{self.config.host}:{self.port}", "store": self.store.kind}
+                "fields": {
+                    "address": f"{self.config.host}:{self.port}",
+                    "store": self.store.kind,
+                    "store_target": self.store_target,
+                }
             },
         )
         return self.port
@@ -150,7 +157,12 @@ class TaskServer:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:
                     cause = exc.__cause__ or exc
-                    log.warning("store not ready (%s: %s); retrying", type(cause).__name__, cause)
+                    log.warning(
+                        "store not ready (%s: %s: %s); retrying",
+                        self.store_target,
+                        type(cause).__name__,
+                        cause,
+                    )
                 await asyncio.sleep(PROBE_INTERVAL)
                 continue
             if self.board is None:
@@ -209,6 +221,20 @@ class TaskServer:
         while self.gate.started != seen and loop.time() < deadline:
             seen = self.gate.started
             await asyncio.sleep(PICKUP_QUIET_SECONDS)
+
+
+def store_target(config: Config) -> str:
+    """What the configured store reads and writes, for the log: the SQLite
+    file, or the Firestore project, database and address."""
+    if config.store == "sqlite":
+        return f"SQLite file {os.path.abspath(config.sqlite_path)}"
+    if config.firestore_emulator_host:
+        where = f"emulator {config.firestore_emulator_host}"
+    else:
+        from taskservice.store.channels import FIRESTORE_HOST
+
+        where = FIRESTORE_HOST
+    return f"Firestore project {config.project}, database {config.firestore_database}, {where}"
 
 
 def start_telemetry(config: Config) -> Telemetry:

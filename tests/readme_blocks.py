@@ -1,16 +1,21 @@
 """The README's runnable shell examples, and how to run one as written.
 
 A fenced ```sh block right after a `<!-- readme-test: KIND -->` line is an
-example that must work as written (KIND: local, container, container-emulator).
-The only changes a test makes are the ones a reader's machine would: the
-ports (8080 for the server, 8081 for an emulator) become free ones, and
-TASKCTL_TARGET points taskctl at that server.
+example that must work as written (KIND: local, container, container-emulator,
+emulator). The only changes a test makes are the ones a reader's machine
+would: the ports (8080 for the server, 8081 for an emulator) become free
+ones, and TASKCTL_TARGET points taskctl at that server. An `emulator` block
+is commands that run until stopped, one per terminal: `start_each_line`
+starts each, as a terminal would, in a session of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -52,12 +57,7 @@ def run_block(
     text = text.replace("-p 8080:8080", f"-p {port}:8080").replace("PORT=8080", f"PORT={port}")
     if emulator is not None:
         text = text.replace("127.0.0.1:8081", emulator)
-    full = {
-        **os.environ,
-        **(env or {}),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "TASKCTL_TARGET": f"localhost:{port}",
-    }
+    full = _environment(env, port)
     return subprocess.run(
         ["bash", "-euo", "pipefail", "-c", prelude + text],
         cwd=cwd,
@@ -66,3 +66,68 @@ def run_block(
         text=True,
         timeout=timeout,
     )
+
+
+def _environment(env: dict[str, str] | None, port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        **(env or {}),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TASKCTL_TARGET": f"localhost:{port}",
+    }
+
+
+@dataclass
+class Started:
+    """The commands of a block, each running in a session of its own."""
+
+    processes: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+
+    def output(self) -> str:
+        return "\n".join(log.read_text(errors="replace") for log in self.logs)
+
+    def stop(self) -> list[int]:
+        """SIGINT to each session, as Ctrl-C in its terminal; SIGKILL to the
+        whole session after 15 s. The exit codes, in block order."""
+        for p in self.processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGINT)
+        codes = []
+        for p in self.processes:
+            try:
+                codes.append(p.wait(15))
+            except subprocess.TimeoutExpired:
+                codes.append(-9)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # what a command left behind
+        return codes
+
+
+def start_each_line(
+    block: Block, *, port: int, emulator: str, cwd: Path, env: dict[str, str] | None = None
+) -> Started:
+    """Starts each command line of the block in its own session (comments
+    and blank lines skipped), as the reader does in one terminal each; the
+    server's port is `port` (PORT, since the block relies on the default)."""
+    started = Started([], [])
+    for number, line in enumerate(block.text.splitlines()):
+        command = line.split("#", 1)[0].strip() if "#" in line else line.strip()
+        if not command:
+            continue
+        command = command.replace("127.0.0.1:8081", emulator)
+        shlex.split(command)  # a line is one whole command
+        log = cwd / f"readme-line-{block.line + number}.log"
+        with log.open("wb") as out:
+            started.processes.append(
+                subprocess.Popen(
+                    ["bash", "-c", command],
+                    cwd=cwd,
+                    env={**_environment(env, port), "PORT": str(port)},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        started.logs.append(log)
+    return started

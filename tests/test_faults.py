@@ -137,7 +137,10 @@ async def test_frozen_backend_gives_fast_errors_and_recovers(tmp_path: Path) -> 
         emulator.wait(10)
 
 
-async def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("descheduled_s", [0.0, 0.5])
+async def test_sigterm_under_load_loses_nothing(tmp_path: Path, descheduled_s: float) -> None:
+    """descheduled_s: the server gets no CPU for that long from the moment the
+    SIGTERM is sent (SIGSTOP, then SIGCONT), as on a loaded machine."""
     db = tmp_path / "tasks.db"
     env = {
         "TASKSERVICE_STORE": "sqlite",
@@ -203,6 +206,8 @@ async def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
                 note(err)
                 return
 
+    health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+    assert (await health.read()).status == health_pb2.HealthCheckResponse.SERVING
     workers = (
         [asyncio.ensure_future(creator(n)) for n in range(40)]
         + [asyncio.ensure_future(batcher(n)) for n in range(16)]
@@ -210,8 +215,22 @@ async def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
     )
     await asyncio.sleep(1.5)
     signalled = time.monotonic()
+    if descheduled_s:
+        server.proc.send_signal(signal.SIGSTOP)
+        asyncio.get_running_loop().call_later(
+            descheduled_s, server.proc.send_signal, signal.SIGCONT
+        )
     server.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
+    # When the server gets to the signal depends on the machine's load (it
+    # once took over 0.3 s): follow what it says instead. First NOT_SERVING;
+    # then, after it has picked up the calls that had arrived (at most 0.1 s),
+    # its GOAWAY, which takes this channel out of READY. From then on it
+    # refuses every new call.
+    not_serving = await asyncio.wait_for(health.read(), 8)
+    assert not_serving.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    shutdown_seen = time.monotonic()
+    await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 8)
+    goaway_seen = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.GetTask(pb.GetTaskRequest(name=owned[0].name), timeout=5)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -238,12 +257,14 @@ async def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
         t for t, n in acked_updates.items() if not n <= int(final[t]) <= tried_updates[t]
     ]
     record(
-        "sigterm_under_load",
+        "sigterm_under_load" if not descheduled_s else "sigterm_under_load_descheduled",
         in_flight=64,
         calls=sum(codes.values()),
         codes=dict(codes),
         exit_code=code,
         exited_after_s=round(exited_after, 2),
+        not_serving_after_s=round(shutdown_seen - signalled, 3),
+        refusing_after_s=round(goaway_seen - signalled, 3),
         acknowledged_creates=len(acked_creates),
         acknowledged_batches=len(acked_batches),
         acknowledged_updates=sum(acked_updates.values()),

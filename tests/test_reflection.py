@@ -5,6 +5,7 @@ the contract's comments come through."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import subprocess
@@ -191,3 +192,99 @@ async def test_a_method_symbol_resolves_with_its_comments(served: Running, servi
     assert "google/protobuf/timestamp.proto" in names  # sent with its dependencies
     assert responses[1].HasField("file_descriptor_response")
     assert responses[2].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+async def test_grpcurl_prints_error_details_decoded(served: Running) -> None:
+    """ErrorInfo and BadRequest resolve through reflection, so grpcurl shows
+    their fields rather than "google.rpc.ErrorInfo is not recognized"."""
+    grpcurl = tool("grpcurl")
+    described = await run(grpcurl, "-plaintext", served.target, "describe", "google.rpc.ErrorInfo")
+    assert "message ErrorInfo" in described
+    await run(grpcurl, "-plaintext", served.target, "describe", "google.rpc.BadRequest")
+    failed = await asyncio.to_thread(
+        subprocess.run,
+        [
+            grpcurl,
+            "-plaintext",
+            "-d",
+            '{"task": {"title": ""}}',
+            served.target,
+            "tasks.v1.TaskService/CreateTask",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failed.returncode == 64 + grpc.StatusCode.INVALID_ARGUMENT.value[0], failed.stderr
+    assert "not recognized" not in failed.stderr, failed.stderr
+    details = [
+        json.loads(line.split(")", 1)[1])
+        for line in failed.stderr.splitlines()
+        if line.strip()[:2] in ("1)", "2)")
+    ]
+    by_type = {d["@type"].rsplit("/", 1)[1]: d for d in details}
+    assert by_type["google.rpc.ErrorInfo"]["reason"] == "INVALID_ARGUMENT"
+    assert by_type["google.rpc.ErrorInfo"]["domain"] == "taskservice"
+    violations = by_type["google.rpc.BadRequest"]["field_violations"]
+    assert [v["field"] for v in violations] == ["task.title"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+async def test_buf_curl_error_details_decode_with_the_served_schema(
+    served: Running, protocol: str
+) -> None:
+    """buf curl (1.75) prints an error's details as type and base64 value: it
+    decodes only types compiled into its binary (connect-go's error writer),
+    never through reflection. What it prints must decode with what this
+    server's reflection serves, over the protocol buf speaks."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    buf = tool("buf")
+    failed = await asyncio.to_thread(
+        subprocess.run,
+        [
+            buf,
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "--reflect-protocol",
+            protocol,
+            "-d",
+            '{"task": {"title": ""}}',
+            f"http://{served.target}/tasks.v1.TaskService/CreateTask",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    printed = json.loads(failed.stdout + failed.stderr)
+    assert printed["code"] == "invalid_argument"
+    service = protocol.replace("grpc-", "grpc.reflection.")
+    call = served.channel.stream_stream(
+        f"/{service}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    pool = descriptor_pool.DescriptorPool()  # only what the server serves
+    decoded: dict[str, Any] = {}
+    for detail in printed["details"]:
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=detail["type"])
+        [response] = [r async for r in call(iter([request]))]
+        assert response.HasField("file_descriptor_response"), response.error_response
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in response.file_descriptor_response.file_descriptor_proto
+        ]
+        for file in reversed(files):  # dependencies first
+            try:
+                pool.FindFileByName(file.name)
+            except KeyError:
+                pool.Add(file)
+        cls = message_factory.GetMessageClass(pool.FindMessageTypeByName(detail["type"]))
+        raw = detail["value"] + "=" * (-len(detail["value"]) % 4)
+        decoded[detail["type"]] = cls.FromString(base64.b64decode(raw))
+    assert decoded["google.rpc.ErrorInfo"].reason == "INVALID_ARGUMENT"
+    violations = decoded["google.rpc.BadRequest"].field_violations
+    assert [v.field for v in violations] == ["task.title"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
 from harness import Emulator, ServerProcess, free_port, server_env, wait_serving
-from tests.helpers import create_request
+from tests.helpers import create_request, loud_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +80,8 @@ async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
     lines = [json.loads(line) for line in p.output.splitlines() if line.startswith("{")]
     start = [entry for entry in lines if "listening on" in entry["message"]]
     assert len(start) == 1 and start[0]["store"] == "sqlite" and str(port) in start[0]["address"]
+    assert str(tmp_path / "tasks.db") in start[0]["message"]  # which file it uses
+    assert start[0]["store_target"] == f"SQLite file {tmp_path / 'tasks.db'}"
     assert all({"severity", "message", "time"} <= entry.keys() for entry in lines)
     # The access line, written by the process's own handler (the short cut in
     # taskservice.jsonlog.log_fields), buffered and still flushed by exit.
@@ -305,3 +308,72 @@ async def test_log_level_comes_from_the_environment(
     p.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(_exit_code, p, 10) == 0
     assert "listening on" not in p.output and "GetTask" not in p.output
+
+
+def _unshare_works() -> bool:
+    probe = (
+        subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10, check=False)
+        if shutil.which("unshare")
+        else None
+    )
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.parametrize("case", ["directory", "under-proc", "missing-parent-in-a-file"])
+def test_an_unusable_sqlite_path_stops_the_server_at_once(tmp_path: Path, case: str) -> None:
+    (tmp_path / "plain").write_text("not a directory")
+    path, reason = {
+        "directory": (str(tmp_path), "is a directory"),
+        "under-proc": ("/proc/taskservice-test/tasks.db", "cannot be created on a proc"),
+        "missing-parent-in-a-file": (str(tmp_path / "plain" / "tasks.db"), "is a file, not"),
+    }[case]
+    started = time.monotonic()
+    line = _one_line(_run(["--sqlite-path", path], _env(PORT=str(free_port())), tmp_path))
+    assert time.monotonic() - started < 10
+    assert path in line and reason in line, line
+    assert "--sqlite-path" in line
+
+
+def test_a_sqlite_path_on_a_read_only_mount_stops_the_server_at_once(tmp_path: Path) -> None:
+    """A read-only tmpfs, mounted in a private mount namespace of the run."""
+    if not _unshare_works():
+        loud_skip("READ-ONLY MOUNT TEST SKIPPED: unshare -rm is not permitted here")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    path = mount / "tasks.db"
+    script = (
+        f"mount -t tmpfs -o ro tmpfs {mount} && exec {sys.executable} -m taskservice"
+        f" --sqlite-path {path}"
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        env=_env(PORT=str(free_port())),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    line = _one_line(result)
+    assert str(path) in line and "read-only file system" in line, line
+
+
+async def test_an_unreachable_firestore_is_named_in_the_start_and_retry_lines(
+    launch: list[ServerProcess], tmp_path: Path
+) -> None:
+    """Nothing listens at the emulator address: the server keeps trying, and
+    its lines say where and for which project."""
+    port, nowhere = free_port(), f"127.0.0.1:{free_port()}"
+    p = _start(
+        launch,
+        _env(PORT=str(port), FIRESTORE_EMULATOR_HOST=nowhere, GOOGLE_CLOUD_PROJECT="demo-nowhere"),
+        tmp_path,
+    )
+    deadline = time.monotonic() + 30
+    while "store not ready" not in p.output and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    lines = [json.loads(line) for line in p.output.splitlines() if line.startswith("{")]
+    [start] = [e["message"] for e in lines if "listening on" in e["message"]]
+    [retry, *_] = [e["message"] for e in lines if "store not ready" in e["message"]]
+    for line in (start, retry):
+        assert "project demo-nowhere" in line and "(default)" in line, line
+        assert f"emulator {nowhere}" in line, line
