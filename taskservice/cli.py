@@ -47,11 +47,15 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from tasks.v1 import task_service_pb2 as pb
 
-from taskservice.client import TaskClient, Unreachable, bearer_token_credentials, connect
+from taskservice.client import (
+    TaskClient,
+    Unreachable,
+    bearer_token_credentials,
+    connect,
+    error_details,
+)
 
 CHUNK = 500
 DEFAULT_TARGET = "localhost:8080"
@@ -135,36 +139,17 @@ def print_table(tasks: Sequence[pb.Task], out: TextIO) -> None:
 def describe_error(err: grpc.aio.AioRpcError) -> str:
     """CODE: message [fields: ...], from the google.rpc.Status the call carries."""
     text = f"{err.code().name}: {err.details()}"
-    status = rpc_status.from_call(err)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            text += f" [fields: {', '.join(v.field for v in bad.field_violations)}]"
-    return text
+    fields = error_details(err).fields
+    return text + f" [fields: {', '.join(fields)}]" if fields else text
 
 
 def _violated_index(err: grpc.aio.AioRpcError) -> int | None:
     """The i of requests[i] in the first field an INVALID_ARGUMENT names."""
-    status = rpc_status.from_call(err)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            for violation in bad.field_violations:
-                found = re.match(r"requests\[(\d+)\]", violation.field)
-                if found:
-                    return int(found.group(1))
+    for name in error_details(err).fields:
+        found = re.match(r"requests\[(\d+)\]", name)
+        if found:
+            return int(found.group(1))
     return None
-
-
-def _error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(err)
-    info = error_details_pb2.ErrorInfo()
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-    return info
 
 
 @dataclass
@@ -320,7 +305,7 @@ class Importer:
                 _stream(i.request for i in items), timeout=max(self.timeout, 60)
             )
         except grpc.aio.AioRpcError as err:
-            info = _error_info(err)
+            info = error_details(err)
             if info.reason == "BATCH_RESPONSE_TOO_LARGE" and len(items) > 1:
                 half = len(items) // 2
                 return [*await self._create(items[:half]), *await self._create(items[half:])]
