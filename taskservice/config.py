@@ -24,6 +24,7 @@ _HOST_PORT = re.compile(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}")
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ACCESS_LOGS = ("on", "all", "off")
 # Firestore reads at a past time go back one hour; a minute less leaves room
 # for the time a resumed watch takes to start reading.
 FIRESTORE_MAX_RETENTION_SECONDS = 3540
@@ -77,7 +78,19 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("TASKSERVICE_HOST", "[::]", "listen address"),
     Setting("TASKSERVICE_GRACE_SECONDS", "8", "how long in-flight calls may finish after SIGTERM"),
-    Setting("LOG_LEVEL", "INFO", f"one of {', '.join(LOG_LEVELS)}; JSON lines on stderr"),
+    Setting(
+        "LOG_LEVEL",
+        "INFO",
+        f"one of {', '.join(LOG_LEVELS)}: the diagnostics' level (JSON lines on stderr);"
+        " access lines have their own switch",
+    ),
+    Setting(
+        "TASKSERVICE_ACCESS_LOG",
+        "on",
+        "one access line per call, whatever LOG_LEVEL (the log-based metrics, alerts and"
+        " dashboard read them): on (every call but health checks and reflection), all"
+        " (those too), off",
+    ),
     Setting("TASKSERVICE_AUTH", "none", "none, or google-id-token: verify callers' ID tokens"),
     Setting("TASKSERVICE_AUDIENCE", "unset", "the audience ID tokens must carry (with auth)"),
     Setting("TASKSERVICE_ALLOWED_CALLERS", "unset", "comma-separated caller emails (with auth)"),
@@ -205,6 +218,7 @@ class Config:
     collection: str = "tasks"
     grace_seconds: float = 8.0  # in-flight calls get this long after SIGTERM
     log_level: str = "INFO"
+    access_log: str = "on"  # "on", "all" (health and reflection too) or "off"
     auth: str = "none"  # "none" or "google-id-token"
     audience: str = ""
     allowed_callers: tuple[str, ...] = ()
@@ -310,6 +324,7 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
     log_level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+    access_log = _choice(env, "TASKSERVICE_ACCESS_LOG", "on", ACCESS_LOGS)
     auth = _choice(env, "TASKSERVICE_AUTH", "none", ("none", "google-id-token"))
     audience = env.get("TASKSERVICE_AUDIENCE", "").strip()
     allowed = tuple(
@@ -384,6 +399,7 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
         collection=collection,
         grace_seconds=float(grace),
         log_level=log_level,
+        access_log=access_log,
         auth=auth,
         audience=audience,
         allowed_callers=allowed,
