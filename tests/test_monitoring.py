@@ -79,10 +79,12 @@ def test_log_metrics_are_valid_and_read_what_access_lines_carry(
         text = path.read_text()
         metric = LogMetric.from_json(text)  # strict: unknown fields fail
         assert metric.name == name
-        assert 'resource.labels.service_name="tasks-prod"' in metric.filter
+        # One definition for every service in the project (a second deploy would
+        # otherwise rescope it): alerts and tiles select the service.
+        assert "service_name" not in metric.filter
         body = json.loads(text)
         keys = {label["key"] for label in body["metricDescriptor"]["labels"]}
-        assert set(body["labelExtractors"]) == keys == {"method", "code"}
+        assert set(body["labelExtractors"]) == keys == {"method", "code", "fault"}
         extractors = [*body["labelExtractors"].values(), body.get("valueExtractor", "")]
         for extractor in filter(None, extractors):
             field = re.fullmatch(r'EXTRACT\(jsonPayload\.(?:"([^"]+)"|(\w+))\)', extractor)
@@ -104,7 +106,7 @@ async def access_line(tmp_path: Path, captured: io.StringIO) -> dict[str, Any]:
     await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
     await running.close()
     lines = [json.loads(line) for line in captured.getvalue().splitlines()]
-    return next(e for e in lines if e.get("grpc.method") == "/tasks.v1.TaskService/GetTask")
+    return next(e for e in lines if e.get("grpc.method") == "tasks.v1.TaskService/GetTask")
 
 
 def test_alert_policies_are_valid(rendered: dict[str, list[tuple[str, Path]]]) -> None:
