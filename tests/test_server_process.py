@@ -291,7 +291,7 @@ async def test_firestore_is_chosen_by_the_environment(
     assert not (tmp_path / "tasks.db").exists()
 
 
-@pytest.mark.parametrize("access", ["on", "off"])
+@pytest.mark.parametrize("access", ["on", "all", "off"])
 async def test_log_level_governs_diagnostics_and_access_lines_have_their_own_switch(
     launch: list[ServerProcess],
     tmp_path: Path,
@@ -315,10 +315,12 @@ async def test_log_level_governs_diagnostics_and_access_lines_have_their_own_swi
     assert "listening on" not in p.output  # an INFO diagnostic
     lines = [json.loads(line) for line in p.output.splitlines() if line.startswith("{")]
     access_lines = [e for e in lines if e.get("logger") == "taskservice.access"]
+    calls = [(e["grpc.method"], e["grpc.code"], e["fault"]) for e in access_lines]
+    get = ("tasks.v1.TaskService/GetTask", "NOT_FOUND", "caller")
     if access == "off":
-        assert access_lines == []
+        assert calls == []
+    elif access == "on":  # health checks (wait_serving) are not logged
+        assert calls == [get]
     else:
-        # Health checks (wait_serving) are not logged unless access=all.
-        assert [(e["grpc.method"], e["grpc.code"], e["fault"]) for e in access_lines] == [
-            ("tasks.v1.TaskService/GetTask", "NOT_FOUND", "caller")
-        ]
+        assert calls[-1] == get and len(calls) >= 2
+        assert set(calls[:-1]) == {("grpc.health.v1.Health/Check", "OK", "none")}
