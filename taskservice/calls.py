@@ -123,6 +123,8 @@ _REFUSAL_REASONS = {
     Pool.WATCHERS: "TOO_MANY_WATCHERS",
     Pool.TOOL_STREAMS: "TOO_MANY_STREAMS",
 }
+# Reasons of other codes that are the server's doing: it is at capacity.
+SERVER_REASONS = frozenset(_REFUSAL_REASONS.values())
 
 
 def pool_of(method: str) -> Pool | None:
@@ -277,11 +279,14 @@ def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
 
 
 def _fault(code: str, reason: str) -> str:
-    """Whose doing a status is: `none` for OK, `server` for a server-side code
-    the caller did not cause, else `caller`."""
+    """Whose doing a status is: `none` for OK; `server` for a server-side code
+    the caller did not cause, and for a refusal at capacity (TOO_MANY_*);
+    else `caller`."""
     if code == "OK":
         return "none"
-    return "server" if code in SERVER_CODES and reason not in CALLER_REASONS else "caller"
+    if code in SERVER_CODES:
+        return "caller" if reason in CALLER_REASONS else "server"
+    return "server" if reason in SERVER_REASONS else "caller"
 
 
 def time_left(context: grpc.aio.ServicerContext[Any, Any]) -> float:

@@ -90,6 +90,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from opentelemetry.trace.status import Status, StatusCode
 
 from taskservice import __version__
+from taskservice.calls import SERVER_CODES
 from taskservice.tracing import CallTrace
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,6 @@ COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000, 100000)
 # them (taskservice.fault="server"; not the caller's own mistakes, such as
 # NOT_FOUND or INVALID_ARGUMENT, nor its slowness).
 SERVER_ERROR_CODES = ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN")
-# The codes that mark a SERVER span ERROR (OpenTelemetry's gRPC conventions).
-SERVER_SPAN_ERROR_CODES = frozenset(
-    ("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
-)
 
 
 @dataclass(frozen=True)
@@ -587,7 +584,7 @@ class Telemetry:
         span = call.span
         if span is not None and span.is_recording():
             span.set_attribute("rpc.response.status_code", code)
-            if code in SERVER_SPAN_ERROR_CODES:
+            if code in SERVER_CODES:  # OpenTelemetry's gRPC conventions
                 span.set_attribute("error.type", code)
                 span.set_status(Status(StatusCode.ERROR, code))
             span.end()

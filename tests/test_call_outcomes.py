@@ -121,6 +121,34 @@ async def test_a_passed_deadline_is_deadline_exceeded_and_a_cancel_cancelled(
     assert by_code["CANCELLED"].status.code == by_code["CANCELLED"].status.STATUS_CODE_UNSET
 
 
+async def test_a_refusal_at_capacity_is_the_servers_doing(
+    receiver: Receiver, tmp_path: Path, captured: io.StringIO
+) -> None:
+    running = await start_server(
+        HangingGetStore(tmp_path / "t.db"),
+        telemetry_config(receiver.endpoint, max_concurrent_rpcs=1),
+    )
+    try:
+        hanging = asyncio.ensure_future(
+            running.stub.GetTask(pb.GetTaskRequest(name="tasks/hang"), timeout=30)
+        )
+        await asyncio.sleep(0.2)
+        details = await expect_error(
+            running.stub.GetTask(pb.GetTaskRequest(name="tasks/x")),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert details.reason == "TOO_MANY_CALLS"
+        [line] = await _access_lines(captured, 1)
+        assert (line["grpc.code"], line["reason"], line["fault"]) == (
+            "RESOURCE_EXHAUSTED",
+            "TOO_MANY_CALLS",
+            "server",
+        )
+        hanging.cancel()
+    finally:
+        await running.close()
+
+
 def _attr(span: Any, key: str) -> Any:
     return next((a.value.string_value for a in span.attributes if a.key == key), None)
 
