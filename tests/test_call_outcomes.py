@@ -23,6 +23,7 @@ from harness.otlp import Receiver, start_receiver
 from taskservice.limits import MAX_REQUEST_BYTES, MAX_TRANSPORT_MESSAGE_BYTES
 from taskservice.model import Task
 from taskservice.store.sqlite import SqliteStore
+from tests.h2client import unary_call
 from tests.helpers import create_request, expect_error
 from tests.test_telemetry import flush, telemetry_config
 
@@ -147,6 +148,22 @@ async def test_a_refusal_at_capacity_is_the_servers_doing(
         hanging.cancel()
     finally:
         await running.close()
+
+
+async def test_an_unknown_method_from_a_raw_http2_client_is_logged(
+    server: Running, captured: io.StringIO
+) -> None:
+    """No gRPC library on the calling side: the h2 package."""
+    answer = await asyncio.to_thread(
+        unary_call, "127.0.0.1", server.server.port, "/nope.v1.Nope/Nothing", b""
+    )
+    assert answer[":status"] == "200" and answer["grpc-status"] == "12", answer
+    [line] = await _access_lines(captured, 1)
+    assert (line["grpc.method"], line["grpc.code"], line["requested_method"]) == (
+        "other",
+        "UNIMPLEMENTED",
+        "/nope.v1.Nope/Nothing",
+    )
 
 
 def _attr(span: Any, key: str) -> Any:
