@@ -37,8 +37,8 @@ In order, for every method of every service (TaskService, health, reflection):
    CANCELLED. Every line says whose doing its code is (`fault`: `none` for
    OK, `server`, or `caller` for a caller's mistake, a caller's cancel and a
    deadline that passed while the server waited for the caller's next
-   message) and, when known, the ErrorInfo `reason`: the error-ratio alert
-   counts server faults only.
+   message or that ended a server stream) and, when known, the ErrorInfo
+   `reason`: the error-ratio alert counts server faults only.
 
 Calls gRPC itself would refuse before any handler runs are brought into the
 pipeline, so that they are logged and counted too: an unknown method
@@ -106,8 +106,9 @@ SERVER_CODES = frozenset(
 )
 # ErrorInfo reasons of server-side codes that the caller caused: a stream it
 # let go silent or sent too slowly, a deadline that passed while the server
-# waited for its next message.
-CALLER_REASONS = frozenset(("STREAM_IDLE", "STREAM_TOO_SLOW", "CALLER_TOO_SLOW"))
+# waited for its next message, or that ended a server stream (WatchTasks,
+# health Watch: the caller chose how long to listen).
+CALLER_REASONS = frozenset(("STREAM_IDLE", "STREAM_TOO_SLOW", "CALLER_TOO_SLOW", "STREAM_DEADLINE"))
 
 
 class Pool(enum.Enum):
@@ -375,7 +376,12 @@ class CallPipeline:
         caller cancelled it."""
         if _deadline_passed(call.context):
             call.code = "DEADLINE_EXCEEDED"
-            call.reason = "CALLER_TOO_SLOW" if call.waiting_on_caller else "DEADLINE_PASSED"
+            if call.waiting_on_caller:
+                call.reason = "CALLER_TOO_SLOW"
+            elif call.messages_out is not None:  # how long to listen: the caller's choice
+                call.reason = "STREAM_DEADLINE"
+            else:
+                call.reason = "DEADLINE_PASSED"
         else:
             call.code = "CANCELLED"
             call.reason = ""

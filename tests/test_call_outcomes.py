@@ -205,6 +205,23 @@ async def test_a_slow_callers_stream_is_its_own_fault(
     assert (BATCH, "DEADLINE_EXCEEDED", "server") not in points
 
 
+async def test_a_watch_its_caller_ends_with_a_deadline_is_not_a_server_error(
+    server: Running, captured: io.StringIO
+) -> None:
+    """How long to listen is the caller's choice."""
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async for _ in server.stub.WatchTasks(pb.WatchTasksRequest(), timeout=0.5):
+            pass
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    [line] = await _access_lines(captured, 1)
+    assert (line["grpc.method"], line["grpc.code"], line["reason"], line["fault"]) == (
+        "tasks.v1.TaskService/WatchTasks",
+        "DEADLINE_EXCEEDED",
+        "STREAM_DEADLINE",
+        "caller",
+    )
+
+
 async def test_calls_grpc_would_refuse_unseen_are_logged_and_counted(
     server: Running, receiver: Receiver, captured: io.StringIO
 ) -> None:
