@@ -516,10 +516,9 @@ class Telemetry:
         coded = self._coded.get((method, code, extra))
         if coded is None:
             coded = {"grpc.method": method.lstrip("/"), "grpc.status": code}
-            if method.startswith(f"/{FIRESTORE_SERVICE}/"):
-                coded["grpc.target"] = extra
-            elif extra:
-                coded["taskservice.fault"] = extra
+            if extra:
+                firestore = method.startswith(f"/{FIRESTORE_SERVICE}/")
+                coded["grpc.target" if firestore else "taskservice.fault"] = extra
             self._coded[(method, code, extra)] = coded
         return coded
 
