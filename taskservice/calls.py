@@ -42,7 +42,7 @@ In order, for every method of every service (TaskService, health, reflection):
 
 Calls gRPC itself would refuse before any handler runs are brought into the
 pipeline, so that they are logged and counted too: an unknown method
-(UNIMPLEMENTED, from a catch-all handler, `unknown_method_handler`), and a
+(UNIMPLEMENTED, from a catch-all handler, CallPipeline.unknown_methods), and a
 request message over limits.MAX_REQUEST_BYTES (RESOURCE_EXHAUSTED,
 REQUEST_TOO_LARGE), checked here behind a transport limit of
 limits.MAX_TRANSPORT_MESSAGE_BYTES, which bounds what one call can make the
@@ -345,7 +345,10 @@ class CallPipeline:
         caller = parse_trace(context.invocation_metadata())
         if self.telemetry is not None:
             call.span = self.telemetry.start_call(
-                call.method, caller, traced=not call.method.startswith(_TOOL_PREFIXES)
+                call.method,
+                caller,
+                traced=not call.method.startswith(_TOOL_PREFIXES),
+                original=call.requested,
             )
             caller = call.span.log_trace
         current_trace.set(caller)

@@ -32,7 +32,8 @@ says whose doing a status that is not OK is (taskservice.calls): the
 error-ratio alert counts `server` only.
 
 Spans follow OpenTelemetry's RPC conventions (release candidate):
-`rpc.system.name` grpc, `rpc.method` the full method name,
+`rpc.system.name` grpc, `rpc.method` the full method name (`_OTHER`, with
+`rpc.method_original`, for a method the server does not have),
 `rpc.response.status_code` the status code's name; a SERVER span is ERROR
 only for the server-side codes (calls.SERVER_CODES), with `error.type` the
 code; a CLIENT span (a Firestore RPC) for any code but OK.
@@ -524,9 +525,12 @@ class Telemetry:
 
     # -- server calls ----------------------------------------------------------
 
-    def start_call(self, method: str, caller: CallTrace | None, *, traced: bool = True) -> CallSpan:
+    def start_call(
+        self, method: str, caller: CallTrace | None, *, traced: bool = True, original: str = ""
+    ) -> CallSpan:
         """Counts the call and, when it is sampled, starts its span (current
-        until end_call). A caller's trace header decides; a call without one
+        until end_call). original: the path an unknown method (`other`) was
+        called with. A caller's trace header decides; a call without one
         is sampled at sample_ratio; traced=False (health checks, reflection):
         only metrics. An unsampled call makes no span at all."""
         attributes = self._attributes(method)
@@ -549,11 +553,11 @@ class Telemetry:
                 trace_flags=TraceFlags(TraceFlags.SAMPLED),
             )
             parent = trace.set_span_in_context(NonRecordingSpan(remote))
+        on_span = {"rpc.system.name": "grpc", "rpc.method": method.lstrip("/")}
+        if original:  # a method the server does not have
+            on_span = {**on_span, "rpc.method": "_OTHER", "rpc.method_original": original}
         span = self.tracer.start_span(
-            method.lstrip("/"),
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system.name": "grpc", "rpc.method": method.lstrip("/")},
+            method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=on_span
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         own = span.get_span_context()

@@ -242,7 +242,7 @@ async def test_calls_grpc_would_refuse_unseen_are_logged_and_counted(
     assert details.reason == "REQUEST_TOO_LARGE" and "requests[1]" in details.message
     unknown = server.channel.unary_unary("/tasks.v1.TaskService/NoSuchMethod")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await unknown(b"\x0a\x03abc")
+        await unknown(b"\x0a\x03abc", metadata=_sampled())
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     create, batch, other = await _access_lines(captured, 3)
     assert (create["grpc.method"], create["grpc.code"], create["reason"]) == (
@@ -266,6 +266,10 @@ async def test_calls_grpc_would_refuse_unseen_are_logged_and_counted(
         },
     )
     assert points[("other", "UNIMPLEMENTED", "server")].count == 1
+    [span] = await receiver.wait_for(lambda: [s for s in receiver.spans() if s.name == "other"])
+    assert _attr(span, "rpc.method") == "_OTHER"  # OpenTelemetry's RPC conventions
+    assert _attr(span, "rpc.method_original") == "/tasks.v1.TaskService/NoSuchMethod"
+    assert span.status.code == span.status.STATUS_CODE_ERROR  # UNIMPLEMENTED: the server's
     # Beyond the transport limit gRPC refuses a message itself (the bound on
     # what one call can make the server buffer).
     huge = create_request("huge", description="x" * MAX_TRANSPORT_MESSAGE_BYTES)
