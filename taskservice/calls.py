@@ -371,6 +371,8 @@ class CallPipeline:
         err = as_service_error(exc, call.method)
         call.code = err.code.name
         call.reason = err.reason
+        if call.code == "CANCELLED":  # a handler that saw the call end: which way?
+            self._cancelled(call)
         await abort(call.context, err)
 
     @staticmethod
