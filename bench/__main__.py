@@ -68,6 +68,7 @@ def start_taskservice(
     """TaskService as in production: its own process, access lines at INFO."""
     env = {
         "LOG_LEVEL": "INFO",
+        "TASKSERVICE_ACCESS_LOG": "on",
         "TASKSERVICE_WORKERS": str(workers),
         "TASKSERVICE_STORE": store,
         "TASKSERVICE_SQLITE_PATH": str(workdir / f"bench-{uuid.uuid4().hex[:6]}.db"),

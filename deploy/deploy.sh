@@ -189,7 +189,7 @@ while IFS=$'\t' read -r kind name file; do
     dashboard) apply_dashboard "$name" "$file" ;;
   esac
 done < <(python3 "$here/monitoring.py" --service "$service" --project "$project" \
-          --out "$monitoring" "${notify_args[@]}")
+          --database "$database" --out "$monitoring" "${notify_args[@]}")
 echo "# rendered monitoring: ${monitoring}"
 [ ${#channels[@]} -gt 0 ] || echo "# (no --notify given: the alerts open incidents but tell no one)"
 

@@ -2,10 +2,10 @@
 
   python3 deploy/monitoring.py --service S --project P --out DIR
                                [--notify projects/P/notificationChannels/N]...
-                               [--error-ratio 0.01] [--p99-ms 1000]
+                               [--database '(default)'] [--error-ratio 0.01] [--p99-ms 1000]
 
 Fills the placeholders of the log-based metrics, alert policies and dashboard
-(${SERVICE}, ${PROJECT_ID}, ${ERROR_RATIO}, ${P99_MS}, ${MAX_INSTANCES} from
+(${SERVICE}, ${PROJECT_ID}, ${DATABASE}, ${ERROR_RATIO}, ${P99_MS}, ${MAX_INSTANCES} from
 deploy/service.yaml's maxScale, ${INSTANCE_ALERT} = 80% of it), adds the
 notification channels to every policy, writes the results to DIR and prints
 one tab-separated line per object: `metric NAME FILE`, `policy DISPLAY_NAME
@@ -34,11 +34,14 @@ def max_instances(manifest: Path = HERE / "service.yaml") -> int:
     return int(found.group(1))
 
 
-def values(service: str, project: str, error_ratio: float, p99_ms: int) -> dict[str, str]:
+def values(
+    service: str, project: str, error_ratio: float, p99_ms: int, database: str = "(default)"
+) -> dict[str, str]:
     top = max_instances()
     return {
         "SERVICE": service,
         "PROJECT_ID": project,
+        "DATABASE": database,
         "ERROR_RATIO": f"{error_ratio:g}",
         "P99_MS": str(p99_ms),
         "MAX_INSTANCES": str(top),
@@ -62,9 +65,10 @@ def render(
     notify: list[str] | None = None,
     error_ratio: float = 0.01,
     p99_ms: int = 1000,
+    database: str = "(default)",
 ) -> list[tuple[str, str, Path]]:
     """Writes the rendered objects to out; returns (kind, name, file) for each."""
-    names = values(service, project, error_ratio, p99_ms)
+    names = values(service, project, error_ratio, p99_ms, database)
     made: list[tuple[str, str, Path]] = []
     for kind, pattern in (("metric", "log-metrics/*.json"), ("policy", "alerts/*.json")):
         for source in sorted(SOURCE.glob(pattern)):
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--notify", action="append", default=[])
+    parser.add_argument("--database", default="(default)", help="the Firestore database id")
     parser.add_argument("--error-ratio", type=float, default=0.01)
     parser.add_argument("--p99-ms", type=int, default=1000)
     args = parser.parse_args(argv)
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         notify=args.notify,
         error_ratio=args.error_ratio,
         p99_ms=args.p99_ms,
+        database=args.database,
     ):
         print(f"{kind}\t{name}\t{path}")
     return 0

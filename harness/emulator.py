@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from harness.net import free_port, wait_for_port
-from taskservice.store.channels import CHANNEL_OPTIONS
+from taskservice.store.channels import CHANNEL_OPTIONS, canonical_target
 from taskservice.store.firestore import FirestoreStore
 
 # Where Google Cloud SDK installs put the emulator (Debian package, archive
@@ -112,4 +112,5 @@ def firestore_store(
         watch_retention_seconds=watch_retention_seconds,
         listen_channel=listen,
         verify_listen=True,
+        target=canonical_target(host),
     )

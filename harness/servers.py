@@ -64,8 +64,9 @@ def server_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 class ServerProcess:
     """A server in its own process, listening on 127.0.0.1:port.
 
-    env is added to a scrubbed os.environ (PORT, TASKSERVICE_HOST and a
-    LOG_LEVEL of WARNING are set unless env says otherwise); args go to the
+    env is added to a scrubbed os.environ (PORT, TASKSERVICE_HOST, a
+    LOG_LEVEL of WARNING and TASKSERVICE_ACCESS_LOG=off are set unless env
+    says otherwise); args go to the
     module; wait=False returns before the port accepts connections;
     keep_output=False discards the output (a benchmark's millions of access
     lines).
@@ -84,7 +85,12 @@ class ServerProcess:
     ) -> None:
         self.port = port or free_port()
         full = server_env(
-            {"PORT": str(self.port), "TASKSERVICE_HOST": "127.0.0.1", "LOG_LEVEL": "WARNING"}
+            {
+                "PORT": str(self.port),
+                "TASKSERVICE_HOST": "127.0.0.1",
+                "LOG_LEVEL": "WARNING",
+                "TASKSERVICE_ACCESS_LOG": "off",
+            }
         )
         full.update(env or {})
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as self

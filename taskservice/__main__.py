@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"taskservice: configuration error: {err}", file=sys.stderr)
         return 2
-    jsonlog.configure(config.log_level)
+    jsonlog.configure(config.log_level, config.access_log)
     if config.store == "sqlite":
         from taskservice.store.sqlite import unusable_reason
 

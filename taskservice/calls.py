@@ -29,7 +29,24 @@ In order, for every method of every service (TaskService, health, reflection):
 7. One access line per call, refused or not: method, code, latency, peer,
    request and response sizes, and message counts for streams. Payloads and
    credentials are never logged. With telemetry on, the same figures go to
-   the call's metrics and span.
+   the call's metrics and span. The method is named as gRPC's metrics name it
+   (gRFC A66: `tasks.v1.TaskService/GetTask`; `other` for a method the server
+   does not have). The code is the one the caller got: a call whose deadline
+   passed is DEADLINE_EXCEEDED (grpc.aio cancels it; only
+   time_remaining() tells the two apart), one the caller cancelled,
+   CANCELLED. Every line says whose doing its code is (`fault`: `none` for
+   OK, `server`, or `caller` for a caller's mistake, a caller's cancel and a
+   deadline that passed while the server waited for the caller's next
+   message or that ended a server stream) and, when known, the ErrorInfo
+   `reason`: the error-ratio alert counts server faults only.
+
+Calls gRPC itself would refuse before any handler runs are brought into the
+pipeline, so that they are logged and counted too: an unknown method
+(UNIMPLEMENTED, from a catch-all handler, CallPipeline.unknown_methods), and a
+request message over limits.MAX_REQUEST_BYTES (RESOURCE_EXHAUSTED,
+REQUEST_TOO_LARGE), checked here behind a transport limit of
+limits.MAX_TRANSPORT_MESSAGE_BYTES, which bounds what one call can make the
+server buffer.
 
 PipelineRegistrar stands in for the grpc.aio server in the generated
 add_*_to_server functions and registers every method already wrapped: no
@@ -56,9 +73,10 @@ from taskservice.errors import (
     ResourceExhausted,
     ServiceError,
     Unavailable,
+    Unimplemented,
 )
 from taskservice.jsonlog import log_fields
-from taskservice.limits import MAX_STORE_CALL_SECONDS
+from taskservice.limits import MAX_REQUEST_BYTES, MAX_STORE_CALL_SECONDS
 from taskservice.status import abort, as_service_error
 from taskservice.tracing import current_trace, parse_trace
 
@@ -70,10 +88,27 @@ log = logging.getLogger("taskservice.access")
 # reach its client before the stream is cut.
 DRAIN_WRITE_GRACE_SECONDS = 1.0
 T = TypeVar("T")
+# A cancel with at most this much of the server's deadline left is the
+# caller's deadline passing (_deadline_passed).
+DEADLINE_SLACK_SECONDS = 0.1
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 WATCH_TASKS = "/tasks.v1.TaskService/WatchTasks"
 _TOOL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# gRFC A66's name for a method the server does not have (unbounded names
+# would be a label anyone could multiply).
+UNKNOWN_METHOD = "other"
+# The codes a server causes (OpenTelemetry's RPC conventions mark a server
+# span ERROR for these only); of them, the error-ratio alert counts those the
+# caller did not cause (see _fault).
+SERVER_CODES = frozenset(
+    ("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
+)
+# ErrorInfo reasons of server-side codes that the caller caused: a stream it
+# let go silent or sent too slowly, a deadline that passed while the server
+# waited for its next message, or that ended a server stream (WatchTasks,
+# health Watch: the caller chose how long to listen).
+CALLER_REASONS = frozenset(("STREAM_IDLE", "STREAM_TOO_SLOW", "CALLER_TOO_SLOW", "STREAM_DEADLINE"))
 
 
 class Pool(enum.Enum):
@@ -89,6 +124,8 @@ _REFUSAL_REASONS = {
     Pool.WATCHERS: "TOO_MANY_WATCHERS",
     Pool.TOOL_STREAMS: "TOO_MANY_STREAMS",
 }
+# Reasons of other codes that are the server's doing: it is at capacity.
+SERVER_REASONS = frozenset(_REFUSAL_REASONS.values())
 
 
 def pool_of(method: str) -> Pool | None:
@@ -172,10 +209,13 @@ class _Call:
         "messages_in",
         "messages_out",
         "method",
+        "reason",
         "request_bytes",
+        "requested",
         "response_bytes",
         "span",
         "started",
+        "waiting_on_caller",
     )
 
     def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -183,6 +223,9 @@ class _Call:
         self.context = context
         self.started = time.perf_counter()
         self.code = "UNKNOWN"
+        self.reason = ""
+        self.requested = ""  # the path an unknown method was called with
+        self.waiting_on_caller = False  # awaiting the caller's next message
         self.admitted: Pool | None = None
         self.request_bytes = 0
         self.response_bytes = 0
@@ -198,6 +241,12 @@ def _size(message: Any) -> int:
 
 
 def _decode(decode: Callable[[bytes], Any] | None, raw: bytes, field: str) -> Any:
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise ResourceExhausted(
+            f"{field} is {len(raw)} bytes, over the limit of {MAX_REQUEST_BYTES} for one message",
+            reason="REQUEST_TOO_LARGE",
+            metadata={"limit_bytes": str(MAX_REQUEST_BYTES), "size_bytes": str(len(raw))},
+        )
     if decode is None:
         return raw
     try:
@@ -216,6 +265,29 @@ def _abort_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     if isinstance(code, int):
         return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
     return "UNKNOWN"
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether the caller's deadline has passed, or is about to pass on the
+    server's clock: the caller's deadline runs from when it sent the call,
+    the server's from when the call arrived, so the caller's cancel at its
+    deadline reaches the server with a little of the server's deadline left
+    (2 to 8 ms measured on loopback, tests/test_incident.py; more behind a
+    front end). A caller that cancels within DEADLINE_SLACK_SECONDS of its
+    deadline is logged as DEADLINE_EXCEEDED."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+
+
+def _fault(code: str, reason: str) -> str:
+    """Whose doing a status is: `none` for OK; `server` for a server-side code
+    the caller did not cause, and for a refusal at capacity (TOO_MANY_*);
+    else `caller`."""
+    if code == "OK":
+        return "none"
+    if code in SERVER_CODES:
+        return "caller" if reason in CALLER_REASONS else "server"
+    return "server" if reason in SERVER_REASONS else "caller"
 
 
 def time_left(context: grpc.aio.ServicerContext[Any, Any]) -> float:
@@ -273,7 +345,10 @@ class CallPipeline:
         caller = parse_trace(context.invocation_metadata())
         if self.telemetry is not None:
             call.span = self.telemetry.start_call(
-                call.method, caller, traced=not call.method.startswith(_TOOL_PREFIXES)
+                call.method,
+                caller,
+                traced=not call.method.startswith(_TOOL_PREFIXES),
+                original=call.requested,
             )
             caller = call.span.log_trace
         current_trace.set(caller)
@@ -295,7 +370,26 @@ class CallPipeline:
             raise exc
         err = as_service_error(exc, call.method)
         call.code = err.code.name
+        call.reason = err.reason
+        if call.code == "CANCELLED":  # a handler that saw the call end: which way?
+            self._cancelled(call)
         await abort(call.context, err)
+
+    @staticmethod
+    def _cancelled(call: _Call) -> None:
+        """The code of a call grpc.aio cancelled: its deadline passed, or the
+        caller cancelled it."""
+        if _deadline_passed(call.context):
+            call.code = "DEADLINE_EXCEEDED"
+            if call.waiting_on_caller:
+                call.reason = "CALLER_TOO_SLOW"
+            elif call.messages_out is not None:  # how long to listen: the caller's choice
+                call.reason = "STREAM_DEADLINE"
+            else:
+                call.reason = "DEADLINE_PASSED"
+        else:
+            call.code = "CANCELLED"
+            call.reason = ""
 
     def _leave(self, call: _Call) -> None:
         if call.admitted is not None:
@@ -307,6 +401,7 @@ class CallPipeline:
                 time.perf_counter() - call.started,
                 call.messages_in,
                 call.messages_out,
+                _fault(call.code, call.reason),
             )
         _access_line(call)
 
@@ -320,13 +415,32 @@ class CallPipeline:
             call.code = "OK"
             return result
         except asyncio.CancelledError:
-            call.code = "CANCELLED"
+            self._cancelled(call)
             raise
         except Exception as exc:
             await self._fail(call, exc)
         finally:
             self._leave(call)
             current_trace.reset(token)
+
+    def unknown_methods(self) -> grpc.GenericRpcHandler:
+        """A catch-all for methods the server does not have: UNIMPLEMENTED,
+        through the pipeline (the request is never read)."""
+        return _UnknownMethods(self)
+
+    def _unknown(self, requested: str) -> grpc.RpcMethodHandler[Any, Any]:
+        async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            call = _Call("/" + UNKNOWN_METHOD, context)
+            call.requested = requested[:200]
+
+            async def body() -> None:
+                raise Unimplemented(
+                    f"this server has no method {call.requested}", metadata={"method": requested}
+                )
+
+            await self._serve(call, None, body)
+
+        return grpc.stream_stream_rpc_method_handler(handle)
 
     # -- the four kinds of call --------------------------------------------------
 
@@ -390,7 +504,19 @@ class CallPipeline:
     async def _decoded(
         self, raw_requests: AsyncIterator[bytes], decode: Any, call: _Call
     ) -> AsyncIterator[Any]:
-        async for raw in raw_requests:
+        iterator = aiter(raw_requests)
+        while True:
+            # Left set if the call is cancelled meanwhile: its deadline then
+            # passed while the caller was the one being waited for.
+            call.waiting_on_caller = True
+            try:
+                raw = await anext(iterator)
+            except StopAsyncIteration:
+                # grpc.aio ends the requests, too, when the deadline passes
+                # while it waits for the next one.
+                call.waiting_on_caller = _deadline_passed(call.context)
+                return
+            call.waiting_on_caller = False
             call.request_bytes += len(raw)
             message = _decode(decode, raw, f"requests[{call.messages_in}]")
             call.messages_in = (call.messages_in or 0) + 1
@@ -490,8 +616,9 @@ def _access_line(call: _Call) -> None:
         level = logging.INFO
     if not log.isEnabledFor(level):
         return
+    name = metric_name(call.method)
     fields: dict[str, Any] = {
-        "grpc.method": call.method,
+        "grpc.method": name,
         "grpc.code": code,
         "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
         "peer": call.context.peer(),
@@ -502,7 +629,28 @@ def _access_line(call: _Call) -> None:
         fields["request_messages"] = call.messages_in
     if call.messages_out is not None:
         fields["response_messages"] = call.messages_out
-    log_fields(log, level, f"{call.method} {code}", fields)
+    fields["fault"] = _fault(code, call.reason)
+    if call.reason:
+        fields["reason"] = call.reason
+    if call.requested:
+        fields["requested_method"] = call.requested
+    log_fields(log, level, f"{call.requested or name} {code}", fields)
+
+
+def metric_name(method: str) -> str:
+    """A method as gRFC A66 names it in metrics, and the access line too."""
+    return method.removeprefix("/")
+
+
+class _UnknownMethods(grpc.GenericRpcHandler):
+    def __init__(self, pipeline: CallPipeline) -> None:
+        self._pipeline = pipeline
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        return self._pipeline._unknown(method if isinstance(method, str) else repr(method))
 
 
 class PipelineRegistrar:

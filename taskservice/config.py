@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ACCESS_LOGS = ("on", "all", "off")
 # Firestore reads at a past time go back one hour; a minute less leaves room
 # for the time a resumed watch takes to start reading.
 FIRESTORE_MAX_RETENTION_SECONDS = 3540
@@ -270,8 +271,16 @@ class Config:
         "LOG_LEVEL",
         "INFO",
         log_level,
-        "the diagnostics' level; logs are JSON lines on stderr (INFO access lines are"
-        " written in batches, at most 50 ms late; WARNING and above at once)",
+        "the diagnostics' level; logs are JSON lines on stderr. Access lines have their own"
+        " switch (TASKSERVICE_ACCESS_LOG)",
+    )
+    access_log: str = setting(
+        "TASKSERVICE_ACCESS_LOG",
+        "on",
+        choice(*ACCESS_LOGS),
+        "one access line per call, whatever LOG_LEVEL (the log-based metrics, alerts and"
+        " dashboard read them; written in batches, at most 50 ms late): on (every call but"
+        " health checks and reflection), all (those too), off",
     )
     auth: str = setting(
         "TASKSERVICE_AUTH",

@@ -152,6 +152,11 @@ class Unavailable(ServiceError):
     reason = "STORE_UNAVAILABLE"
 
 
+class Unimplemented(ServiceError):
+    code = Code.UNIMPLEMENTED
+    reason = "UNKNOWN_METHOD"
+
+
 class DeadlineExceeded(ServiceError):
     code = Code.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"

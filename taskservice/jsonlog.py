@@ -5,7 +5,9 @@ being served as `logging.googleapis.com/trace` (projects/P/traces/T),
 `logging.googleapis.com/spanId` and `logging.googleapis.com/trace_sampled`;
 any `extra={"fields": {...}}` of the record; and for errors the stack trace
 inside `message`, where Error Reporting finds it. The level comes from
-configuration (LOG_LEVEL, checked there).
+configuration (LOG_LEVEL, checked there) and governs diagnostics; the access
+lines (logger ACCESS_LOGGER) have a switch of their own
+(TASKSERVICE_ACCESS_LOG), since monitoring is built on them.
 """
 
 from __future__ import annotations
@@ -168,9 +170,16 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write_held()
 
 
-def configure(level: str = "INFO") -> None:
+ACCESS_LOGGER = "taskservice.access"
+# TASKSERVICE_ACCESS_LOG: the level the access logger passes, whatever the
+# root's (calls are INFO, or ERROR for INTERNAL; health and reflection DEBUG).
+_ACCESS_LEVELS = {"on": logging.INFO, "all": logging.DEBUG, "off": logging.CRITICAL + 1}
+
+
+def configure(level: str = "INFO", access: str = "on") -> None:
     """Sends the root logger's records to stderr as JSON lines, from `level`
-    (a name config.LOG_LEVELS allows) up."""
+    (a name config.LOG_LEVELS allows) up; access lines as `access` says (a
+    name config.ACCESS_LOGS allows), whatever `level`."""
     # Fields the JSON lines never show: skip computing them for every record.
     # Finding the caller walks the stack on each call, and the only switch is
     # the module attribute that logging's own source documents for this
@@ -195,6 +204,7 @@ def configure(level: str = "INFO") -> None:
     global _handler
     _handler = handler
     root.setLevel(logging.getLevelNamesMapping()[level.upper()])
+    logging.getLogger(ACCESS_LOGGER).setLevel(_ACCESS_LEVELS[access])
 
 
 _handler: JsonLinesHandler | None = None  # the handler configure() installed

@@ -22,9 +22,20 @@ TAGS_MAX = 32
 # -- requests -----------------------------------------------------------------
 # The largest valid request is a CreateTaskRequest of ~20 KB (every field at
 # its limit, 4-byte characters), far below Firestore's 1 MiB document; 64 KiB
-# leaves room for unknown fields. gRPC itself answers a bigger message with
-# RESOURCE_EXHAUSTED before TaskService sees it (so without our details).
+# leaves room for unknown fields. The call pipeline refuses a bigger message
+# (RESOURCE_EXHAUSTED, REQUEST_TOO_LARGE, logged and counted like any call).
 MAX_REQUEST_BYTES = 64 * 1024
+# What gRPC itself accepts in one message, so that the pipeline sees (and
+# logs) requests between MAX_REQUEST_BYTES and this; beyond it gRPC refuses
+# the message before any handler runs. It bounds the request bytes one call
+# makes the server hold: 1 MiB per call in flight, so 40 MiB for Cloud Run's
+# 40 concurrent requests per instance (deploy/service.yaml), and at most
+# 256 MiB for one connection's 256 streams where nothing in front limits
+# concurrency (gRPC refuses a bigger message as its length arrives: 4
+# concurrent 20 MiB requests raised peak RSS by 4 MB). A message over it
+# leaves no access line for a unary call, and CANCELLED for a stream (gRPC
+# cancels the handler as it does for a caller's cancel).
+MAX_TRANSPORT_MESSAGE_BYTES = 1024 * 1024
 MAX_FILTER_LENGTH = 1024
 MAX_PAGE_TOKEN_LENGTH = 512
 # An update mask names at most the six mutable fields, the four output-only

@@ -29,7 +29,7 @@ from taskservice.calls import CallGate, CallLimits, CallPipeline, PipelineRegist
 from taskservice.config import Config, ConfigError
 from taskservice.health import NOT_SERVING, SERVING, HealthService
 from taskservice.health import SERVICE_NAME as HEALTH_SERVICE
-from taskservice.limits import MAX_REQUEST_BYTES
+from taskservice.limits import MAX_TRANSPORT_MESSAGE_BYTES
 from taskservice.ports import check_bindable
 from taskservice.service import TaskServicer
 from taskservice.store import TaskStore, open_store
@@ -52,7 +52,8 @@ PICKUP_QUIET_SECONDS = 0.01
 PICKUP_MAX_SECONDS = 0.1
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # 1 for the workers of TASKSERVICE_WORKERS
-    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    # The pipeline refuses messages over limits.MAX_REQUEST_BYTES itself.
+    ("grpc.max_receive_message_length", MAX_TRANSPORT_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     # Ping idle clients so the resources of a vanished one are released.
@@ -112,6 +113,8 @@ class TaskServer:
             served = reflection.ReflectionService((SERVICE_NAME, HEALTH_SERVICE))
             for name in (reflection.V1, reflection.V1ALPHA):
                 registrar.add_registered_method_handlers(name, reflection.method_handlers(served))
+        # Last: what no service above has (UNIMPLEMENTED, logged and counted).
+        self.server.add_generic_rpc_handlers((pipeline.unknown_methods(),))
         self.store_target = store_target(config) if store is None else "a store given in-process"
         self.port = 0
         self._probe: asyncio.Task[None] | None = None

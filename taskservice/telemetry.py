@@ -12,11 +12,12 @@ already knows each call's method, status, latency and message counts, so it
 records them here under gRPC's standard instrument names (gRFC A66):
 
   grpc.server.call.started                 counter    grpc.method
-  grpc.server.call.duration                histogram  grpc.method, grpc.status (s)
+  grpc.server.call.duration                histogram  grpc.method, grpc.status (s),
+                                                      taskservice.fault (not OK: server|caller)
   taskservice.server.calls.in_flight       up-down counter, grpc.method
   taskservice.server.stream.messages       histogram  grpc.method, direction
       (messages per streaming call: batch sizes, watch events)
-  grpc.client.attempt.duration             histogram  grpc.method, grpc.status
+  grpc.client.attempt.duration             histogram  grpc.method, grpc.target, grpc.status
       (each Firestore RPC, e.g. google.firestore.v1.Firestore/Commit)
   taskservice.sqlite.commit.duration       histogram  outcome (s)
   taskservice.sqlite.commit.writes         histogram  outcome (writes per group commit)
@@ -25,6 +26,17 @@ Per unary call that is one histogram record (starts and calls in flight are
 plain counters, read at export time) and, for a sampled call, its span: an
 unsampled call makes no span. (A66's message-size histograms are left out:
 two more records per call, for figures the access lines already hold.)
+
+A method the server does not have is `other` (A66). `taskservice.fault`
+says whose doing a status that is not OK is (taskservice.calls): the
+error-ratio alert counts `server` only.
+
+Spans follow OpenTelemetry's RPC conventions (release candidate):
+`rpc.system.name` grpc, `rpc.method` the full method name (`_OTHER`, with
+`rpc.method_original`, for a method the server does not have),
+`rpc.response.status_code` the status code's name; a SERVER span is ERROR
+only for the server-side codes (calls.SERVER_CODES), with `error.type` the
+code; a CLIENT span (a Firestore RPC) for any code but OK.
 
 Traces: one SERVER span per sampled call, a child of the caller's span when the call
 carries `traceparent` or Cloud Run's `x-cloud-trace-context` (sampled as the
@@ -79,6 +91,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from opentelemetry.trace.status import Status, StatusCode
 
 from taskservice import __version__
+from taskservice.calls import SERVER_CODES
 from taskservice.tracing import CallTrace
 
 log = logging.getLogger(__name__)
@@ -96,8 +109,9 @@ LATENCY_BUCKETS = (
     0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1, 2, 5, 10, 20, 50, 100,
 )  # fmt: skip
 COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000, 100000)
-# The server-side codes: what the error-ratio alert counts (not the caller's
-# own mistakes, such as NOT_FOUND or INVALID_ARGUMENT).
+# The server-side codes the error-ratio alert counts, when the server caused
+# them (taskservice.fault="server"; not the caller's own mistakes, such as
+# NOT_FOUND or INVALID_ARGUMENT, nor its slowness).
 SERVER_ERROR_CODES = ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN")
 
 
@@ -480,7 +494,9 @@ class Telemetry:
             description="Writes per SQLite group commit",
         )
         self._method_attributes: dict[str, dict[str, str]] = {}
-        self._coded: dict[tuple[str, str], dict[str, str]] = {}
+        self._coded: dict[tuple[str, str, str], dict[str, str]] = {}
+        # The Firestore channel's target (A66's grpc.target), set by the store.
+        self.firestore_target = ""
         self.sample_ratio = settings.sample_ratio
 
     def _observe(self, counts: dict[str, int]) -> list[Observation]:
@@ -489,25 +505,32 @@ class Telemetry:
             Observation(n, self._method_attributes[method]) for method, n in list(counts.items())
         ]
 
-    def _attributes(self, method: str, code: str | None = None) -> dict[str, str]:
-        """The attribute dicts, made once per method (and code)."""
+    def _attributes(self, method: str, code: str | None = None, extra: str = "") -> dict[str, str]:
+        """The attribute dicts, made once per method (and code, and fault or
+        target)."""
         if code is None:
             attributes = self._method_attributes.get(method)
             if attributes is None:
                 attributes = {"grpc.method": method.lstrip("/")}
                 self._method_attributes[method] = attributes
             return attributes
-        coded = self._coded.get((method, code))
+        coded = self._coded.get((method, code, extra))
         if coded is None:
             coded = {"grpc.method": method.lstrip("/"), "grpc.status": code}
-            self._coded[(method, code)] = coded
+            if extra:
+                firestore = method.startswith(f"/{FIRESTORE_SERVICE}/")
+                coded["grpc.target" if firestore else "taskservice.fault"] = extra
+            self._coded[(method, code, extra)] = coded
         return coded
 
     # -- server calls ----------------------------------------------------------
 
-    def start_call(self, method: str, caller: CallTrace | None, *, traced: bool = True) -> CallSpan:
+    def start_call(
+        self, method: str, caller: CallTrace | None, *, traced: bool = True, original: str = ""
+    ) -> CallSpan:
         """Counts the call and, when it is sampled, starts its span (current
-        until end_call). A caller's trace header decides; a call without one
+        until end_call). original: the path an unknown method (`other`) was
+        called with. A caller's trace header decides; a call without one
         is sampled at sample_ratio; traced=False (health checks, reflection):
         only metrics. An unsampled call makes no span at all."""
         attributes = self._attributes(method)
@@ -530,12 +553,11 @@ class Telemetry:
                 trace_flags=TraceFlags(TraceFlags.SAMPLED),
             )
             parent = trace.set_span_in_context(NonRecordingSpan(remote))
-        service, _, name = method.lstrip("/").partition("/")
+        on_span = {"rpc.system.name": "grpc", "rpc.method": method.lstrip("/")}
+        if original:  # a method the server does not have
+            on_span = {**on_span, "rpc.method": "_OTHER", "rpc.method_original": original}
         span = self.tracer.start_span(
-            method.lstrip("/"),
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=on_span
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         own = span.get_span_context()
@@ -549,20 +571,24 @@ class Telemetry:
         seconds: float,
         messages_in: int | None,
         messages_out: int | None,
+        fault: str = "",
     ) -> None:
+        """fault: whose doing a status that is not OK is (server or caller)."""
         if call.token is not None:
             otel_context.detach(call.token)
         method = call.method
         self._in_flight[method] -= 1
-        self._duration.record((method, code), self._attributes(method, code), seconds)
+        fault = "" if code == "OK" else fault  # no attribute on OK points
+        self._duration.record((method, code, fault), self._attributes(method, code, fault), seconds)
         if messages_in is not None:
             self._messages.record(messages_in, {**call.attributes, "direction": "received"})
         if messages_out is not None:
             self._messages.record(messages_out, {**call.attributes, "direction": "sent"})
         span = call.span
         if span is not None and span.is_recording():
-            span.set_attribute("rpc.grpc.status_code", code)
-            if code != "OK":
+            span.set_attribute("rpc.response.status_code", code)
+            if code in SERVER_CODES:  # OpenTelemetry's gRPC conventions
+                span.set_attribute("error.type", code)
                 span.set_status(Status(StatusCode.ERROR, code))
             span.end()
 
@@ -604,21 +630,21 @@ class Telemetry:
                 f"{FIRESTORE_SERVICE}/{method}",
                 kind=SpanKind.CLIENT,
                 attributes={
-                    "rpc.system": "grpc",
-                    "rpc.service": FIRESTORE_SERVICE,
-                    "rpc.method": method,
+                    "rpc.system.name": "grpc",
+                    "rpc.method": f"{FIRESTORE_SERVICE}/{method}",
                 },
             )
         return span, time.perf_counter()
 
     def _firestore_end(self, method: str, span: Any, started: float, code: str) -> None:
         full = f"/{FIRESTORE_SERVICE}/{method}"
-        self._firestore.record(
-            (full, code), self._attributes(full, code), time.perf_counter() - started
-        )
+        target = self.firestore_target
+        seconds = time.perf_counter() - started
+        self._firestore.record((full, code, target), self._attributes(full, code, target), seconds)
         if span is not None:
-            span.set_attribute("rpc.grpc.status_code", code)
-            if code != "OK":
+            span.set_attribute("rpc.response.status_code", code)
+            if code != "OK":  # a client span: any code but OK is an error
+                span.set_attribute("error.type", code)
                 span.set_status(Status(StatusCode.ERROR, code))
             span.end()
 

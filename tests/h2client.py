@@ -72,3 +72,39 @@ def cancelled_client_stream(
         time.sleep(0.05)  # let the server see the reset before the socket closes
     finally:
         sock.close()
+
+
+def unary_call(host: str, port: int, path: str, body: bytes) -> dict[str, str]:
+    """Sends one gRPC request (body: the serialized message) and returns the
+    headers and trailers the server answers with, merged."""
+    sock = socket.create_connection((host, port), timeout=5)
+    try:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", path),
+                (":authority", f"{host}:{port}"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
+        conn.send_data(stream, b"\x00" + struct.pack(">I", len(body)) + body, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        answer: dict[str, str] = {}
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return answer
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    answer.update((k.decode(), v.decode()) for k, v in event.headers)
+                if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    return answer
+            sock.sendall(conn.data_to_send())
+    finally:
+        sock.close()

@@ -259,7 +259,7 @@ async def test_a_malformed_trace_header_is_ignored_and_the_call_logged(
     await asyncio.sleep(0.1)
     methods = [(e["grpc.method"], e["grpc.code"]) for e in _access(access_lines)]
     for method in ("CreateTask", "GetTask", "BatchCreateTasks"):
-        assert (f"/tasks.v1.TaskService/{method}", "OK") in methods
+        assert (f"tasks.v1.TaskService/{method}", "OK") in methods
 
 
 # -- 5. etags and cursors the service never issued ----------------------------

@@ -79,10 +79,12 @@ def test_log_metrics_are_valid_and_read_what_access_lines_carry(
         text = path.read_text()
         metric = LogMetric.from_json(text)  # strict: unknown fields fail
         assert metric.name == name
-        assert 'resource.labels.service_name="tasks-prod"' in metric.filter
+        # One definition for every service in the project (a second deploy would
+        # otherwise rescope it): alerts and tiles select the service.
+        assert "service_name" not in metric.filter
         body = json.loads(text)
         keys = {label["key"] for label in body["metricDescriptor"]["labels"]}
-        assert set(body["labelExtractors"]) == keys == {"method", "code"}
+        assert set(body["labelExtractors"]) == keys == {"method", "code", "fault"}
         extractors = [*body["labelExtractors"].values(), body.get("valueExtractor", "")]
         for extractor in filter(None, extractors):
             field = re.fullmatch(r'EXTRACT\(jsonPayload\.(?:"([^"]+)"|(\w+))\)', extractor)
@@ -104,7 +106,7 @@ async def access_line(tmp_path: Path, captured: io.StringIO) -> dict[str, Any]:
     await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
     await running.close()
     lines = [json.loads(line) for line in captured.getvalue().splitlines()]
-    return next(e for e in lines if e.get("grpc.method") == "/tasks.v1.TaskService/GetTask")
+    return next(e for e in lines if e.get("grpc.method") == "tasks.v1.TaskService/GetTask")
 
 
 def test_alert_policies_are_valid(rendered: dict[str, list[tuple[str, Path]]]) -> None:
@@ -135,6 +137,9 @@ def test_the_error_ratio_counts_server_side_codes_only(
     codes = re.search(r'code=~"([^"]+)"', query)
     assert codes and set(codes.group(1).split("|")) == set(SERVER_ERROR_CODES)
     assert "NOT_FOUND" not in query and "INVALID_ARGUMENT" not in query
+    # Only what the server caused: a slow caller's DEADLINE_EXCEEDED is not.
+    numerator = query.split(" / ")[0]
+    assert 'fault="server"' in numerator and 'fault="server"' not in query.split(" / ")[1]
     assert re.search(r"\) > 0\.01 and ", query)  # the rendered threshold
     instances = next(_json(p) for n, p in rendered["policy"] if "max-instances" in n)
     (query,) = _queries(instances)
@@ -183,3 +188,41 @@ def test_deploy_applies_them_after_the_service() -> None:
     rendered = Path(re.search(r"# rendered monitoring: (\S+)", result.stdout).group(1))  # type: ignore[union-attr]
     for path in (rendered / "alerts").glob("*.json"):
         assert _json(path)["notificationChannels"] == [CHANNEL]
+
+
+SELECTOR = re.compile(r"([a-z_]+:[a-z_]+)(\{[^}]*\})?")
+# The label that scopes each source of metrics to one service or database.
+SCOPES = {
+    "logging_googleapis_com:": ('service_name="tasks-prod"',),
+    "run_googleapis_com:": ('service_name="tasks-prod"',),
+    "workload_googleapis_com:": ('job="tasks-prod"',),
+    "firestore_googleapis_com:": ('project_id="demo-proj"', 'database_id="(default)"'),
+}
+
+
+def test_every_alert_and_tile_reads_one_service_and_one_database(
+    rendered: dict[str, list[tuple[str, Path]]],
+) -> None:
+    """A second service (the README's watcher) or database in the project
+    must not mix into this one's alerts and tiles."""
+    queries = [q for _, path in rendered["policy"] for q in _queries(_json(path))]
+    ((_, dashboard),) = rendered["dashboard"]
+    for tile in _json(dashboard)["mosaicLayout"]["tiles"]:
+        for data_set in tile["widget"].get("xyChart", {}).get("dataSets", []):
+            queries.append(data_set["timeSeriesQuery"]["prometheusQuery"])
+    selectors = [(q, name, labels) for q in queries for name, labels in SELECTOR.findall(q)]
+    assert len(selectors) >= 15
+    for query, name, labels in selectors:
+        prefix = next(p for p in SCOPES if name.startswith(p))
+        for scope in SCOPES[prefix]:
+            assert scope in labels, (name, query)
+
+
+def test_the_database_is_a_rendering_choice(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(DEPLOY / "monitoring.py"), "--service", "tasks-prod",
+         "--project", "demo-proj", "--database", "tasks-eu", "--out", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    firestore = (tmp_path / "alerts" / "firestore-errors.json").read_text()
+    assert 'database_id=\\"tasks-eu\\"' in firestore and "(default)" not in firestore

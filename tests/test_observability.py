@@ -55,9 +55,9 @@ async def test_one_access_line_per_rpc_with_trace(broken: Running, captured: io.
     )
     access = [e for e in _lines(captured) if e["logger"] == "taskservice.access"]
     assert [e["grpc.method"] for e in access] == [
-        "/tasks.v1.TaskService/CreateTask",
-        "/tasks.v1.TaskService/DeleteTask",
-        "/tasks.v1.TaskService/BatchCreateTasks",
+        "tasks.v1.TaskService/CreateTask",
+        "tasks.v1.TaskService/DeleteTask",
+        "tasks.v1.TaskService/BatchCreateTasks",
     ]
     create, delete, batch = access
     assert create["grpc.code"] == "OK" and create["severity"] == "INFO"

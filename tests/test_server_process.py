@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env(**extra: str) -> dict[str, str]:
-    """The environment as an operator's shell has it, at INFO: scrubbed of
-    whatever would pick another store."""
-    return server_env({"LOG_LEVEL": "INFO", **extra})
+    """The environment as an operator's shell has it, at INFO with access
+    lines: scrubbed of whatever would pick another store."""
+    return server_env({"LOG_LEVEL": "INFO", "TASKSERVICE_ACCESS_LOG": "on", **extra})
 
 
 @pytest.fixture
@@ -85,9 +85,9 @@ async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
     assert all({"severity", "message", "time"} <= entry.keys() for entry in lines)
     # The access line, written by the process's own handler (the short cut in
     # taskservice.jsonlog.log_fields), buffered and still flushed by exit.
-    [access] = [e for e in lines if e.get("grpc.method") == "/tasks.v1.TaskService/CreateTask"]
+    [access] = [e for e in lines if e.get("grpc.method") == "tasks.v1.TaskService/CreateTask"]
     assert access["severity"] == "INFO" and access["logger"] == "taskservice.access"
-    assert access["message"] == "/tasks.v1.TaskService/CreateTask OK"
+    assert access["message"] == "tasks.v1.TaskService/CreateTask OK"
     assert access["grpc.code"] == "OK" and access["trace_id"] == trace_id
     assert access["logging.googleapis.com/spanId"] == "00f067aa0ba902b7"
     assert access["request_bytes"] > 0 and access["response_bytes"] > 0
@@ -294,11 +294,19 @@ async def test_firestore_is_chosen_by_the_environment(
     assert not (tmp_path / "tasks.db").exists()
 
 
-async def test_log_level_comes_from_the_environment(
-    launch: list[ServerProcess], tmp_path: Path, channel_to: list[grpc.aio.Channel]
+@pytest.mark.parametrize("access", ["on", "all", "off"])
+async def test_log_level_governs_diagnostics_and_access_lines_have_their_own_switch(
+    launch: list[ServerProcess],
+    tmp_path: Path,
+    channel_to: list[grpc.aio.Channel],
+    access: str,
 ) -> None:
+    """LOG_LEVEL=WARNING hides INFO diagnostics, not the access lines the
+    log-based metrics, alerts and dashboard are built on:
+    TASKSERVICE_ACCESS_LOG alone turns those off."""
     port = free_port()
-    p = _start(launch, _env(PORT=str(port), LOG_LEVEL="warning"), tmp_path)
+    env = _env(PORT=str(port), LOG_LEVEL="warning", TASKSERVICE_ACCESS_LOG=access)
+    p = _start(launch, env, tmp_path)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     channel_to.append(channel)
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
@@ -307,7 +315,18 @@ async def test_log_level_comes_from_the_environment(
         await stub.GetTask(pb.GetTaskRequest(name="tasks/missing"), timeout=5)
     p.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(_exit_code, p, 10) == 0
-    assert "listening on" not in p.output and "GetTask" not in p.output
+    assert "listening on" not in p.output  # an INFO diagnostic
+    lines = [json.loads(line) for line in p.output.splitlines() if line.startswith("{")]
+    access_lines = [e for e in lines if e.get("logger") == "taskservice.access"]
+    calls = [(e["grpc.method"], e["grpc.code"], e["fault"]) for e in access_lines]
+    get = ("tasks.v1.TaskService/GetTask", "NOT_FOUND", "caller")
+    if access == "off":
+        assert calls == []
+    elif access == "on":  # health checks (wait_serving) are not logged
+        assert calls == [get]
+    else:
+        assert calls[-1] == get and len(calls) >= 2
+        assert set(calls[:-1]) == {("grpc.health.v1.Health/Check", "OK", "none")}
 
 
 def _unshare_works() -> bool:

@@ -130,7 +130,7 @@ async def test_calls_arrive_by_method_and_code_with_latency(
             lambda: len([s for s in receiver.spans() if s.name == GET]) >= 3 and receiver.spans()
         )
         codes = sorted(
-            next(a.value.string_value for a in s.attributes if a.key == "rpc.grpc.status_code")
+            next(a.value.string_value for a in s.attributes if a.key == "rpc.response.status_code")
             for s in spans
             if s.name == GET
         )
@@ -154,6 +154,13 @@ async def traced_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     else:
         made = firestore_store(request.getfixturevalue("emulator").host)
     yield made
+
+
+def request_emulator_host(store: TaskStore) -> str:
+    """host:port of the emulator a Firestore store calls (its channel's target)."""
+    target = getattr(store, "target", "")
+    assert target.startswith("dns:///127.0.0.1:"), target
+    return str(target).removeprefix("dns:///")
 
 
 @pytest.mark.parametrize("header", ["traceparent", "x-cloud-trace-context"])
@@ -196,17 +203,18 @@ async def test_a_call_span_joins_the_callers_trace_with_store_children(
                 assert server.start_time_unix_nano <= child.start_time_unix_nano
                 assert child.end_time_unix_nano <= server.end_time_unix_nano
             durations = receiver.latest("grpc.client.attempt.duration")
+            # gRFC A66: client metrics carry the channel's canonical target.
+            target = "dns:///" + request_emulator_host(traced_store)
             assert (
                 ("grpc.method", "google.firestore.v1.Firestore/Commit"),
                 ("grpc.status", "OK"),
+                ("grpc.target", target),
             ) in durations
         else:
             assert [s.name for s in children] == ["sqlite.commit"]
         # The call's log lines name the same trace and span.
         access = [
-            e
-            for e in _lines(captured)
-            if e.get("grpc.method") == "/tasks.v1.TaskService/UpdateTask"
+            e for e in _lines(captured) if e.get("grpc.method") == "tasks.v1.TaskService/UpdateTask"
         ]
         assert len(access) == 1, access
         assert access[0]["logging.googleapis.com/trace"] == f"projects/demo-proj/traces/{trace_id}"
@@ -234,7 +242,8 @@ async def test_an_unsampled_caller_is_not_traced_but_counted(
         )
         await flush(running)
         durations = await receiver.wait_for(lambda: receiver.latest("grpc.server.call.duration"))
-        assert ((("grpc.method", GET), ("grpc.status", "NOT_FOUND"))) in durations
+        key = (("grpc.method", GET), ("grpc.status", "NOT_FOUND"), ("taskservice.fault", "caller"))
+        assert key in durations
         assert not [s for s in receiver.spans() if s.trace_id.hex() == trace_id]
     finally:
         await running.close()

@@ -270,7 +270,7 @@ async def test_the_workers_log_lines_never_interleave(tmp_path: Path) -> None:
             json.loads(line)
         except ValueError:
             broken.append(line[:160])
-    access = [line for line in lines if "/tasks.v1.TaskService/GetTask" in line]
+    access = [line for line in lines if "tasks.v1.TaskService/GetTask" in line]
     record("workers_log_lines", lines=len(lines), broken=len(broken), access_lines=len(access))
     assert not broken, broken[:3]
     assert len(access) == 150 * 16

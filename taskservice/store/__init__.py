@@ -75,7 +75,11 @@ def open_store(config: Config) -> TaskStore:
     Firestore store needs config.project (the entry point discovers it from
     the credentials when it is not set)."""
     if config.store == "firestore":
-        from taskservice.store.channels import firestore_channel
+        from taskservice.store.channels import (
+            FIRESTORE_HOST,
+            canonical_target,
+            firestore_channel,
+        )
         from taskservice.store.firestore import MAX_COMMIT_BYTES, FirestoreStore
 
         if not config.project:
@@ -92,6 +96,7 @@ def open_store(config: Config) -> TaskStore:
             watch_retention_seconds=config.watch_retention_seconds,
             listen_channel=listen.channel,
             verify_listen=bool(config.firestore_emulator_host),
+            target=canonical_target(config.firestore_emulator_host or FIRESTORE_HOST),
         )
     from taskservice.store.sqlite import SqliteStore
 

@@ -60,6 +60,14 @@ def discover_project() -> str:
     return str(project)
 
 
+def canonical_target(target: str) -> str:
+    """A channel target as gRFC A66's grpc.target names it: with its scheme
+    (dns:/// unless it has one)."""
+    if "://" in target or target.startswith(("unix:", "ipv4:", "ipv6:", "dns:")):
+        return target
+    return f"dns:///{target}"
+
+
 def firestore_channel(
     config: Config,
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,

@@ -231,8 +231,11 @@ class FirestoreStore:
         watch_retention_seconds: float = 3540.0,
         listen_channel: grpc.aio.Channel | None = None,
         verify_listen: bool = False,
+        target: str = "",
     ) -> None:
         self._channel = channel
+        # The channels' target as gRFC A66 names it (grpc.target in metrics).
+        self.target = target
         # On the emulator only: check each Listen snapshot against a read at
         # its read time (taskservice.store.firestore_watch).
         self.verify_listen = verify_listen
@@ -670,6 +673,7 @@ class FirestoreStore:
 
     def use_telemetry(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
+        telemetry.firestore_target = self.target
 
     async def close(self) -> None:
         await self._watcher.close()
