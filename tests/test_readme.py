@@ -17,11 +17,14 @@ from tests.helpers import loud_skip
 from tests.readme_blocks import readme_blocks, run_block, start_each_line
 
 # What legitimately differs between two runs of the same example: times,
-# etags, and opaque tokens (resume and page tokens).
+# etags, opaque tokens (resume and page tokens), and who noticed a passed
+# deadline first (grpcurl's own "context deadline exceeded", or the server's
+# DEADLINE_EXCEEDED status arriving a moment before it).
 _VOLATILE = [
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?Z?"), "<TIME>"),
     (re.compile(r"\b[0-9a-f]{16}\b"), "<ETAG>"),
     (re.compile(r"[A-Za-z0-9_-]{32,}"), "<TOKEN>"),
+    (re.compile(r"Message: (context deadline exceeded|Deadline Exceeded)"), "Message: <DEADLINE>"),
 ]
 
 
