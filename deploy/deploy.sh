@@ -13,10 +13,11 @@
 # What it does, in order (each command is printed before it runs; every one
 # is a GA gcloud command, tests/test_deploy.py checks them against gcloud):
 #   1. enables the APIs (Cloud Run, Firestore, Artifact Registry, Cloud Build,
-#      Cloud Logging, Cloud Monitoring, Cloud Trace);
+#      Cloud Logging, Cloud Monitoring, Cloud Trace, Telemetry);
 #   2. creates the runtime service account with roles/datastore.user, and with
 #      --telemetry gcp (the default) roles/monitoring.metricWriter and
-#      roles/cloudtrace.agent to export OpenTelemetry metrics and traces;
+#      roles/telemetry.tracesWriter to export OpenTelemetry metrics and traces
+#      (OTLP to the Telemetry API, telemetry.googleapis.com);
 #   3. creates the Firestore database if it is missing, then the composite
 #      indexes, index exemptions and the request-id TTL policy
 #      (deploy/firestore.indexes.json, via deploy/index_commands.py);
@@ -104,7 +105,7 @@ echo "# image ${image}; runtime service account ${sa}"
 echo "# 1. APIs"
 run gcloud services enable run.googleapis.com firestore.googleapis.com \
   artifactregistry.googleapis.com cloudbuild.googleapis.com logging.googleapis.com \
-  monitoring.googleapis.com cloudtrace.googleapis.com \
+  monitoring.googleapis.com cloudtrace.googleapis.com telemetry.googleapis.com \
   --project "$project"
 
 echo "# 2. Runtime service account: Firestore access only"
@@ -114,7 +115,7 @@ run_if_absent gcloud iam service-accounts describe "$sa" --project "$project" --
 run gcloud projects add-iam-policy-binding "$project" \
   --member "serviceAccount:${sa}" --role roles/datastore.user --condition None
 if [ "$telemetry" = "gcp" ]; then
-  for role in roles/monitoring.metricWriter roles/cloudtrace.agent; do
+  for role in roles/monitoring.metricWriter roles/telemetry.tracesWriter; do
     run gcloud projects add-iam-policy-binding "$project" \
       --member "serviceAccount:${sa}" --role "$role" --condition None
   done

@@ -23,6 +23,8 @@ _PROJECT = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]|demo-[a-z0-9-]{1,60}")
 _HOST_PORT = re.compile(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}")
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+# Google's OTLP endpoint (the Telemetry API): TASKSERVICE_TELEMETRY=gcp exports here.
+GCP_TELEMETRY_ENDPOINT = "https://telemetry.googleapis.com"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Firestore reads at a past time go back one hour; a minute less leaves room
 # for the time a resumed watch takes to start reading.
@@ -147,13 +149,13 @@ SETTINGS: tuple[Setting, ...] = (
         "TASKSERVICE_TELEMETRY",
         "off",
         "off, otlp (OpenTelemetry metrics and traces to OTEL_EXPORTER_OTLP_ENDPOINT) or gcp"
-        " (Cloud Monitoring and Cloud Trace)",
+        " (the same, to Google's Telemetry API: Cloud Monitoring and Cloud Trace)",
     ),
     Setting(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "http://localhost:4317",
         "the OpenTelemetry collector (OTLP over gRPC) for TASKSERVICE_TELEMETRY=otlp;"
-        " http:// is plaintext",
+        " http:// is plaintext. With gcp: https://telemetry.googleapis.com unless set",
     ),
     Setting(
         "TASKSERVICE_TRACE_SAMPLE_RATIO",
@@ -354,11 +356,18 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
             )
         retention = FIRESTORE_MAX_RETENTION_SECONDS
     telemetry = _choice(env, "TASKSERVICE_TELEMETRY", "off", ("off", "otlp", "gcp"))
-    otlp_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4317"
+    otlp_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or (
+        GCP_TELEMETRY_ENDPOINT if telemetry == "gcp" else "http://localhost:4317"
+    )
     if not re.fullmatch(r"https?://[^/\s]+(:\d+)?/?", otlp_endpoint):
         raise ConfigError(
             f"OTEL_EXPORTER_OTLP_ENDPOINT={otlp_endpoint!r} must be http://host:port"
             " (plaintext) or https://host:port"
+        )
+    if telemetry == "gcp" and not otlp_endpoint.startswith("https://"):
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_ENDPOINT={otlp_endpoint!r}: TASKSERVICE_TELEMETRY=gcp sends"
+            " credentials, so only over TLS (https://)"
         )
     sample_ratio = _float(env, "TASKSERVICE_TRACE_SAMPLE_RATIO", 0.01, 0.0, 1.0)
     metrics_interval = _float(env, "TASKSERVICE_METRICS_INTERVAL_SECONDS", 60.0, 0.1, 3600.0)

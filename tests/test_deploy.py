@@ -106,7 +106,7 @@ def test_dry_run_prints_the_whole_plan_in_order() -> None:
     assert roles.count("roles/datastore.user") == 1  # the runtime account's data access
     assert roles.count("roles/run.invoker") == 2
     # and, with --telemetry gcp (the default), writing metrics and traces only
-    telemetry = {"roles/monitoring.metricWriter", "roles/cloudtrace.agent"}
+    telemetry = {"roles/monitoring.metricWriter", "roles/telemetry.tracesWriter"}
     assert set(roles) == {"roles/datastore.user", "roles/run.invoker", *telemetry}
     quiet = _dry_run("--telemetry", "off")
     assert not telemetry & set(re.findall(r"--role (\S+)", quiet))

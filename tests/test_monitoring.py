@@ -9,6 +9,7 @@ extract are the ones a real access line of a real server carries.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -25,7 +26,9 @@ from google.cloud.monitoring_dashboard_v1.types import Dashboard
 from google.cloud.monitoring_v3.types import AlertPolicy
 from tasks.v1 import task_service_pb2 as pb
 
-from harness import start_server
+from harness import Emulator, firestore_store, start_server
+from harness.otlp import start_receiver
+from taskservice.config import Config
 from taskservice.store.sqlite import SqliteStore
 from taskservice.telemetry import SERVER_ERROR_CODES
 from tests.helpers import create_request
@@ -189,3 +192,48 @@ def test_deploy_applies_them_after_the_service() -> None:
     assert (rendered / "dashboard.json").is_file()
     for path in (rendered / "alerts").glob("*.json"):
         assert _json(path)["notificationChannels"] == [CHANNEL]
+
+
+OTEL_METRIC = re.compile(r'\{"([a-z][a-z0-9_.]*?)(?:_bucket|_count|_sum)?"[,}]')
+
+
+async def test_the_dashboards_opentelemetry_tiles_read_what_the_server_exports(
+    rendered: dict[str, list[tuple[str, Path]]], emulator: Emulator
+) -> None:
+    """The OpenTelemetry tiles query the metrics as the Telemetry API stores
+    OTLP (names and attribute keys as sent, quoted for PromQL): each metric and
+    label they name is one a real server exports over OTLP."""
+    ((_, path),) = rendered["dashboard"]
+    queries = [
+        data_set["timeSeriesQuery"]["prometheusQuery"]
+        for tile in _json(path)["mosaicLayout"]["tiles"]
+        for data_set in tile["widget"].get("xyChart", {}).get("dataSets", [])
+    ]
+    # (workload.googleapis.com was the deprecated Cloud Monitoring exporter's domain)
+    assert not [q for q in queries if "workload_googleapis_com" in q]
+    otel = [q for q in queries if OTEL_METRIC.search(q)]
+    assert len(otel) == 2, otel  # server latency, Firestore RPC latency
+    receiver = await start_receiver()
+    config = Config(
+        host="127.0.0.1", port=0, telemetry="otlp", otlp_endpoint=receiver.endpoint,
+        metrics_interval_seconds=1.0,
+    )  # fmt: skip
+    store = firestore_store(emulator.host)  # the Firestore tile: its RPCs' metrics
+    running = await start_server(store, config)
+    try:
+        task = await running.stub.CreateTask(create_request("exported"))
+        await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
+        telemetry = running.server.telemetry
+        assert telemetry is not None
+        await asyncio.to_thread(telemetry.flush)
+        for query in otel:
+            for metric in OTEL_METRIC.findall(query):
+                points = await receiver.wait_for(lambda m=metric: receiver.points(m))
+                by = re.search(r"by \(([^)]*)\)", query)
+                labels = {b.strip().strip('"') for b in by.group(1).split(",")} if by else set()
+                assert labels - {"le"} <= set(points[0].attributes), (metric, labels)
+    finally:
+        await running.close()
+        await store.close()
+        assert receiver.server is not None
+        await receiver.server.stop(0)
