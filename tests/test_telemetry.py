@@ -420,3 +420,37 @@ async def test_gcp_exports_otlp_over_tls_with_googles_credentials(
         assert receiver.server is not None
         await receiver.server.stop(0)
         tokens.shutdown()
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+async def test_on_cloud_run_its_sampling_decision_is_followed_not_the_ratio(
+    receiver: Receiver, tmp_path: Path, ratio: float
+) -> None:
+    """Cloud Run puts a traceparent on every request, sampled (flag 01) for
+    about 0.1 requests/s per instance: the server follows that flag whatever
+    TASKSERVICE_TRACE_SAMPLE_RATIO says, so that its spans join the traces
+    Cloud Run records and no span hangs from a request span Cloud Run did not
+    keep. The ratio applies only to calls that arrive without a trace header."""
+    running = await start_server(
+        SqliteStore(tmp_path / "t.db"),
+        telemetry_config(receiver.endpoint, trace_sample_ratio=ratio),
+    )
+    try:
+        task = await running.stub.CreateTask(create_request("sampled?"))  # no header
+        traces = {flag: uuid.uuid4().hex for flag in ("01", "00")}
+        for flag, trace_id in traces.items():
+            header = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-{flag}"
+            await running.stub.GetTask(
+                pb.GetTaskRequest(name=task.name), metadata=(("traceparent", header),)
+            )
+        await flush(running)
+        await receiver.wait_for(
+            lambda: any(s.trace_id.hex() == traces["01"] for s in receiver.spans())
+        )
+        await flush(running)  # anything else pending has been sent too
+        traced = {s.trace_id.hex() for s in receiver.spans()}
+        assert traces["00"] not in traced  # Cloud Run did not sample it: neither do we
+        headerless = [s for s in receiver.spans() if s.name.endswith("/CreateTask")]
+        assert len(headerless) == (1 if ratio == 1.0 else 0)  # only here does the ratio decide
+    finally:
+        await running.close()
