@@ -376,3 +376,32 @@ def test_a_real_run_executes_what_the_dry_run_printed_and_a_second_one_updates(
         assert list(policy.notification_channels) == ["projects/demo-proj/notificationChannels/42"]
     finally:
         apis.stop()
+
+
+def test_cpu_stays_allocated_between_requests(tmp_path: Path) -> None:
+    """Access lines are written just after a response and OpenTelemetry exports
+    on background threads: the manifest keeps CPU allocated between requests
+    (instance-based billing), the schema insists on it, and docs/capacity.md
+    states what it costs."""
+    import yaml
+
+    manifest = yaml.safe_load((DEPLOY / "service.yaml").read_text())
+    annotations = manifest["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["run.googleapis.com/cpu-throttling"] == "false"
+    throttled = (
+        (DEPLOY / "service.yaml")
+        .read_text()
+        .replace('cpu-throttling: "false"', 'cpu-throttling: "true"')
+    )
+    path = tmp_path / "throttled.yaml"
+    path.write_text(throttled)
+    schema = subprocess.run(
+        [_tool("check-jsonschema"), "--schemafile", str(DEPLOY / "service.schema.json"), str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert schema.returncode != 0 and "cpu-throttling" in schema.stdout
+    capacity = (ROOT / "docs" / "capacity.md").read_text()
+    section = capacity.split("## CPU between requests", 1)[1].split("\n## ", 1)[0]
+    assert "instance-based" in section and "per month" in section
+    assert re.search(r"no request in flight", section)  # the measurement is in it
