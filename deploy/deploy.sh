@@ -79,6 +79,20 @@ run_if_absent() {  # CHECK... -- CREATE...: prints `CHECK || CREATE`; runs CREAT
   [ "$dry_run" -eq 1 ] && return 0
   "${check[@]}" >/dev/null 2>&1 || "${create[@]}"
 }
+run_until_visible() {  # like run, but a real run retries while a new service account is not yet visible
+  printf '+ %s\n' "$(printf '%q ' "$@" | sed 's/ $//')"
+  [ "$dry_run" -eq 1 ] && return 0
+  local try err
+  for try in 1 2 3 4 5 6 7 8 9 10 11 12; do
+    # (stdout is the project's whole IAM policy: not shown)
+    if err=$("$@" 2>&1 >/dev/null); then return 0; fi
+    grep -qi "does not exist" <<<"$err" || { echo "$err" >&2; return 1; }
+    echo "# (IAM does not see the new service account yet: trying again in 5 s, ${try}/12)"
+    sleep 5
+  done
+  echo "$err" >&2
+  return 1
+}
 run_tolerating_exists() {  # an index that already exists is not an error
   printf '+ %s\n' "$*"
   [ "$dry_run" -eq 1 ] && return 0
@@ -112,11 +126,12 @@ echo "# 2. Runtime service account: Firestore access only"
 run_if_absent gcloud iam service-accounts describe "$sa" --project "$project" -- \
   gcloud iam service-accounts create "$sa_name" --project "$project" \
   --display-name "TaskService on Cloud Run"
-run gcloud projects add-iam-policy-binding "$project" \
+# IAM sees a service account created a moment ago only after seconds (eventual consistency).
+run_until_visible gcloud projects add-iam-policy-binding "$project" \
   --member "serviceAccount:${sa}" --role roles/datastore.user --condition None
 if [ "$telemetry" = "gcp" ]; then
   for role in roles/monitoring.metricWriter roles/telemetry.tracesWriter; do
-    run gcloud projects add-iam-policy-binding "$project" \
+    run_until_visible gcloud projects add-iam-policy-binding "$project" \
       --member "serviceAccount:${sa}" --role "$role" --condition None
   done
 fi

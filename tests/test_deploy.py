@@ -310,12 +310,23 @@ def test_the_checker_catches_what_ga_gcloud_lacks() -> None:
 
 FAKE_GCLOUD = """#!/usr/bin/env bash
 # Records each command (shell-quoted, one a line) and succeeds; `describe`
-# fails while FAKE_GCLOUD_EMPTY=1 (a project with nothing in it yet).
+# fails while FAKE_GCLOUD_EMPTY=1 (a project with nothing in it yet); the
+# first FAKE_GCLOUD_IAM_LAG IAM bindings fail as IAM does while a new service
+# account is not yet visible to it.
 printf '%q ' gcloud "$@" | sed 's/ $//' >> "$FAKE_GCLOUD_LOG"
 echo >> "$FAKE_GCLOUD_LOG"
 case "$*" in
   "auth print-access-token") echo "$FAKE_GCLOUD_TOKEN" ;;
   *" describe "*) [ "$FAKE_GCLOUD_EMPTY" = 1 ] && { echo "NOT_FOUND" >&2; exit 1; } ;;
+  *"add-iam-policy-binding"*)
+    failed=$(cat "$FAKE_GCLOUD_LOG.lag" 2>/dev/null || echo 0)
+    if [ "$failed" -lt "${FAKE_GCLOUD_IAM_LAG:-0}" ]; then
+      echo $((failed + 1)) > "$FAKE_GCLOUD_LOG.lag"
+      echo "ERROR: (gcloud.projects.add-iam-policy-binding) INVALID_ARGUMENT:" \\
+        "Service account taskservice-run@demo-proj.iam.gserviceaccount.com does not exist." >&2
+      exit 1
+    fi
+    echo "bindings: [the whole policy]" ;;
 esac
 exit 0
 """
@@ -405,3 +416,39 @@ def test_cpu_stays_allocated_between_requests(tmp_path: Path) -> None:
     section = capacity.split("## CPU between requests", 1)[1].split("\n## ", 1)[0]
     assert "instance-based" in section and "per month" in section
     assert re.search(r"no request in flight", section)  # the measurement is in it
+
+
+def test_a_new_service_accounts_bindings_wait_until_iam_sees_it(tmp_path: Path) -> None:
+    """A service account created a moment ago is not yet visible to IAM (its
+    binding fails with "does not exist" for a few seconds): a first deploy
+    retries that binding instead of stopping; any other failure stops it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "gcloud"
+    fake.write_text(FAKE_GCLOUD)
+    fake.chmod(0o755)
+    log = tmp_path / "gcloud.log"
+    apis = start_cloud_apis("ya29.test-token")
+    try:
+        env = {
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "TMPDIR": str(tmp_path),
+            "FAKE_GCLOUD_LOG": str(log),
+            "FAKE_GCLOUD_TOKEN": "ya29.test-token",
+            "FAKE_GCLOUD_EMPTY": "1",
+            "FAKE_GCLOUD_IAM_LAG": "1",
+            "TASKSERVICE_CLOUD_API_ENDPOINT": apis.endpoint,
+        }
+        out = _deploy(env=env)
+        assert "IAM does not see the new service account yet" in out
+        ran = [shlex.split(line) for line in log.read_text().splitlines()]
+        bindings = [argv for argv in ran if "add-iam-policy-binding" in argv]
+        assert [argv[argv.index("--role") + 1] for argv in bindings] == [
+            "roles/datastore.user",  # refused once, then granted
+            "roles/datastore.user",
+            "roles/monitoring.metricWriter",
+            "roles/telemetry.tracesWriter",
+        ]
+        assert "bindings:" not in out  # the policy dump is not shown
+    finally:
+        apis.stop()
