@@ -282,8 +282,13 @@ def test_every_planned_command_exists_in_ga_gcloud() -> None:
         import monitoring  # deploy/monitoring.py
     finally:
         sys.path.remove(str(DEPLOY))
-    planned = _planned(_dry_run(*EVERYTHING)) + _planned(_dry_run("--telemetry", "off"))
+    out = _dry_run(*EVERYTHING)
+    planned = _planned(out) + _planned(_dry_run("--telemetry", "off"))
+    # and the commands its closing hints tell the operator to run
+    hints = re.findall(r"\$\((gcloud (?:[^()']|'[^']*')*)\)", out)
+    assert len(hints) == 2, hints
     gcloud = [argv for argv in planned if argv[0] == "gcloud"]
+    gcloud += [shlex.split(hint) for hint in hints]
     others = [argv for argv in planned if argv[0] != "gcloud"]
     apply = [sys.executable, str(DEPLOY / "monitoring.py"), "apply", "--project", "demo-proj"]
     assert len(others) == 2 and all(argv[:5] == apply for argv in others), others
