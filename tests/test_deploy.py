@@ -246,9 +246,22 @@ def _subcommands(help_text: str) -> set[str]:
     return names
 
 
+def _choices(help_text: str, flag: str) -> set[str] | None:
+    """The values a flag's help allows (`TYPE must be one of: a, b.`), if it says."""
+    metavar = re.search(rf"(?<![\w-]){re.escape(flag)}=([A-Z][A-Z0-9_]*)", help_text)
+    if metavar is None:
+        return None
+    flat = " ".join(help_text.split())
+    listed = re.search(
+        rf"\b{metavar.group(1)} must be one of: ([a-z0-9-]+(?:, [a-z0-9-]+)*)\.", flat
+    )
+    return set(listed.group(1).split(", ")) if listed else None
+
+
 def _gcloud_problems(argv: list[str]) -> list[str]:
     """What is wrong with one gcloud command line: a path that is not a GA
-    command, or a flag its help does not name."""
+    command, a flag its help does not name, or a value outside the ones a
+    flag's help lists."""
     assert argv[0] == "gcloud", argv
     path: list[str] = []
     for token in argv[1:]:
@@ -263,11 +276,18 @@ def _gcloud_problems(argv: list[str]) -> list[str]:
     if text is None or not path or _subcommands(text):
         return [f"{shlex.join(argv)}: `{shown}` is not a GA gcloud command"]
     problems = []
-    for token in argv[len(path) + 1 :]:
+    args = argv[len(path) + 1 :]
+    for i, token in enumerate(args):
         if token.startswith("--"):
-            flag = token.split("=", 1)[0]
+            flag, eq, value = token.partition("=")
             if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text):
                 problems.append(f"{shown}: no flag {flag} in its help")
+                continue
+            allowed = _choices(text, flag)
+            if not eq and i + 1 < len(args):
+                value = args[i + 1]
+            if allowed is not None and value not in allowed:
+                problems.append(f"{shown}: {flag} {value} is not one of {sorted(allowed)}")
     return problems
 
 
@@ -311,6 +331,13 @@ def test_the_checker_catches_what_ga_gcloud_lacks() -> None:
     assert _gcloud_problems(shlex.split("gcloud run services")) != []  # a group, not a command
     good = "gcloud logging metrics create m --config-from-file f"
     assert _gcloud_problems(shlex.split(good)) == []
+    wrong = "gcloud firestore databases create --type firestore --location x"
+    assert _gcloud_problems(shlex.split(wrong)) == [
+        "gcloud firestore databases create: --type firestore is not one of"
+        " ['datastore-mode', 'firestore-native']"
+    ]
+    scope = "gcloud firestore indexes composite create --query-scope=collection --async"
+    assert _gcloud_problems(shlex.split(scope)) == []
 
 
 FAKE_GCLOUD = """#!/usr/bin/env bash
