@@ -7,12 +7,17 @@
 #                    [--telemetry gcp|off] [--notify projects/P/notificationChannels/N]...
 #                    [--dry-run]
 #
-# What it does, in order (each command is printed before it runs):
+# Needs gcloud, logged in, and a Python with this repository's deploy extra
+# (`pip install -e '.[deploy]'`; PYTHON=path picks one, else python3): both
+# are checked before anything is changed.
+# What it does, in order (each command is printed before it runs; every one
+# is a GA gcloud command, tests/test_deploy.py checks them against gcloud):
 #   1. enables the APIs (Cloud Run, Firestore, Artifact Registry, Cloud Build,
-#      Cloud Logging, Cloud Monitoring, Cloud Trace);
+#      Cloud Logging, Cloud Monitoring, Cloud Trace, Telemetry);
 #   2. creates the runtime service account with roles/datastore.user, and with
 #      --telemetry gcp (the default) roles/monitoring.metricWriter and
-#      roles/cloudtrace.agent to export OpenTelemetry metrics and traces;
+#      roles/telemetry.tracesWriter to export OpenTelemetry metrics and traces
+#      (OTLP to the Telemetry API, telemetry.googleapis.com);
 #   3. creates the Firestore database if it is missing, then the composite
 #      indexes, index exemptions and the request-id TTL policy
 #      (deploy/firestore.indexes.json, via deploy/index_commands.py);
@@ -23,14 +28,18 @@
 #   7. creates or updates the log-based metrics (calls by method and code,
 #      latency), the alert policies (server-side error ratio, p99 latency,
 #      instances near max-instances, Firestore errors; each --notify channel
-#      is told) and the dashboard, from deploy/monitoring (deploy/monitoring.py).
-# --dry-run prints the plan and the rendered manifest path and runs nothing.
+#      is told) and the dashboard, from deploy/monitoring, through the Cloud
+#      APIs' client libraries (`deploy/monitoring.py apply`: GA gcloud has no
+#      alert policy commands).
+# Run it again to update: every step is create-if-missing or an update.
+# --dry-run prints the plan (the same lines a real run prints, `A || B`
+# where B runs only when A fails) and the rendered files, and runs nothing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 project="" region="" image="" build=0 service="taskservice" database="(default)" dry_run=0
-telemetry="gcp"
+telemetry="gcp" python="${PYTHON:-python3}"
 invokers=() channels=()
 
 # The header comment above, up to the first line that is not a comment.
@@ -63,14 +72,26 @@ run() {  # prints a command, then runs it unless --dry-run
   printf '+ %s\n' "$(printf '%q ' "$@" | sed 's/ $//')"
   [ "$dry_run" -eq 1 ] || "$@"
 }
-run_if_absent() {  # CHECK... -- CREATE...: runs CREATE when CHECK fails
+run_if_absent() {  # CHECK... -- CREATE...: prints `CHECK || CREATE`; runs CREATE when CHECK fails
   local check=() create=()
   while [ "$1" != "--" ]; do check+=("$1"); shift; done; shift; create=("$@")
-  if [ "$dry_run" -eq 1 ]; then
-    printf '+ %s || %s\n' "$(printf '%q ' "${check[@]}" | sed 's/ $//')" "$(printf '%q ' "${create[@]}" | sed 's/ $//')"
-  elif ! "${check[@]}" >/dev/null 2>&1; then
-    run "${create[@]}"
-  fi
+  printf '+ %s || %s\n' "$(printf '%q ' "${check[@]}" | sed 's/ $//')" "$(printf '%q ' "${create[@]}" | sed 's/ $//')"
+  [ "$dry_run" -eq 1 ] && return 0
+  "${check[@]}" >/dev/null 2>&1 || "${create[@]}"
+}
+run_until_visible() {  # like run, but a real run retries while a new service account is not yet visible
+  printf '+ %s\n' "$(printf '%q ' "$@" | sed 's/ $//')"
+  [ "$dry_run" -eq 1 ] && return 0
+  local try err
+  for try in 1 2 3 4 5 6 7 8 9 10 11 12; do
+    # (stdout is the project's whole IAM policy: not shown)
+    if err=$("$@" 2>&1 >/dev/null); then return 0; fi
+    grep -qi "does not exist" <<<"$err" || { echo "$err" >&2; return 1; }
+    echo "# (IAM does not see the new service account yet: trying again in 5 s, ${try}/12)"
+    sleep 5
+  done
+  echo "$err" >&2
+  return 1
 }
 run_tolerating_exists() {  # an index that already exists is not an error
   printf '+ %s\n' "$*"
@@ -81,6 +102,16 @@ run_tolerating_exists() {  # an index that already exists is not an error
   fi
 }
 
+# Before anything changes: what step 7 needs (it runs after the service is live).
+if ! "$python" -c 'import google.cloud.logging_v2, google.cloud.monitoring_v3, google.cloud.monitoring_dashboard_v1' 2>/dev/null; then
+  echo "deploy.sh: ${python} lacks the Cloud client libraries step 7 uses: pip install -e '.[deploy]' (or set PYTHON)" >&2
+  exit 2
+fi
+if [ "$dry_run" -eq 0 ] && ! command -v gcloud >/dev/null 2>&1; then
+  echo "deploy.sh: gcloud is not installed" >&2
+  exit 2
+fi
+
 echo "# Deploying ${service} to project ${project}, region ${region}"
 echo "# image ${image}; runtime service account ${sa}"
 [ "$dry_run" -eq 1 ] && echo "# DRY RUN: nothing below is executed"
@@ -88,17 +119,19 @@ echo "# image ${image}; runtime service account ${sa}"
 echo "# 1. APIs"
 run gcloud services enable run.googleapis.com firestore.googleapis.com \
   artifactregistry.googleapis.com cloudbuild.googleapis.com logging.googleapis.com \
-  monitoring.googleapis.com cloudtrace.googleapis.com --project "$project"
+  monitoring.googleapis.com cloudtrace.googleapis.com telemetry.googleapis.com \
+  --project "$project"
 
 echo "# 2. Runtime service account: Firestore access only"
 run_if_absent gcloud iam service-accounts describe "$sa" --project "$project" -- \
   gcloud iam service-accounts create "$sa_name" --project "$project" \
   --display-name "TaskService on Cloud Run"
-run gcloud projects add-iam-policy-binding "$project" \
+# IAM sees a service account created a moment ago only after seconds (eventual consistency).
+run_until_visible gcloud projects add-iam-policy-binding "$project" \
   --member "serviceAccount:${sa}" --role roles/datastore.user --condition None
 if [ "$telemetry" = "gcp" ]; then
-  for role in roles/monitoring.metricWriter roles/cloudtrace.agent; do
-    run gcloud projects add-iam-policy-binding "$project" \
+  for role in roles/monitoring.metricWriter roles/telemetry.tracesWriter; do
+    run_until_visible gcloud projects add-iam-policy-binding "$project" \
       --member "serviceAccount:${sa}" --role "$role" --condition None
   done
 fi
@@ -109,7 +142,7 @@ run_if_absent gcloud firestore databases describe --database "$database" --proje
   --type firestore-native --project "$project"
 while IFS= read -r cmd; do
   run_tolerating_exists "$cmd"
-done < <(python3 "$here/index_commands.py" "$here/firestore.indexes.json" \
+done < <("$python" "$here/index_commands.py" "$here/firestore.indexes.json" \
           --project "$project" --database "$database")
 
 if [ "$build" -eq 1 ]; then
@@ -124,7 +157,7 @@ echo "# 5. Cloud Run service (end-to-end HTTP/2, no public access)"
 rendered=$(mktemp "${TMPDIR:-/tmp}/${service}-service.XXXXXX.yaml")
 SERVICE="$service" REGION="$region" PROJECT_ID="$project" IMAGE="$image" \
 SERVICE_ACCOUNT="$sa" DATABASE="$database" TELEMETRY="$telemetry" \
-python3 - "$here/service.yaml" "$rendered" <<'PY'
+"$python" - "$here/service.yaml" "$rendered" <<'PY'
 import os, re, sys
 text = open(sys.argv[1]).read()
 names = ("SERVICE", "REGION", "PROJECT_ID", "IMAGE", "SERVICE_ACCOUNT", "DATABASE", "TELEMETRY")
@@ -145,52 +178,14 @@ done
 [ ${#invokers[@]} -gt 0 ] || echo "# (no --invoker given: only project owners can call it)"
 
 echo "# 7. Monitoring: log-based metrics, alert policies, dashboard (deploy/monitoring)"
-apply_log_metric() {  # NAME FILE: update it when it exists, else create it
-  if [ "$dry_run" -eq 0 ] && gcloud logging metrics describe "$1" --project "$project" >/dev/null 2>&1; then
-    run gcloud logging metrics update "$1" --config-from-file "$2" --project "$project"
-  else
-    run gcloud logging metrics create "$1" --config-from-file "$2" --project "$project"
-  fi
-}
-apply_policy() {  # DISPLAY_NAME FILE: the policy of that name is updated, else created
-  local existing=""
-  [ "$dry_run" -eq 1 ] || existing=$(gcloud monitoring policies list --project "$project" \
-    --filter "displayName=\"$1\"" --format 'value(name)' | head -n 1)
-  if [ -n "$existing" ]; then
-    run gcloud monitoring policies update "$existing" --policy-from-file "$2" --project "$project"
-  else
-    run gcloud monitoring policies create --policy-from-file "$2" --project "$project"
-  fi
-}
-apply_dashboard() {  # DISPLAY_NAME FILE: an update carries the current etag
-  local existing="" etag=""
-  [ "$dry_run" -eq 1 ] || existing=$(gcloud monitoring dashboards list --project "$project" \
-    --filter "displayName=\"$1\"" --format 'value(name)' | head -n 1)
-  if [ -n "$existing" ]; then
-    etag=$(gcloud monitoring dashboards describe "$existing" --project "$project" --format 'value(etag)')
-    python3 - "$2" "$etag" <<'PY'
-import json, sys
-body = json.load(open(sys.argv[1]))
-body["etag"] = sys.argv[2]
-json.dump(body, open(sys.argv[1], "w"), indent=2)
-PY
-    run gcloud monitoring dashboards update "$existing" --config-from-file "$2" --project "$project"
-  else
-    run gcloud monitoring dashboards create --config-from-file "$2" --project "$project"
-  fi
-}
 monitoring=$(mktemp -d "${TMPDIR:-/tmp}/${service}-monitoring.XXXXXX")
 notify_args=()
 for channel in "${channels[@]}"; do notify_args+=(--notify "$channel"); done
-while IFS=$'\t' read -r kind name file; do
-  case "$kind" in
-    metric) apply_log_metric "$name" "$file" ;;
-    policy) apply_policy "$name" "$file" ;;
-    dashboard) apply_dashboard "$name" "$file" ;;
-  esac
-done < <(python3 "$here/monitoring.py" --service "$service" --project "$project" \
-          --database "$database" --out "$monitoring" "${notify_args[@]}")
+"$python" "$here/monitoring.py" render --service "$service" --project "$project" \
+  --database "$database" \
+  --out "$monitoring" "${notify_args[@]}" | sed 's/^/# rendered /'
 echo "# rendered monitoring: ${monitoring}"
+run "$python" "$here/monitoring.py" apply --project "$project" "$monitoring"
 [ ${#channels[@]} -gt 0 ] || echo "# (no --notify given: the alerts open incidents but tell no one)"
 
 echo "# Call it:"

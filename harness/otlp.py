@@ -1,7 +1,10 @@
 """A small OTLP/gRPC receiver (the collector's trace and metrics services) for tests and bench.
 
-It keeps every export request it is sent, and reads them back as spans and
-as metric data points with their attributes.
+It keeps every export request it is sent, with the request's metadata, and
+reads them back as spans and as metric data points with their attributes.
+With tls=(key PEM, certificate PEM) it listens over TLS, as the Telemetry API
+(telemetry.googleapis.com) does, so that a test sees the bearer token a
+Google-authenticated exporter sends.
 """
 
 from __future__ import annotations
@@ -39,12 +42,21 @@ class Point:
 class Receiver:
     traces: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
     metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # each export's metadata
     server: grpc.aio.Server | None = None
     port: int = 0
+    tls: bool = False
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def resources(self) -> list[dict[str, Any]]:
+        """The resource attributes of every export, spans' and metrics'."""
+        found = [attributes(r.resource.attributes) for t in self.traces for r in t.resource_spans]
+        for request in self.metrics:
+            found += [attributes(r.resource.attributes) for r in request.resource_metrics]
+        return found
 
     def spans(self) -> list[trace_pb2.Span]:
         return [
@@ -90,6 +102,7 @@ class _Traces(trace_service_pb2_grpc.TraceServiceServicer):
         self.receiver = receiver
 
     async def Export(self, request: Any, context: Any) -> Any:
+        self.receiver.headers.append(dict(context.invocation_metadata()))
         self.receiver.traces.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -99,16 +112,21 @@ class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.receiver = receiver
 
     async def Export(self, request: Any, context: Any) -> Any:
+        self.receiver.headers.append(dict(context.invocation_metadata()))
         self.receiver.metrics.append(request)
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
-async def start_receiver() -> Receiver:
-    receiver = Receiver()
+async def start_receiver(tls: tuple[bytes, bytes] | None = None) -> Receiver:
+    receiver = Receiver(tls=tls is not None)
     server = grpc.aio.server()
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(receiver), server)
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(receiver), server)
-    receiver.port = server.add_insecure_port("127.0.0.1:0")
+    if tls is None:
+        receiver.port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        credentials = grpc.ssl_server_credentials([tls])
+        receiver.port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     receiver.server = server
     return receiver

@@ -100,12 +100,14 @@ def otel_histogram_series(
     resource: Mapping[str, str],
 ) -> None:
     """Adds an OTLP histogram's increase between two cumulative snapshots
-    (harness.otlp.Receiver.latest) as Cloud Monitoring names it for
-    PromQL: `workload_googleapis_com:` + the name with dots as underscores,
-    attributes likewise, plus the resource labels given (job)."""
-    name = "workload_googleapis_com:" + metric.replace(".", "_")
+    (harness.otlp.Receiver.latest) as Cloud Monitoring names what arrives by
+    OTLP (the Telemetry API) for PromQL: the OpenTelemetry name and attribute
+    names as they are, dots included (queried quoted:
+    `{"grpc.server.call.duration_bucket"}`), plus the resource labels given
+    (job)."""
+    name = metric
     for key, point in after.items():
-        labels = {k.replace(".", "_"): str(v) for k, v in key}
+        labels = {k: str(v) for k, v in key}
         counts = list(point.bucket_counts)
         earlier = before.get(key)
         if earlier is not None:
@@ -158,11 +160,19 @@ def _eval(node: Any, series: Series) -> Any:
 
 
 def _select(selector: Any, series: Series) -> Vector:
-    found = series.increases.get(selector.name, {})
+    """metric{...}, or {"quoted.name", ...} (the name as a __name__ matcher)."""
+    matchers = list(selector.matchers.matchers)
+    name = selector.name
+    if name is None:
+        [named] = [m for m in matchers if m.name == "__name__"]
+        assert str(named.op) == "MatchOp.Equal", named
+        name = named.value
+    matchers = [m for m in matchers if m.name != "__name__"]
+    found = series.increases.get(name, {})
     out: Vector = {}
     for labels, value in found.items():
         have = dict(labels)
-        if all(_matches(m, have.get(m.name, "")) for m in selector.matchers.matchers):
+        if all(_matches(m, have.get(m.name, "")) for m in matchers):
             out[labels] = value
     return out
 

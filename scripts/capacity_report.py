@@ -3,7 +3,8 @@
 Usage: python scripts/capacity_report.py [OUT]   (default: docs/capacity.md)
 
 Every number is computed here from measurements (docs/benchmarks.json from
-`python -m bench`, docs/workers.json from `python -m bench.workers`) or from
+`python -m bench`, docs/workers.json from `python -m bench.workers`,
+docs/idle.json from `python -m bench.idle`) or from
 a published figure quoted below with its source and the date it was read.
 Regenerate after a benchmark run.
 """
@@ -46,10 +47,18 @@ BILLED = {
 }
 # Prices, USD. Cloud Run, Tier 1 regions, from cloud.google.com/run/pricing
 # (read on READ_ON): request-based billing (CPU only while serving) $0.000024
-# per vCPU-second, $0.0000025 per GiB-second, $0.40 per million requests.
+# per vCPU-second, $0.0000025 per GiB-second, $0.40 per million requests;
+# instance-based billing (CPU always allocated, what deploy/service.yaml
+# sets) $0.000018 per vCPU-second, $0.000002 per GiB-second, no request fee.
 RUN_VCPU_SECOND = 0.000024
 RUN_GIB_SECOND = 0.0000025
 RUN_PER_MILLION_REQUESTS = 0.40
+INSTANCE_VCPU_SECOND = 0.000018
+INSTANCE_GIB_SECOND = 0.000002
+# An instance with no request left is kept (and, instance-billed, billed) for
+# up to this long before Cloud Run shuts it down (minScale 0).
+IDLE_KEPT_MINUTES = 15
+HOURS_PER_MONTH = 730
 MEMORY_GIB = 0.5  # deploy/service.yaml
 # Firestore Standard edition, per 100,000 documents. The official page
 # (cloud.google.com/firestore/pricing) renders its per-location table from a
@@ -65,6 +74,7 @@ SOURCES = {
     "best": "https://cloud.google.com/firestore/docs/best-practices",
     "quotas": "https://cloud.google.com/firestore/quotas",
     "run_pricing": "https://cloud.google.com/run/pricing",
+    "run_billing": "https://cloud.google.com/run/docs/configuring/billing-settings",
     "run_cpu": "https://cloud.google.com/run/docs/configuring/services/cpu",
 }
 
@@ -83,6 +93,8 @@ def main() -> int:
     bench = json.loads((DOCS / "benchmarks.json").read_text())
     workers_path = DOCS / "workers.json"
     workers = json.loads(workers_path.read_text()) if workers_path.exists() else None
+    idle_path = DOCS / "idle.json"
+    idle = json.loads(idle_path.read_text()) if idle_path.exists() else None
     cpu = cpu_per_call(bench)
     mix_cpu_us = sum(MIX[m] * cpu[m] for m in MIX)
     per_vcpu = 1e6 / mix_cpu_us  # calls/s one fully busy vCPU serves
@@ -245,13 +257,15 @@ def main() -> int:
         " throughput is its JVM's), and its latency is loopback's. Those need a load test"
         " against a real database, ramped by the 500/50/5 rule.",
         "",
+        *cpu_between_requests(idle),
         "## Cost per million calls",
         "",
-        f"Cloud Run request-based billing ({SOURCES['run_pricing']}: ${RUN_VCPU_SECOND:.6f} per"
-        f" vCPU-second, ${RUN_GIB_SECOND:.7f} per GiB-second for {MEMORY_GIB} GiB,"
-        f" ${RUN_PER_MILLION_REQUESTS:.2f} per million requests) bills an instance's vCPU"
-        f" while it serves; at the {TARGET_UTILIZATION:.0%} utilization it scales to, that"
-        f" is the CPU measured above ÷ {TARGET_UTILIZATION}. Firestore at"
+        f"Cloud Run instance-based billing, as deployed ({SOURCES['run_pricing']}:"
+        f" ${INSTANCE_VCPU_SECOND:.6f} per vCPU-second, ${INSTANCE_GIB_SECOND:.6f} per"
+        f" GiB-second for {MEMORY_GIB} GiB, no request fee) bills an instance while it"
+        f" lives; at the {TARGET_UTILIZATION:.0%} utilization Cloud Run scales to under"
+        f" load, that is the CPU measured above ÷ {TARGET_UTILIZATION} (idle time is in the"
+        f" section above). Firestore at"
         f" ${FIRESTORE_PER_100K['reads']}/${FIRESTORE_PER_100K['writes']}/"
         f"${FIRESTORE_PER_100K['deletes']} per 100,000 reads/writes/deletes (see the note in"
         f" `scripts/capacity_report.py` on prices by location).",
@@ -262,8 +276,7 @@ def main() -> int:
     ]
     for method in MIX:
         seconds = cpu[method] / 1e6 / TARGET_UTILIZATION  # billed vCPU-seconds
-        run = 1e6 * seconds * (RUN_VCPU_SECOND + RUN_GIB_SECOND * MEMORY_GIB)
-        run += RUN_PER_MILLION_REQUESTS
+        run = 1e6 * seconds * (INSTANCE_VCPU_SECOND + INSTANCE_GIB_SECOND * MEMORY_GIB)
         r, w, d = BILLED[method]
         fire = 10 * (
             r * FIRESTORE_PER_100K["reads"]
@@ -286,6 +299,79 @@ def main() -> int:
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
     return 0
+
+
+def cpu_between_requests(idle: dict[str, Any] | None) -> list[str]:
+    """Why deploy/service.yaml keeps CPU allocated between requests, and its cost."""
+    instance_s = INSTANCE_VCPU_SECOND + INSTANCE_GIB_SECOND * MEMORY_GIB
+    request_s = RUN_VCPU_SECOND + RUN_GIB_SECOND * MEMORY_GIB
+    hour = 3600 * instance_s
+    lines = [
+        "## CPU between requests",
+        "",
+        'deploy/service.yaml sets `run.googleapis.com/cpu-throttling: "false"`:'
+        " instance-based billing, CPU allocated for an instance's whole life"
+        f" ([billing settings]({SOURCES['run_billing']})). Under the default, request-based"
+        " billing, an instance has CPU only while a request is in flight, and after its"
+        " last response TaskService still has work to do: the access line (written up to"
+        " 50 ms after the response; the log-based metrics and alerts read it), the span"
+        " exports (a background thread, every 5 s at most) and the metric exports (another"
+        " thread, every 60 s). All of it would stall until the instance's next request; an"
+        " instance that goes idle would send its last minute of metrics only when it is"
+        f" shut down, up to {IDLE_KEPT_MINUTES} minutes later, or never if it is killed.",
+        "",
+        "Flushing before each response completes was the alternative, and was not chosen:"
+        " a metric or span export is a network call to Google that every call would wait"
+        " for (milliseconds to tens of milliseconds, against a GetTask's ~1 ms of CPU),"
+        " Cloud Monitoring takes at most one point per series every few seconds, and an"
+        " idle instance's export still needs CPU when no request is there to lend it.",
+        "",
+    ]
+    if idle:
+        lines += [
+            f"Measured (`python -m bench.idle`, {idle['date']}: a server process with"
+            f" telemetry on and metrics every {idle['metrics_interval_seconds']} s serves"
+            f" {idle['burst_calls']} calls, then nothing for {idle['idle_seconds']:.0f} s):"
+            f" {idle['exports_while_idle']} metric exports arrived with no request in flight,"
+            f" the first {idle['first_export_after_last_response_s']} s after the last"
+            f" response (it carries the last calls' figures), and the idle process used"
+            f" {idle['cpu_ms_per_idle_minute']:.0f} ms of CPU per minute"
+            f" ({idle['cpu_ms_per_idle_minute'] / 600:.2f}% of one vCPU). The allocated CPU"
+            " is what is paid for; it is almost unused while idle.",
+            "",
+        ]
+    lines += [
+        f"The cost ({SOURCES['run_pricing']}, 1 vCPU and {MEMORY_GIB} GiB per instance):",
+        "",
+        "| | instance-based (deployed) | request-based (the default) |",
+        "| --- | --- | --- |",
+        f"| per second an instance is billed | ${instance_s:.7f} | ${request_s:.7f}"
+        f" + ${RUN_PER_MILLION_REQUESTS:.2f} per million requests |",
+        "| billed while | the instance exists (starting, serving, idle) | at least one"
+        " request is in flight (a WatchTasks stream counts: a watched instance is billed"
+        " throughout either way) |",
+        f"| an instance kept busy for a month ({HOURS_PER_MONTH} h) |"
+        f" ${hour * HOURS_PER_MONTH:,.2f} | ${3600 * request_s * HOURS_PER_MONTH:,.2f} +"
+        " requests |",
+        f"| an instance idle after its last call, until Cloud Run removes it (up to"
+        f" {IDLE_KEPT_MINUTES} min) | up to ${hour * IDLE_KEPT_MINUTES / 60:.3f} | $0 |",
+        f"| a trickle of calls (one at least every {IDLE_KEPT_MINUTES} min: an uptime check, a"
+        f" cron) that keeps one instance from scaling to zero, per month |"
+        f" ${hour * HOURS_PER_MONTH:,.2f} | the busy seconds only |",
+        "",
+        f"So: under steady load the deployed setting is {1 - instance_s / request_s:.0%}"
+        " cheaper per instance-second and has no request fee (the per-call table below);"
+        " it costs more for sporadic traffic, by up to"
+        f" ${hour * IDLE_KEPT_MINUTES / 60:.3f} per instance each time traffic stops, and"
+        f" about ${hour * HOURS_PER_MONTH:,.0f} a month for a service that a trickle keeps"
+        " at one instance. It breaks even when an instance has a request in flight"
+        f" {instance_s / request_s:.0%} of its life. A deployment that prefers request-based"
+        ' billing for rare traffic can set the annotation to "true" and accept that idle'
+        " instances' metrics arrive late (at their next request or shutdown) and an access"
+        " line may wait for the next request.",
+        "",
+    ]
+    return lines
 
 
 def load_at(writes_per_s: float, writes_per_call: float) -> str:

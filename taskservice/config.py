@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+# Google's OTLP endpoint (the Telemetry API): TASKSERVICE_TELEMETRY=gcp exports here.
+GCP_TELEMETRY_ENDPOINT = "https://telemetry.googleapis.com"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ACCESS_LOGS = ("on", "all", "off")
 # Firestore reads at a past time go back one hour; a minute less leaves room
@@ -385,8 +387,8 @@ class Config:
         "TASKSERVICE_TELEMETRY",
         "off",
         choice("off", "otlp", "gcp"),
-        "otlp: OpenTelemetry metrics and traces to a collector; gcp: to Cloud Monitoring"
-        " and Cloud Trace (deploy.sh sets gcp)",
+        "otlp: OpenTelemetry metrics and traces to a collector; gcp: the same, to Google's"
+        " Telemetry API (Cloud Monitoring and Cloud Trace; deploy.sh sets gcp)",
     )
     otlp_endpoint: str = setting(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -395,15 +397,17 @@ class Config:
             r"https?://[^/\s]+(:\d+)?/?",
             "must be http://host:port (plaintext) or https://host:port",
         ),
-        "the collector for otlp (OTLP over gRPC; http:// is plaintext, https:// TLS)",
+        "the collector for otlp (OTLP over gRPC; http:// is plaintext, https:// TLS). With"
+        f" gcp: {GCP_TELEMETRY_ENDPOINT} unless set, and only https://",
     )
     trace_sample_ratio: float = setting(
         "TASKSERVICE_TRACE_SAMPLE_RATIO",
         0.01,
         number(0.0, 1.0),
         "the share of calls traced when the caller sent no trace header; a caller's own"
-        " sampling decision (traceparent, x-cloud-trace-context) is always followed. A traced"
-        " call costs about 250 µs of server CPU (its spans, and exporting them)",
+        " sampling decision (traceparent, x-cloud-trace-context) is always followed, so on"
+        " Cloud Run (a traceparent on every request) it never applies. A traced call costs"
+        " about 250 µs of server CPU (its spans, and exporting them)",
     )
     metrics_interval_seconds: float = setting(
         "TASKSERVICE_METRICS_INTERVAL_SECONDS",
@@ -480,6 +484,8 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
     firestore = values.get("store") == "firestore"
     if firestore and emulator and not values.get("project"):
         values["project"] = DEFAULT_EMULATOR_PROJECT
+    if values.get("telemetry") == "gcp" and "otlp_endpoint" not in values:
+        values["otlp_endpoint"] = GCP_TELEMETRY_ENDPOINT
     config = Config(**values)
     if config.auth == "google-id-token":
         if not config.audience:
@@ -502,6 +508,11 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
                 f" ({FIRESTORE_MAX_RETENTION_SECONDS}: its reads in the past go back an hour)"
             )
         values["watch_retention_seconds"] = float(FIRESTORE_MAX_RETENTION_SECONDS)
+    if config.telemetry == "gcp" and not config.otlp_endpoint.startswith("https://"):
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_ENDPOINT={config.otlp_endpoint!r}: TASKSERVICE_TELEMETRY=gcp"
+            " sends credentials, so only over TLS (https://)"
+        )
     if config.telemetry == "gcp" and config.metrics_interval_seconds < 10:
         raise ConfigError(
             "TASKSERVICE_METRICS_INTERVAL_SECONDS="

@@ -1,8 +1,13 @@
 """OpenTelemetry metrics and traces: every call, and the store's own calls.
 
 Off unless TASKSERVICE_TELEMETRY is `otlp` (to an OpenTelemetry collector at
-OTEL_EXPORTER_OTLP_ENDPOINT) or `gcp` (Cloud Monitoring and Cloud Trace, with
-the Google Cloud resource detector); with it off nothing here is imported.
+OTEL_EXPORTER_OTLP_ENDPOINT) or `gcp` (the same OTLP exporters, to Google's
+Telemetry API, telemetry.googleapis.com: traces to Cloud Trace, metrics to
+Cloud Monitoring as Managed Service for Prometheus metrics; over TLS with the
+Application Default Credentials' token on each export, and the Google Cloud
+resource detector). That is the path Google maintains: its own exporters
+(opentelemetry-exporter-gcp-trace and -monitoring) are deprecated in favour of
+it. With telemetry off nothing here is imported.
 
 Why opentelemetry-sdk and not gRPC's own plugin (grpcio-observability): on
 grpc.aio servers the plugin records every method as "other" and does no
@@ -63,6 +68,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -374,21 +380,54 @@ def build_exporters(settings: TelemetrySettings) -> tuple[SpanExporter, MetricEx
         )
         return spans, metrics, resource
     if settings.exporter == "gcp":
-        from opentelemetry.exporter.cloud_monitoring import CloudMonitoringMetricsExporter
-        from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
-        from opentelemetry.resourcedetector.gcp_resource_detector import (
-            GoogleCloudResourceDetector,
-        )
-
-        detected = GoogleCloudResourceDetector(raise_on_error=False).detect()
-        project = settings.project or None
-        return (
-            CloudTraceSpanExporter(project_id=project),  # type: ignore[no-untyped-call]
-            # One time series per instance: instances must not overwrite each other's points.
-            CloudMonitoringMetricsExporter(project_id=project, add_unique_identifier=True),
-            resource.merge(detected),
-        )
+        return _google_exporters(settings, resource)
     raise ValueError(f"unknown telemetry exporter {settings.exporter!r}")
+
+
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+
+def _google_exporters(
+    settings: TelemetrySettings, resource: Resource
+) -> tuple[SpanExporter, MetricExporter, Resource]:
+    """OTLP/gRPC to the Telemetry API (settings.otlp_endpoint, normally
+    https://telemetry.googleapis.com), authenticated as the Application
+    Default Credentials (on Cloud Run, the service's account): TLS, and the
+    credentials' bearer token on every export, refreshed by google-auth.
+    OTEL_EXPORTER_OTLP_CERTIFICATE names other root certificates (a stand-in)."""
+    import google.auth
+    import grpc
+    from google.auth.transport.grpc import AuthMetadataPlugin
+    from google.auth.transport.requests import Request
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.resourcedetector.gcp_resource_detector import (
+        GoogleCloudResourceDetector,
+    )
+
+    if not settings.otlp_endpoint.startswith("https://"):
+        raise ValueError(f"the Telemetry API needs TLS: {settings.otlp_endpoint!r} is not https")
+    credentials, found = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
+    project = settings.project or found
+    if not project:
+        raise ValueError("TASKSERVICE_TELEMETRY=gcp needs a project: set GOOGLE_CLOUD_PROJECT")
+    roots_file = os.environ.get("OTEL_EXPORTER_OTLP_CERTIFICATE", "").strip()
+    roots = Path(roots_file).read_bytes() if roots_file else None
+    channel = grpc.composite_channel_credentials(
+        grpc.ssl_channel_credentials(roots),
+        grpc.metadata_call_credentials(AuthMetadataPlugin(credentials, Request())),  # type: ignore[no-untyped-call]
+    )
+    timeout = int(EXPORT_TIMEOUT_SECONDS)
+    spans = OTLPSpanExporter(endpoint=settings.otlp_endpoint, credentials=channel, timeout=timeout)
+    metrics = OTLPMetricExporter(
+        endpoint=settings.otlp_endpoint, credentials=channel, timeout=timeout
+    )
+    # The Telemetry API files what it receives under gcp.project_id; Cloud
+    # Monitoring keys each series by location (cloud.region, detected on
+    # Cloud Run), job (service.name) and instance (service.instance.id: one
+    # per process, so instances never overwrite each other's points).
+    detected = GoogleCloudResourceDetector(raise_on_error=False).detect()
+    return spans, metrics, resource.merge(detected).merge(Resource({"gcp.project_id": project}))
 
 
 # -- what is recorded ----------------------------------------------------------

@@ -125,6 +125,11 @@ def test_telemetry_settings() -> None:
     assert (on.telemetry, on.otlp_endpoint) == ("otlp", "https://collector.internal:4317")
     assert (on.trace_sample_ratio, on.metrics_interval_seconds) == (0.25, 5.0)
     assert (on.service_name, on.revision) == ("tasks", "tasks-00042-abc")
+    # gcp: OTLP to Google's Telemetry API unless told otherwise; credentials need TLS
+    google = load({"TASKSERVICE_TELEMETRY": "gcp"})
+    assert google.otlp_endpoint == "https://telemetry.googleapis.com"
+    with pytest.raises(ConfigError, match="only over TLS"):
+        load({"TASKSERVICE_TELEMETRY": "gcp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
 
 
 def test_log_level_is_read_in_any_case() -> None:

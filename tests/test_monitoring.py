@@ -9,8 +9,10 @@ extract are the ones a real access line of a real server carries.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +26,9 @@ from google.cloud.monitoring_dashboard_v1.types import Dashboard
 from google.cloud.monitoring_v3.types import AlertPolicy
 from tasks.v1 import task_service_pb2 as pb
 
-from harness import start_server
+from harness import Emulator, firestore_store, start_server
+from harness.otlp import start_receiver
+from taskservice.config import Config
 from taskservice.store.sqlite import SqliteStore
 from taskservice.telemetry import SERVER_ERROR_CODES
 from tests.helpers import create_request
@@ -42,7 +46,7 @@ LABEL = re.compile(r'(\w+)\s*(?:=~|!~|!=|=)\s*"')
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[str, Path]]]:
     out = tmp_path_factory.mktemp("monitoring")
     result = subprocess.run(
-        [sys.executable, str(DEPLOY / "monitoring.py"), "--service", "tasks-prod",
+        [sys.executable, str(DEPLOY / "monitoring.py"), "render", "--service", "tasks-prod",
          "--project", "demo-proj", "--out", str(out), "--notify", CHANNEL],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -173,29 +177,35 @@ def test_a_broken_query_is_caught() -> None:
 
 
 def test_deploy_applies_them_after_the_service() -> None:
+    """deploy.sh renders them, then applies them with deploy/monitoring.py
+    (the client libraries: GA gcloud has no alert policy commands), after the
+    service; tests/test_deploy.py runs that against a stand-in of the APIs."""
     result = subprocess.run(
         ["bash", str(DEPLOY / "deploy.sh"), "--project", "demo-proj", "--region",
          "europe-west1", "--dry-run", "--notify", CHANNEL],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     commands = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
     replace = next(i for i, c in enumerate(commands) if c.startswith("gcloud run services replace"))
-    tail = commands[replace + 1 :]
-    assert sum(c.startswith("gcloud logging metrics create") for c in tail) == 2
-    assert sum(c.startswith("gcloud monitoring policies create") for c in tail) == 4
-    assert sum(c.startswith("gcloud monitoring dashboards create") for c in tail) == 1
     rendered = Path(re.search(r"# rendered monitoring: (\S+)", result.stdout).group(1))  # type: ignore[union-attr]
+    apply = f"{sys.executable} {DEPLOY / 'monitoring.py'} apply --project demo-proj {rendered}"
+    assert commands[replace + 1 :] == [apply]
+    assert not [c for c in commands if " monitoring " in c or " alpha " in c or " beta " in c]
+    assert len(list((rendered / "log-metrics").glob("*.json"))) == 2
+    assert len(list((rendered / "alerts").glob("*.json"))) == 4
+    assert (rendered / "dashboard.json").is_file()
     for path in (rendered / "alerts").glob("*.json"):
         assert _json(path)["notificationChannels"] == [CHANNEL]
 
 
-SELECTOR = re.compile(r"([a-z_]+:[a-z_]+)(\{[^}]*\})?")
+# metric{labels}, or {"an.otel.name", labels} (OTLP metrics keep their dots).
+SELECTOR = re.compile(r'([a-z_]+:[a-z_]+)(\{[^}]*\})?|\{"([a-z][a-z0-9_.]*)"([^}]*)\}')
 # The label that scopes each source of metrics to one service or database.
 SCOPES = {
     "logging_googleapis_com:": ('service_name="tasks-prod"',),
     "run_googleapis_com:": ('service_name="tasks-prod"',),
-    "workload_googleapis_com:": ('job="tasks-prod"',),
+    "grpc.": ('job="tasks-prod"',),  # OpenTelemetry, over OTLP
     "firestore_googleapis_com:": ('project_id="demo-proj"', 'database_id="(default)"'),
 }
 
@@ -210,7 +220,11 @@ def test_every_alert_and_tile_reads_one_service_and_one_database(
     for tile in _json(dashboard)["mosaicLayout"]["tiles"]:
         for data_set in tile["widget"].get("xyChart", {}).get("dataSets", []):
             queries.append(data_set["timeSeriesQuery"]["prometheusQuery"])
-    selectors = [(q, name, labels) for q in queries for name, labels in SELECTOR.findall(q)]
+    selectors = [
+        (q, name or otel_name, labels or otel_labels)
+        for q in queries
+        for name, labels, otel_name, otel_labels in SELECTOR.findall(q)
+    ]
     assert len(selectors) >= 15
     for query, name, labels in selectors:
         prefix = next(p for p in SCOPES if name.startswith(p))
@@ -220,9 +234,54 @@ def test_every_alert_and_tile_reads_one_service_and_one_database(
 
 def test_the_database_is_a_rendering_choice(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, str(DEPLOY / "monitoring.py"), "--service", "tasks-prod",
+        [sys.executable, str(DEPLOY / "monitoring.py"), "render", "--service", "tasks-prod",
          "--project", "demo-proj", "--database", "tasks-eu", "--out", str(tmp_path)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     firestore = (tmp_path / "alerts" / "firestore-errors.json").read_text()
     assert 'database_id=\\"tasks-eu\\"' in firestore and "(default)" not in firestore
+
+
+OTEL_METRIC = re.compile(r'\{"([a-z][a-z0-9_.]*?)(?:_bucket|_count|_sum)?"[,}]')
+
+
+async def test_the_dashboards_opentelemetry_tiles_read_what_the_server_exports(
+    rendered: dict[str, list[tuple[str, Path]]], emulator: Emulator
+) -> None:
+    """The OpenTelemetry tiles query the metrics as the Telemetry API stores
+    OTLP (names and attribute keys as sent, quoted for PromQL): each metric and
+    label they name is one a real server exports over OTLP."""
+    ((_, path),) = rendered["dashboard"]
+    queries = [
+        data_set["timeSeriesQuery"]["prometheusQuery"]
+        for tile in _json(path)["mosaicLayout"]["tiles"]
+        for data_set in tile["widget"].get("xyChart", {}).get("dataSets", [])
+    ]
+    # (workload.googleapis.com was the deprecated Cloud Monitoring exporter's domain)
+    assert not [q for q in queries if "workload_googleapis_com" in q]
+    otel = [q for q in queries if OTEL_METRIC.search(q)]
+    assert len(otel) == 2, otel  # server latency, Firestore RPC latency
+    receiver = await start_receiver()
+    config = Config(
+        host="127.0.0.1", port=0, telemetry="otlp", otlp_endpoint=receiver.endpoint,
+        metrics_interval_seconds=1.0,
+    )  # fmt: skip
+    store = firestore_store(emulator.host)  # the Firestore tile: its RPCs' metrics
+    running = await start_server(store, config)
+    try:
+        task = await running.stub.CreateTask(create_request("exported"))
+        await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
+        telemetry = running.server.telemetry
+        assert telemetry is not None
+        await asyncio.to_thread(telemetry.flush)
+        for query in otel:
+            for metric in OTEL_METRIC.findall(query):
+                points = await receiver.wait_for(lambda m=metric: receiver.points(m))
+                by = re.search(r"by \(([^)]*)\)", query)
+                labels = {b.strip().strip('"') for b in by.group(1).split(",")} if by else set()
+                assert labels - {"le"} <= set(points[0].attributes), (metric, labels)
+    finally:
+        await running.close()
+        await store.close()
+        assert receiver.server is not None
+        await receiver.server.stop(0)

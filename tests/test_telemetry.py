@@ -15,10 +15,16 @@ import io
 import json
 import logging
 import statistics
+import subprocess
+import sys
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import pytest
@@ -329,3 +335,131 @@ def test_once_per_minute_holds_back_and_counts() -> None:
     limit._last["opentelemetry.x"] -= 61
     later = logging.LogRecord("opentelemetry.x", logging.WARNING, "f", 1, "later", (), None)
     assert limit.filter(later) and later.getMessage() == "later (1 similar messages held back)"
+
+
+class _TokenEndpoint(BaseHTTPRequestHandler):
+    """Google's OAuth token endpoint, as a service account's credentials call
+    it (a JWT grant in, an access token out): the HTTP boundary of google-auth."""
+
+    issued: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        assert "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer" in body
+        token = f"ya29.test-{len(self.issued)}"
+        self.issued.append(token)
+        reply = json.dumps({"access_token": token, "expires_in": 3600, "token_type": "Bearer"})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(reply.encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _service_account_key(token_uri: str) -> dict[str, str]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return {
+        "type": "service_account",
+        "project_id": "demo-proj",
+        "private_key_id": "k1",
+        "private_key": pem.decode(),
+        "client_email": "taskservice-run@demo-proj.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": token_uri,
+    }
+
+
+async def test_gcp_exports_otlp_over_tls_with_googles_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TASKSERVICE_TELEMETRY=gcp: OTLP over TLS to the Telemetry API, each
+    export carrying the bearer token google-auth got for the service account,
+    and the project named in the resource. The endpoint is a local TLS stand-in
+    and the token endpoint a local HTTP one: nothing else is faked."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tokens = ThreadingHTTPServer(("127.0.0.1", 0), _TokenEndpoint)
+    threading.Thread(target=tokens.serve_forever, daemon=True).start()
+    key = tmp_path / "sa.json"
+    key.write_text(json.dumps(_service_account_key(f"http://127.0.0.1:{tokens.server_port}/token")))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(tmp_path / "cert.pem"))
+    receiver = await start_receiver(
+        tls=((tmp_path / "key.pem").read_bytes(), (tmp_path / "cert.pem").read_bytes())
+    )
+    assert receiver.endpoint.startswith("https://")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecated exporter
+        running = await start_server(
+            SqliteStore(tmp_path / "t.db"),
+            telemetry_config(receiver.endpoint, telemetry="gcp", project="demo-proj"),
+        )
+    try:
+        task = await running.stub.CreateTask(create_request("to Google"))
+        await running.stub.GetTask(pb.GetTaskRequest(name=task.name))
+        await flush(running)
+        await receiver.wait_for(lambda: receiver.spans() and receiver.points(
+            "grpc.server.call.duration"))  # fmt: skip
+        assert {s.name for s in receiver.spans()} >= {GET, "tasks.v1.TaskService/CreateTask"}
+        assert _TokenEndpoint.issued, "google-auth never asked the token endpoint"
+        bearer = {f"Bearer {t}" for t in _TokenEndpoint.issued}
+        assert receiver.headers and all(h.get("authorization") in bearer for h in receiver.headers)
+        for resource in receiver.resources():
+            assert resource["gcp.project_id"] == "demo-proj"
+            assert resource["service.name"] == "taskservice"
+            assert resource["service.instance.id"]  # Cloud Monitoring's `instance`
+        loaded = [m for m in sys.modules if m.startswith("opentelemetry.exporter.cloud_")]
+        assert not loaded, loaded
+    finally:
+        await running.close()
+        assert receiver.server is not None
+        await receiver.server.stop(0)
+        tokens.shutdown()
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+async def test_on_cloud_run_its_sampling_decision_is_followed_not_the_ratio(
+    receiver: Receiver, tmp_path: Path, ratio: float
+) -> None:
+    """Cloud Run puts a traceparent on every request, sampled (flag 01) for
+    about 0.1 requests/s per instance: the server follows that flag whatever
+    TASKSERVICE_TRACE_SAMPLE_RATIO says, so that its spans join the traces
+    Cloud Run records and no span hangs from a request span Cloud Run did not
+    keep. The ratio applies only to calls that arrive without a trace header."""
+    running = await start_server(
+        SqliteStore(tmp_path / "t.db"),
+        telemetry_config(receiver.endpoint, trace_sample_ratio=ratio),
+    )
+    try:
+        task = await running.stub.CreateTask(create_request("sampled?"))  # no header
+        traces = {flag: uuid.uuid4().hex for flag in ("01", "00")}
+        for flag, trace_id in traces.items():
+            header = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-{flag}"
+            await running.stub.GetTask(
+                pb.GetTaskRequest(name=task.name), metadata=(("traceparent", header),)
+            )
+        await flush(running)
+        await receiver.wait_for(
+            lambda: any(s.trace_id.hex() == traces["01"] for s in receiver.spans())
+        )
+        await flush(running)  # anything else pending has been sent too
+        traced = {s.trace_id.hex() for s in receiver.spans()}
+        assert traces["00"] not in traced  # Cloud Run did not sample it: neither do we
+        headerless = [s for s in receiver.spans() if s.name.endswith("/CreateTask")]
+        assert len(headerless) == (1 if ratio == 1.0 else 0)  # only here does the ratio decide
+    finally:
+        await running.close()
