@@ -90,6 +90,12 @@ _TRANSIENT = frozenset(
     }
 )
 _DELETED = object()  # a removal hint: Listen said the document was deleted
+# Firestore's read times are whole microseconds (the emulator's, milliseconds).
+_READ_TIME_STEP_NS = 1000
+# How far ahead of this clock a position's time may be: a read time is
+# Firestore's clock, which Cloud Run's (synchronised by Google) trails by far
+# less. A resume waits until its time has passed here before reading at it.
+_FUTURE_SLACK_NS = 2 * 10**9
 
 
 class _Corrupt(Exception):
@@ -167,10 +173,8 @@ def _expired(why: str) -> OutOfRange:
     )
 
 
-def _bad_token() -> InvalidArgument:
-    return InvalidArgument(
-        [("resume_token", "is not a token this service issued")], reason="INVALID_RESUME_TOKEN"
-    )
+def _bad_token(problem: str = "is not a token this service issued") -> InvalidArgument:
+    return InvalidArgument([("resume_token", problem)], reason="INVALID_RESUME_TOKEN")
 
 
 def _differs(
@@ -569,16 +573,27 @@ class FirestoreWatcher:
         return _POSITION.pack(b"F", self.identity, base_ns, at_ns) + after_id.encode()
 
     def parse(self, raw: bytes) -> tuple[int, int, str]:
+        """(base, at, task id) of a position this store could have issued;
+        INVALID_ARGUMENT for any other (another database or collection, a
+        time that is no Firestore read time: not whole microseconds, or
+        ahead of this clock by more than _FUTURE_SLACK_NS), OUT_OF_RANGE
+        for one older than the history kept."""
         try:
             tag, ident, base_ns, at_ns = _POSITION.unpack_from(raw)
             after_id = raw[_POSITION.size :].decode()
         except (struct.error, UnicodeDecodeError):
             raise _bad_token() from None
         now = time.time_ns()
-        if tag != b"F" or not 0 <= base_ns <= at_ns <= now + 60 * 10**9:
+        if tag != b"F":
             raise _bad_token()
         if ident != self.identity:
-            raise _expired("it belongs to another database or collection")
+            raise _bad_token("was issued by another database or collection; list the tasks again")
+        if (
+            not 0 <= base_ns <= at_ns <= now + _FUTURE_SLACK_NS
+            or base_ns % _READ_TIME_STEP_NS
+            or at_ns % _READ_TIME_STEP_NS
+        ):
+            raise _bad_token()
         if now - (base_ns or at_ns) > self.retention_ns:
             raise _expired("it is older than the hour of history Firestore keeps")
         return base_ns, at_ns, after_id
@@ -628,6 +643,9 @@ class FirestoreWatcher:
                 # Replay what the position says is left of its interval, then
                 # catch up from its end to this process's latest snapshot.
                 base_ns, at_ns, after_id = resume
+                ahead_ns = at_ns - time.time_ns()
+                if ahead_ns > 0:  # at most _FUTURE_SLACK_NS: not a time to read at yet
+                    await asyncio.sleep(ahead_ns / 1e9 + 0.01)
                 view = await self.store.view_at(f, at_ns)
                 if base_ns != at_ns:
                     old = await self.store.view_at(f, base_ns) if base_ns else {}

@@ -695,10 +695,12 @@ class SqliteStore:
             after_id = raw[_POSITION.size :].decode()
         except (struct.error, UnicodeDecodeError):
             raise _bad_token() from None
-        if tag != b"S" or mode not in (_LIVE, _INITIAL) or seq > head:
+        if tag != b"S" or mode not in (_LIVE, _INITIAL):
             raise _bad_token()
-        if log_id != self._log_id:
-            raise _expired("it belongs to another database's change history")
+        if log_id != self._log_id:  # whatever the two logs' lengths
+            raise _bad_token("was issued by another database; list the tasks, then watch from now")
+        if seq > head:
+            raise _bad_token()
         if seq < trimmed:
             raise _expired("the change history after it has been trimmed")
         return mode, seq, after_id
@@ -809,10 +811,8 @@ class SqliteStore:
         self._loop_conn = None
 
 
-def _bad_token() -> InvalidArgument:
-    return InvalidArgument(
-        [("resume_token", "is not a token this service issued")], reason="INVALID_RESUME_TOKEN"
-    )
+def _bad_token(problem: str = "is not a token this service issued") -> InvalidArgument:
+    return InvalidArgument([("resume_token", problem)], reason="INVALID_RESUME_TOKEN")
 
 
 def _expired(why: str) -> OutOfRange:
