@@ -15,6 +15,7 @@ that every acknowledged version was seen.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import signal
@@ -956,3 +957,47 @@ async def test_health_reports_serving_with_watchers_open(served: Running) -> Non
     await watch.until(lambda e: bool(e))
     await wait_serving(served.health)
     watch.close()
+
+
+async def test_firestore_progress_events_carry_a_fresh_position(
+    request: pytest.FixtureRequest,
+) -> None:
+    """An idle stream's PROGRESS events each name a newer read time, close to
+    when they are sent (they repeated old ones: 0, 0, 0, 6, 6 s), so that the
+    last one's token is good for as long as the retention says (with 4 s, it
+    had already expired)."""
+    store = firestore_store(request.getfixturevalue("emulator").host, watch_retention_seconds=4)
+    running = await start_server(store, config(watch_progress_seconds=1))
+    try:
+        watch = Watch(running.stub, pb.WatchTasksRequest())
+        arrivals: list[tuple[int, int]] = []  # (arrived, read time), ns
+
+        def progress(events: list[pb.WatchTasksResponse]) -> list[pb.WatchTasksResponse]:
+            return [e for e in events if e.type == PROGRESS]
+
+        seen = 0
+        deadline = time.monotonic() + 12
+        while len(arrivals) < 6 and time.monotonic() < deadline:
+            await watch.until(lambda e, n=seen: len(progress(e)) > n, timeout=10)
+            for event in progress(watch.events)[seen:]:
+                arrivals.append((time.time_ns(), event.commit_time.ToNanoseconds()))
+            seen = len(progress(watch.events))
+        ages = [round((arrived - at) / 1e9, 2) for arrived, at in arrivals]
+        times = [at for _, at in arrivals]
+        assert len(arrivals) >= 6, ages
+        assert all(b > a for a, b in itertools.pairwise(times)), ages
+        assert max(ages) < 2.0, ages
+        last = progress(watch.events)[-1].resume_token
+        watch.close()
+        await asyncio.sleep(1.0)
+        task = await running.stub.CreateTask(create_request("after"))
+        resumed = Watch(running.stub, pb.WatchTasksRequest(resume_token=last))
+        try:
+            (added,) = await resumed.next_changes(1)
+            assert added.name == task.name and added.type == ADDED
+        finally:
+            resumed.close()
+        record("firestore_progress_age", progress_seconds=1, ages_s=ages)
+    finally:
+        await running.close(grace=0.5)
+        await store.close()

@@ -253,11 +253,11 @@ class ListenHub:
                 ListenRequest(database=self.store.database, remove_target=target.target_id)
             )
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, every: float = _HEARTBEAT_MIN_SECONDS) -> None:
         """Asks for a fresh consistent snapshot: writes the heartbeat document
-        (at most once every _HEARTBEAT_MIN_SECONDS)."""
+        (at most once every `every` seconds, and one write at a time)."""
         now = time.monotonic()
-        if now - self._heartbeat_at < _HEARTBEAT_MIN_SECONDS:
+        if now - self._heartbeat_at < every:
             return
         if self._heartbeat_task is not None and not self._heartbeat_task.done():
             return
@@ -684,39 +684,48 @@ class FirestoreWatcher:
     async def _follow(
         self, hub: ListenHub, snapshot: _Snapshot, progress_seconds: float
     ) -> AsyncIterator[WatchEvent]:
+        """Live events, and when there are none for progress_seconds a
+        PROGRESS event at a fresh snapshot: one that Firestore made after the
+        heartbeat asked for it, at most `lead` before it is sent. Only if
+        Firestore makes none in time does PROGRESS repeat the last position."""
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
+        lead = min(_HEARTBEAT_LEAD_SECONDS, progress_seconds / 2)
+        every = min(_HEARTBEAT_MIN_SECONDS, lead)
+        fresh_at = loop.time()  # when `snapshot` was received
         while True:
+            now = loop.time()
             due = quiet_since + progress_seconds
-            lead = min(_HEARTBEAT_LEAD_SECONDS, progress_seconds / 2)
-            try:
-                nxt = await asyncio.wait_for(
-                    asyncio.shield(snapshot.next), max(0.0, due - lead - loop.time())
+            if now >= due and fresh_at >= due - lead:
+                yield WatchEvent(
+                    ChangeType.PROGRESS,
+                    self.position(snapshot.at_ns, snapshot.at_ns),
+                    snapshot.at_ns,
                 )
+                quiet_since = now
+                continue
+            if now < due - lead:
+                until = due - lead
+            elif fresh_at >= due - lead:
+                until = due
+            else:  # ask Firestore for a snapshot; wait for it up to `lead` past due
+                hub.heartbeat(every)
+                until = due + lead
+            try:
+                nxt = await asyncio.wait_for(asyncio.shield(snapshot.next), max(0.0, until - now))
             except TimeoutError:
-                hub.heartbeat()
-                try:
-                    nxt = await asyncio.wait_for(
-                        asyncio.shield(snapshot.next), max(0.0, due - loop.time())
-                    )
-                except TimeoutError:
+                if until == due + lead:  # none came: the stream is alive all the same
                     yield WatchEvent(
                         ChangeType.PROGRESS,
                         self.position(snapshot.at_ns, snapshot.at_ns),
                         snapshot.at_ns,
                     )
                     quiet_since = loop.time()
-                    continue
+                continue
             events = list(self._events(nxt.changes, nxt.base_ns, nxt.at_ns))
             for event in events:
                 yield event
             snapshot = nxt
+            fresh_at = loop.time()
             if events:
-                quiet_since = loop.time()
-            elif loop.time() >= due:
-                yield WatchEvent(
-                    ChangeType.PROGRESS,
-                    self.position(snapshot.at_ns, snapshot.at_ns),
-                    snapshot.at_ns,
-                )
-                quiet_since = loop.time()
+                quiet_since = fresh_at
