@@ -274,3 +274,69 @@ async def test_the_workers_log_lines_never_interleave(tmp_path: Path) -> None:
     record("workers_log_lines", lines=len(lines), broken=len(broken), access_lines=len(access))
     assert not broken, broken[:3]
     assert len(access) == 150 * 16
+
+
+async def test_events_reach_watchers_on_the_other_worker_within_50_ms(
+    two_workers: ServerProcess,
+) -> None:
+    """README: a commit reaches other worker processes' watchers within 50 ms.
+    Watchers on 16 connections (both workers), 40 creates at random spacing:
+    the time from each create's acknowledgement to each watcher's event is
+    within 50 ms for 99% of the other worker's (it was 7% above 50 ms, at
+    most 65 ms, with a 50 ms poll)."""
+    import random
+
+    channels = [
+        grpc.aio.insecure_channel(
+            two_workers.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(16)
+    ]
+    arrivals: dict[str, list[float]] = {}
+    readers: list[asyncio.Task[None]] = []
+    try:
+        stubs = [task_service_pb2_grpc.TaskServiceStub(c) for c in channels]
+        ready = [asyncio.Event() for _ in stubs]
+
+        async def watch(stub: task_service_pb2_grpc.TaskServiceStub, ready: asyncio.Event) -> None:
+            async for event in stub.WatchTasks(pb.WatchTasksRequest()):
+                if event.type == pb.WatchTasksResponse.TYPE_CURRENT:
+                    ready.set()
+                elif event.type == pb.WatchTasksResponse.TYPE_ADDED:
+                    arrivals.setdefault(event.name, []).append(time.monotonic())
+
+        readers = [asyncio.create_task(watch(s, r)) for s, r in zip(stubs, ready, strict=True)]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(r.wait() for r in ready))
+        acked: dict[str, float] = {}
+        for i in range(40):
+            task = await stubs[i % 16].CreateTask(create_request(f"t{i}"))
+            acked[task.name] = time.monotonic()
+            await asyncio.sleep(random.uniform(0.03, 0.12))
+        await asyncio.sleep(0.5)
+        latencies = sorted(
+            (arrived - acked[name]) * 1000 for name, times in arrivals.items() for arrived in times
+        )
+        assert len(latencies) == 40 * 16, len(latencies)
+        p99 = latencies[int(len(latencies) * 0.99) - 1]
+        over = sum(1 for ms in latencies if ms > 50) / len(latencies)
+        record(
+            "cross_worker_event_latency",
+            workers=2,
+            watchers=16,
+            events=len(latencies),
+            p50_ms=round(latencies[len(latencies) // 2], 1),
+            p99_ms=round(p99, 1),
+            max_ms=round(latencies[-1], 1),
+            over_50_ms=round(over, 3),
+        )
+        # About half the pairs are a watcher on the other worker: 1% of them
+        # is 0.5% of all. With a 20 ms poll p99 measured 20 ms (with 50 ms:
+        # 49-51 ms, and 0-1.6% of all pairs above 50 ms).
+        assert over <= 0.005, (over, latencies[-10:])
+        assert p99 < 35, (p99, latencies[-10:])
+    finally:
+        for reader in readers:
+            reader.cancel()
+        for c in channels:
+            await c.close()
