@@ -685,13 +685,15 @@ class FirestoreWatcher:
         self, hub: ListenHub, snapshot: _Snapshot, progress_seconds: float
     ) -> AsyncIterator[WatchEvent]:
         """Live events, and when there are none for progress_seconds a
-        PROGRESS event at a fresh snapshot: one that Firestore made after the
-        heartbeat asked for it, at most `lead` before it is sent. Only if
-        Firestore makes none in time does PROGRESS repeat the last position."""
+        PROGRESS event at a fresh snapshot: one received at most `lead`
+        before it is due, or else the one the heartbeat asks for, waited for
+        up to `patience` past due. Only if Firestore makes none in time does
+        PROGRESS repeat the last position."""
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         lead = min(_HEARTBEAT_LEAD_SECONDS, progress_seconds / 2)
         every = min(_HEARTBEAT_MIN_SECONDS, lead)
+        patience = max(lead, 2.0)  # how long past due PROGRESS waits for a snapshot
         fresh_at = loop.time()  # when `snapshot` was received
         while True:
             now = loop.time()
@@ -708,13 +710,13 @@ class FirestoreWatcher:
                 until = due - lead
             elif fresh_at >= due - lead:
                 until = due
-            else:  # ask Firestore for a snapshot; wait for it up to `lead` past due
+            else:  # ask Firestore for a snapshot; wait for it up to `patience` past due
                 hub.heartbeat(every)
-                until = due + lead
+                until = due + patience
             try:
                 nxt = await asyncio.wait_for(asyncio.shield(snapshot.next), max(0.0, until - now))
             except TimeoutError:
-                if until == due + lead:  # none came: the stream is alive all the same
+                if until == due + patience:  # none came: the stream is alive all the same
                     yield WatchEvent(
                         ChangeType.PROGRESS,
                         self.position(snapshot.at_ns, snapshot.at_ns),
