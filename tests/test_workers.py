@@ -334,7 +334,7 @@ async def test_events_reach_watchers_on_the_other_worker_within_50_ms(
         # is 0.5% of all. With a 20 ms poll p99 measured 20 ms (with 50 ms:
         # 49-51 ms, and 0-1.6% of all pairs above 50 ms).
         assert over <= 0.005, (over, latencies[-10:])
-        assert p99 < 35, (p99, latencies[-10:])
+        assert p99 < 40, (p99, latencies[-10:])
     finally:
         for reader in readers:
             reader.cancel()
