@@ -28,6 +28,7 @@ caller's repeated calls cost one dictionary look-up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -115,12 +116,14 @@ class IdTokenVerifier:
                 result.set_result(value)
 
         def work() -> None:
+            value: tuple[dict[str, str], float] | None = None
+            error: Exception | None = None
             try:
                 value = _fetch_certs(self.certs_url)
             except Exception as exc:
-                loop.call_soon_threadsafe(settle, None, exc)
-            else:
-                loop.call_soon_threadsafe(settle, value, None)
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, value, error)
 
         self._fetcher = threading.Thread(target=work, name="certificates", daemon=True)
         self._fetcher.start()
