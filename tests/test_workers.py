@@ -45,9 +45,11 @@ def two_workers(tmp_path: Path) -> Iterator[ServerProcess]:
     )
     server.wait_serving()
     yield server
+    workers = children(server.proc.pid)  # before the kill: then they are init's
     server.kill()
-    for pid in children(server.proc.pid):
-        os.kill(pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 async def _status(target: str) -> int:
