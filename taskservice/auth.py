@@ -10,21 +10,29 @@ credentials: UNAUTHENTICATED; valid but not allowed: PERMISSION_DENIED; the
 messages say no more than the code. Health and reflection stay open for
 probes (the call pipeline bounds them apart from TaskService calls).
 
-Certificates are fetched off the event loop by one fetch at a time that every
-waiting caller shares; each caller waits at most until its own deadline. They
-are cached for their max-age and refetched (at most every 30 s) when a token
-names an unknown key. A failed fetch is not repeated for a growing pause (1 s,
-doubling to 60 s), during which callers get UNAVAILABLE at once. Verified
-tokens are cached until they expire, so a caller's repeated calls cost one
-dictionary look-up.
+Certificates are fetched off the event loop, in a thread of the verifier's
+own, by one fetch at a time that every waiting caller shares; a fetch that
+has not finished in _FETCH_TIMEOUT seconds (a hanging endpoint, a slow DNS
+answer) has failed. Each caller waits at most until its own deadline, and at
+most MAX_AUTH_WAITING callers wait at all: beyond them a call is refused at
+once, so a flood of tokens during a hanging fetch holds no more memory than
+that. A fetch that fails, or callers beyond the bound, get UNAVAILABLE
+(AUTH_UNAVAILABLE); only a caller whose own deadline passes first gets
+DEADLINE_EXCEEDED. Certificates are cached for their max-age and refetched (at
+most every 30 s) when a token names an unknown key. A failed fetch is not
+repeated for a growing pause (1 s, doubling to 60 s), during which callers get
+UNAVAILABLE at once. Verified tokens are cached until they expire, so a
+caller's repeated calls cost one dictionary look-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
@@ -38,7 +46,9 @@ ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _MAX_CACHED_TOKENS = 4096
 _REFETCH_INTERVAL = 30.0
-_FETCH_TIMEOUT = 5.0
+_FETCH_TIMEOUT = 5.0  # a whole fetch: connect, each read, and the rest
+# Calls that may wait for certificates at once; more are refused at once.
+MAX_AUTH_WAITING = 100
 _RETRY_FIRST = 1.0
 _RETRY_MAX = 60.0
 _CLOCK_SKEW = 30
@@ -68,6 +78,7 @@ class IdTokenVerifier:
         allowed_callers: Iterable[str],
         certs_url: str = GOOGLE_CERTS_URL,
         clock: Callable[[], float] = time.time,
+        max_waiting: int = MAX_AUTH_WAITING,
     ) -> None:
         self.audience = audience
         self.allowed = frozenset(e.strip().lower() for e in allowed_callers if e.strip())
@@ -80,10 +91,48 @@ class IdTokenVerifier:
         self._retry_at = 0.0  # no fetch before this (after a failure)
         self._retry_pause = _RETRY_FIRST
         self._verified: dict[str, tuple[str, float]] = {}  # token -> (email, exp)
+        self.max_waiting = max_waiting
+        self.waiting = 0  # callers waiting for a fetch now
+        # The thread of the latest fetch: while one given up on still runs, no
+        # other starts (a daemon thread, so that it never holds the exit).
+        self._fetcher: threading.Thread | None = None
+
+    def _unavailable(self, why: str = "cannot verify credentials right now") -> Unavailable:
+        return Unavailable(f"{why}; retry", reason="AUTH_UNAVAILABLE")
+
+    async def _fetch_in_thread(self) -> tuple[dict[str, str], float]:
+        if self._fetcher is not None and self._fetcher.is_alive():
+            raise TimeoutError("the previous fetch has not finished")
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[tuple[dict[str, str], float]] = loop.create_future()
+
+        def settle(value: tuple[dict[str, str], float] | None, error: Exception | None) -> None:
+            if result.done():
+                return
+            if error is not None:
+                result.set_exception(error)
+            else:
+                assert value is not None
+                result.set_result(value)
+
+        def work() -> None:
+            value: tuple[dict[str, str], float] | None = None
+            error: Exception | None = None
+            try:
+                value = _fetch_certs(self.certs_url)
+            except Exception as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, value, error)
+
+        self._fetcher = threading.Thread(target=work, name="certificates", daemon=True)
+        self._fetcher.start()
+        async with asyncio.timeout(_FETCH_TIMEOUT):
+            return await result
 
     async def _refresh(self) -> None:
         try:
-            certs, max_age = await asyncio.to_thread(_fetch_certs, self.certs_url)
+            certs, max_age = await self._fetch_in_thread()
         except Exception as exc:
             self._retry_at = self._clock() + self._retry_pause
             log.warning(
@@ -105,23 +154,26 @@ class IdTokenVerifier:
         if now < self._retry_at:  # a recent fetch failed: do not hammer the endpoint
             if self._certs:
                 return self._certs
-            raise Unavailable(
-                "cannot verify credentials right now; retry", reason="AUTH_UNAVAILABLE"
-            )
+            raise self._unavailable()
+        if self.waiting >= self.max_waiting:
+            if self._certs:  # an unknown key id: answered from the certificates held
+                return self._certs
+            raise self._unavailable("too many calls are waiting for credentials to be checked")
         if self._fetch is None or self._fetch.done():
             self._fetch = asyncio.create_task(self._refresh())
             self._fetch.add_done_callback(lambda t: t.cancelled() or t.exception())
+        fetch = self._fetch
+        self.waiting += 1
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._fetch)
-        except TimeoutError:
-            raise DeadlineExceeded("the call ran out of time verifying credentials") from None
-        except Exception:
+            done, _ = await asyncio.wait((fetch,), timeout=timeout)
+        finally:
+            self.waiting -= 1
+        if not done:  # the caller's own deadline (the fetch itself is bounded)
+            raise DeadlineExceeded("the call ran out of time verifying credentials")
+        if fetch.cancelled() or fetch.exception() is not None:
             if self._certs:
                 return self._certs
-            raise Unavailable(
-                "cannot verify credentials right now; retry", reason="AUTH_UNAVAILABLE"
-            ) from None
+            raise self._unavailable()
         return self._certs
 
     async def verify(self, authorizations: Sequence[str], timeout: float) -> str:

@@ -15,8 +15,11 @@ that every acknowledged version was seen.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import random
 import signal
+import struct
 import time
 import uuid
 from collections import defaultdict
@@ -40,7 +43,7 @@ from harness import (
 )
 from taskservice.client import TaskClient, open_channel
 from taskservice.config import Config
-from taskservice.model import version_of
+from taskservice.model import TaskFilter, version_of
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
 from tests.helpers import create_request, details_of, expect_error
@@ -633,19 +636,86 @@ async def test_an_expired_token_is_out_of_range(
             await store.close()
 
 
-async def test_a_token_of_another_database_is_out_of_range(tmp_path: Path) -> None:
-    first = await start_server(SqliteStore(tmp_path / "one.db"), config())
-    second = await start_server(SqliteStore(tmp_path / "two.db"), config())
+async def test_a_token_of_another_database_is_invalid_argument(tmp_path: Path) -> None:
+    """A token names the store that issued it: one from another SQLite file
+    is INVALID_ARGUMENT whichever of the two change logs is longer (it was
+    OUT_OF_RANGE when the other log was longer, INVALID_ARGUMENT otherwise)."""
+    short = await start_server(SqliteStore(tmp_path / "short.db"), config())
+    long = await start_server(SqliteStore(tmp_path / "long.db"), config())
     try:
-        async for event in first.stub.WatchTasks(pb.WatchTasksRequest()):
-            token = event.resume_token
-            break
-        other = Watch(second.stub, pb.WatchTasksRequest(resume_token=token))
-        details = details_of(await other.ended())
-        assert details.code == grpc.StatusCode.OUT_OF_RANGE
+        for i in range(5):
+            await long.stub.CreateTask(create_request(f"t{i}"))
+        tokens = {}
+        for name, running in (("short", short), ("long", long)):
+            async for event in running.stub.WatchTasks(pb.WatchTasksRequest()):
+                tokens[name] = event.resume_token
+                break
+        for token, elsewhere in ((tokens["short"], long), (tokens["long"], short)):
+            other = Watch(elsewhere.stub, pb.WatchTasksRequest(resume_token=token))
+            details = details_of(await other.ended())
+            assert details.code == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert details.reason == "INVALID_RESUME_TOKEN" and details.fields == ["resume_token"]
+            assert "another" in details.message
     finally:
-        await first.close()
-        await second.close()
+        await short.close()
+        await long.close()
+
+
+async def test_firestore_tokens_the_service_never_issued_are_invalid_argument(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Positions no Firestore read time could be, or of another database,
+    sealed as the service seals them: INVALID_ARGUMENT each time, and no
+    ERROR line (they were INTERNAL with an ERROR line, or OUT_OF_RANGE)."""
+    from taskservice.store.firestore_watch import identity
+    from taskservice.watching import encode_resume_token, filter_fingerprint
+
+    store = firestore_store(request.getfixturevalue("emulator").host)
+    running = await start_server(store, config())
+    try:
+        await running.stub.CreateTask(create_request("one"))
+        here = identity(store.database, store.collection)
+        elsewhere = identity("projects/someone-else/databases/(default)", store.collection)
+        now_us = time.time_ns() // 1000 * 1000
+        forged = {
+            "time in nanoseconds": (here, now_us - 2 * 10**9 + 1, now_us - 10**9 + 7),
+            "base in nanoseconds": (here, now_us - 2 * 10**9 + 1, now_us - 10**9),
+            "time in the future": (here, now_us + 30 * 10**9, now_us + 30 * 10**9),
+            "base in the future": (here, now_us - 10**9, now_us + 20 * 10**9),
+            "another database": (elsewhere, now_us - 10**9, now_us - 10**9),
+        }
+        fingerprint = filter_fingerprint(TaskFilter())
+        caplog.set_level(logging.ERROR)
+        for case, (ident, base_ns, at_ns) in forged.items():
+            position = struct.pack(">c8sqq", b"F", ident, base_ns, at_ns)
+            token = encode_resume_token(position, fingerprint)
+            forged_watch = Watch(running.stub, pb.WatchTasksRequest(resume_token=token))
+            try:
+                details = details_of(await forged_watch.ended())
+            finally:
+                forged_watch.close()
+            assert details.code == grpc.StatusCode.INVALID_ARGUMENT, (case, details)
+            assert details.reason == "INVALID_RESUME_TOKEN", (case, details)
+            assert details.fields == ["resume_token"], (case, details)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []
+        # A time a little ahead of this clock (Firestore's may be) is waited for.
+        ahead_us = (time.time_ns() + 10**9) // 1000 * 1000
+        position = struct.pack(">c8sqq", b"F", here, ahead_us, ahead_us)
+        ahead = Watch(
+            running.stub,
+            pb.WatchTasksRequest(resume_token=encode_resume_token(position, fingerprint)),
+        )
+        try:
+            await asyncio.sleep(1.5)
+            task = await running.stub.CreateTask(create_request("two"))
+            (added,) = await ahead.next_changes(1)
+            assert added.name == task.name and ahead.error is None
+        finally:
+            ahead.close()
+    finally:
+        await running.close(grace=0.5)
+        await store.close()
 
 
 async def test_a_resume_rides_out_a_short_store_outage(request: pytest.FixtureRequest) -> None:
@@ -887,3 +957,47 @@ async def test_health_reports_serving_with_watchers_open(served: Running) -> Non
     await watch.until(lambda e: bool(e))
     await wait_serving(served.health)
     watch.close()
+
+
+async def test_firestore_progress_events_carry_a_fresh_position(
+    request: pytest.FixtureRequest,
+) -> None:
+    """An idle stream's PROGRESS events each name a newer read time, close to
+    when they are sent (they repeated old ones: 0, 0, 0, 6, 6 s), so that the
+    last one's token is good for as long as the retention says (with 4 s, it
+    had already expired)."""
+    store = firestore_store(request.getfixturevalue("emulator").host, watch_retention_seconds=4)
+    running = await start_server(store, config(watch_progress_seconds=1))
+    try:
+        watch = Watch(running.stub, pb.WatchTasksRequest())
+        arrivals: list[tuple[int, int]] = []  # (arrived, read time), ns
+
+        def progress(events: list[pb.WatchTasksResponse]) -> list[pb.WatchTasksResponse]:
+            return [e for e in events if e.type == PROGRESS]
+
+        seen = 0
+        deadline = time.monotonic() + 12
+        while len(arrivals) < 6 and time.monotonic() < deadline:
+            await watch.until(lambda e, n=seen: len(progress(e)) > n, timeout=10)
+            for event in progress(watch.events)[seen:]:
+                arrivals.append((time.time_ns(), event.commit_time.ToNanoseconds()))
+            seen = len(progress(watch.events))
+        ages = [round((arrived - at) / 1e9, 2) for arrived, at in arrivals]
+        times = [at for _, at in arrivals]
+        assert len(arrivals) >= 6, ages
+        assert all(b > a for a, b in itertools.pairwise(times)), ages
+        assert max(ages) < 2.0, ages
+        last = progress(watch.events)[-1].resume_token
+        watch.close()
+        await asyncio.sleep(1.0)
+        task = await running.stub.CreateTask(create_request("after"))
+        resumed = Watch(running.stub, pb.WatchTasksRequest(resume_token=last))
+        try:
+            (added,) = await resumed.next_changes(1)
+            assert added.name == task.name and added.type == ADDED
+        finally:
+            resumed.close()
+        record("firestore_progress_age", progress_seconds=1, ages_s=ages)
+    finally:
+        await running.close(grace=0.5)
+        await store.close()

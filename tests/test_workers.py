@@ -4,6 +4,7 @@ operator runs them (`python -m taskservice` in its own process)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -44,9 +45,11 @@ def two_workers(tmp_path: Path) -> Iterator[ServerProcess]:
     )
     server.wait_serving()
     yield server
+    workers = children(server.proc.pid)  # before the kill: then they are init's
     server.kill()
-    for pid in children(server.proc.pid):
-        os.kill(pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 async def _status(target: str) -> int:
@@ -274,3 +277,131 @@ async def test_the_workers_log_lines_never_interleave(tmp_path: Path) -> None:
     record("workers_log_lines", lines=len(lines), broken=len(broken), access_lines=len(access))
     assert not broken, broken[:3]
     assert len(access) == 150 * 16
+
+
+def _tcp_sockets() -> dict[tuple[int, int], int]:
+    """Every TCP socket of this network namespace: (local port, remote port)
+    to its inode."""
+    found: dict[tuple[int, int], int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+            found[(local, remote)] = int(fields[9])
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+async def test_events_reach_watchers_on_the_other_worker_within_50_ms(
+    two_workers: ServerProcess,
+) -> None:
+    """README: a commit reaches the other worker's watchers within 50 ms.
+    A watcher on each of 16 connections, each connection's worker found from
+    /proc; 150 creates at random spacing through all of them. For each
+    create and each watcher on the other worker: how much later than the
+    first watcher on the writer's own worker (woken at once) it got the
+    event. That is the other worker's poll wait; subtracting the writer's
+    worker's delivery takes out what a busy machine delays for both. With a
+    50 ms poll it was uniform over 0-50 ms (issue 21: 7% of events past
+    50 ms, at most 65 ms)."""
+    import random
+    import statistics
+
+    events = 150
+    server_port = two_workers.port
+    workers = children(two_workers.proc.pid)
+    assert len(workers) == 2
+    channels: list[grpc.aio.Channel] = []
+    worker_of: list[int] = []  # each channel's worker pid
+    arrivals: dict[str, dict[int, float]] = {}
+    readers: list[asyncio.Task[None]] = []
+    try:
+        mine = _socket_inodes(os.getpid())
+        seen_ports: set[int] = set()
+        for _ in range(16):
+            channel = grpc.aio.insecure_channel(
+                two_workers.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            await asyncio.wait_for(channel.channel_ready(), 5)
+            mine = _socket_inodes(os.getpid())
+            sockets = _tcp_sockets()
+            ports = {
+                local
+                for (local, remote), inode in sockets.items()
+                if remote == server_port and inode in mine
+            } - seen_ports
+            assert len(ports) == 1, ports
+            port = ports.pop()
+            seen_ports.add(port)
+            inode = sockets[(server_port, port)]
+            (pid,) = [w for w in workers if inode in _socket_inodes(w)]
+            channels.append(channel)
+            worker_of.append(pid)
+        assert set(worker_of) == set(workers), worker_of  # both have watchers
+        stubs = [task_service_pb2_grpc.TaskServiceStub(c) for c in channels]
+        ready = [asyncio.Event() for _ in stubs]
+
+        async def watch(index: int) -> None:
+            async for event in stubs[index].WatchTasks(pb.WatchTasksRequest()):
+                if event.type == pb.WatchTasksResponse.TYPE_CURRENT:
+                    ready[index].set()
+                elif event.type == pb.WatchTasksResponse.TYPE_ADDED:
+                    arrivals.setdefault(event.name, {})[index] = time.monotonic()
+
+        readers = [asyncio.create_task(watch(i)) for i in range(16)]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(r.wait() for r in ready))
+        writer_of: dict[str, int] = {}
+        acked: dict[str, float] = {}
+        for i in range(events):
+            task = await stubs[i % 16].CreateTask(create_request(f"t{i}"))
+            acked[task.name] = time.monotonic()
+            writer_of[task.name] = worker_of[i % 16]
+            await asyncio.sleep(random.uniform(0.02, 0.1))
+        await asyncio.sleep(0.5)
+        assert sum(len(got) for got in arrivals.values()) == events * 16
+        later: list[float] = []  # ms after the writer's worker's first delivery
+        absolute: list[float] = []  # ms after the create was acknowledged
+        for name, got in arrivals.items():
+            own = min(t for i, t in got.items() if worker_of[i] == writer_of[name])
+            for i, t in got.items():
+                if worker_of[i] != writer_of[name]:
+                    later.append((t - own) * 1000)
+                    absolute.append((t - acked[name]) * 1000)
+        later.sort()
+        absolute.sort()
+        p90 = later[int(len(later) * 0.9) - 1]
+        p99 = later[int(len(later) * 0.99) - 1]
+        record(
+            "cross_worker_event_latency",
+            workers=2,
+            watchers=16,
+            other_worker_deliveries=len(later),
+            later_p50_ms=round(statistics.median(later), 1),
+            later_p90_ms=round(p90, 1),
+            later_p99_ms=round(p99, 1),
+            p50_ms=round(statistics.median(absolute), 1),
+            p99_ms=round(absolute[int(len(absolute) * 0.99) - 1], 1),
+            max_ms=round(absolute[-1], 1),
+            over_50_ms=round(sum(1 for ms in absolute if ms > 50) / len(absolute), 3),
+        )
+        # The other worker's poll wait, uniform over the poll interval: with
+        # 20 ms, p50 ~10 ms, p90 ~18 ms; with 50 ms, ~25 and ~45 ms. The p99
+        # (README: 50 ms) is recorded, not asserted: on this shared machine
+        # one stall of one worker (87 ms at a load average of 13) moves it.
+        assert statistics.median(later) < 17, later[:: len(later) // 20]
+        assert p90 < 30, later[-len(later) // 10 :]
+    finally:
+        for reader in readers:
+            reader.cancel()
+        for c in channels:
+            await c.close()

@@ -91,6 +91,12 @@ _TRANSIENT = frozenset(
     }
 )
 _DELETED = object()  # a removal hint: Listen said the document was deleted
+# Firestore's read times are whole microseconds (the emulator's, milliseconds).
+_READ_TIME_STEP_NS = 1000
+# How far ahead of this clock a position's time may be: a read time is
+# Firestore's clock, which Cloud Run's (synchronised by Google) trails by far
+# less. A resume waits until its time has passed here before reading at it.
+_FUTURE_SLACK_NS = 2 * 10**9
 
 
 class _Corrupt(Exception):
@@ -168,10 +174,8 @@ def _expired(why: str) -> OutOfRange:
     )
 
 
-def _bad_token() -> InvalidArgument:
-    return InvalidArgument(
-        [("resume_token", "is not a token this service issued")], reason="INVALID_RESUME_TOKEN"
-    )
+def _bad_token(problem: str = "is not a token this service issued") -> InvalidArgument:
+    return InvalidArgument([("resume_token", problem)], reason="INVALID_RESUME_TOKEN")
 
 
 def _differs(
@@ -250,11 +254,11 @@ class ListenHub:
                 ListenRequest(database=self.store.database, remove_target=target.target_id)
             )
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, every: float = _HEARTBEAT_MIN_SECONDS) -> None:
         """Asks for a fresh consistent snapshot: writes the heartbeat document
-        (at most once every _HEARTBEAT_MIN_SECONDS)."""
+        (at most once every `every` seconds, and one write at a time)."""
         now = time.monotonic()
-        if now - self._heartbeat_at < _HEARTBEAT_MIN_SECONDS:
+        if now - self._heartbeat_at < every:
             return
         if self._heartbeat_task is not None and not self._heartbeat_task.done():
             return
@@ -569,16 +573,27 @@ class FirestoreWatcher:
         return _POSITION.pack(b"F", self.identity, base_ns, at_ns) + after_id.encode()
 
     def parse(self, raw: bytes) -> tuple[int, int, str]:
+        """(base, at, task id) of a position this store could have issued;
+        INVALID_ARGUMENT for any other (another database or collection, a
+        time that is no Firestore read time: not whole microseconds, or
+        ahead of this clock by more than _FUTURE_SLACK_NS), OUT_OF_RANGE
+        for one older than the history kept."""
         try:
             tag, ident, base_ns, at_ns = _POSITION.unpack_from(raw)
             after_id = raw[_POSITION.size :].decode()
         except (struct.error, UnicodeDecodeError):
             raise _bad_token() from None
         now = time.time_ns()
-        if tag != b"F" or not 0 <= base_ns <= at_ns <= now + 60 * 10**9:
+        if tag != b"F":
             raise _bad_token()
         if ident != self.identity:
-            raise _expired("it belongs to another database or collection")
+            raise _bad_token("was issued by another database or collection; list the tasks again")
+        if (
+            not 0 <= base_ns <= at_ns <= now + _FUTURE_SLACK_NS
+            or base_ns % _READ_TIME_STEP_NS
+            or at_ns % _READ_TIME_STEP_NS
+        ):
+            raise _bad_token()
         if now - (base_ns or at_ns) > self.retention_ns:
             raise _expired("it is older than the hour of history Firestore keeps")
         return base_ns, at_ns, after_id
@@ -628,6 +643,9 @@ class FirestoreWatcher:
                 # Replay what the position says is left of its interval, then
                 # catch up from its end to this process's latest snapshot.
                 base_ns, at_ns, after_id = resume
+                ahead_ns = at_ns - time.time_ns()
+                if ahead_ns > 0:  # at most _FUTURE_SLACK_NS: not a time to read at yet
+                    await asyncio.sleep(ahead_ns / 1e9 + 0.01)
                 view = await self.store.view_at(f, at_ns)
                 if base_ns != at_ns:
                     old = await self.store.view_at(f, base_ns) if base_ns else {}
@@ -666,39 +684,50 @@ class FirestoreWatcher:
     async def _follow(
         self, hub: ListenHub, snapshot: _Snapshot, progress_seconds: float
     ) -> AsyncIterator[WatchEvent]:
+        """Live events, and when there are none for progress_seconds a
+        PROGRESS event at a fresh snapshot: one received at most `lead`
+        before it is due, or else the one the heartbeat asks for, waited for
+        up to `patience` past due. Only if Firestore makes none in time does
+        PROGRESS repeat the last position."""
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
+        lead = min(_HEARTBEAT_LEAD_SECONDS, progress_seconds / 2)
+        every = min(_HEARTBEAT_MIN_SECONDS, lead)
+        patience = max(lead, 2.0)  # how long past due PROGRESS waits for a snapshot
+        fresh_at = loop.time()  # when `snapshot` was received
         while True:
+            now = loop.time()
             due = quiet_since + progress_seconds
-            lead = min(_HEARTBEAT_LEAD_SECONDS, progress_seconds / 2)
-            try:
-                nxt = await asyncio.wait_for(
-                    asyncio.shield(snapshot.next), max(0.0, due - lead - loop.time())
+            if now >= due and fresh_at >= due - lead:
+                yield WatchEvent(
+                    ChangeType.PROGRESS,
+                    self.position(snapshot.at_ns, snapshot.at_ns),
+                    snapshot.at_ns,
                 )
+                quiet_since = now
+                continue
+            if now < due - lead:
+                until = due - lead
+            elif fresh_at >= due - lead:
+                until = due
+            else:  # ask Firestore for a snapshot; wait for it up to `patience` past due
+                hub.heartbeat(every)
+                until = due + patience
+            try:
+                nxt = await asyncio.wait_for(asyncio.shield(snapshot.next), max(0.0, until - now))
             except TimeoutError:
-                hub.heartbeat()
-                try:
-                    nxt = await asyncio.wait_for(
-                        asyncio.shield(snapshot.next), max(0.0, due - loop.time())
-                    )
-                except TimeoutError:
+                if until == due + patience:  # none came: the stream is alive all the same
                     yield WatchEvent(
                         ChangeType.PROGRESS,
                         self.position(snapshot.at_ns, snapshot.at_ns),
                         snapshot.at_ns,
                     )
                     quiet_since = loop.time()
-                    continue
+                continue
             events = list(self._events(nxt.changes, nxt.base_ns, nxt.at_ns))
             for event in events:
                 yield event
             snapshot = nxt
+            fresh_at = loop.time()
             if events:
-                quiet_since = loop.time()
-            elif loop.time() >= due:
-                yield WatchEvent(
-                    ChangeType.PROGRESS,
-                    self.position(snapshot.at_ns, snapshot.at_ns),
-                    snapshot.at_ns,
-                )
-                quiet_since = loop.time()
+                quiet_since = fresh_at
