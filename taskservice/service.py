@@ -144,15 +144,20 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         items = await self._read_batch(request_iterator)
         if not items:
             return pb.BatchCreateTasksResponse()
+        # gRPC ends the request iterator alike when the caller half-closes,
+        # resets the stream mid-batch or lets its deadline pass
+        # (context.cancelled() is still False then). A send tells them apart:
+        # on a call already ended it fails, and this handler is cancelled in
+        # the await, before anything is written. The response headers go out
+        # a little early; no extra frame.
+        await context.send_initial_metadata(())
         if _cancel_sends_end_stream_first(context):
             # The stream has ended, but from a caller whose cancel also looks
             # like this: it must not find its batch written. Once gRPC core
             # has taken the half-close as the call's close, it only notices a
-            # reset that follows when it next sends on the stream: so send the
-            # response headers now, give a reset already on the wire the grace
-            # to arrive (this call is then cancelled, in the sleep), and check
-            # once more.
-            await context.send_initial_metadata(())
+            # reset that follows when it next sends on the stream: so give a
+            # reset already on the wire the grace to arrive (this call is then
+            # cancelled, in the sleep), and check once more.
             await asyncio.sleep(BATCH_CANCEL_GRACE_SECONDS)
             if context.cancelled() or context.done():
                 raise Cancelled("the call was cancelled; nothing was written")

@@ -441,6 +441,7 @@ async def test_calls_waiting_for_certificates_are_bounded_and_answered(
             "TASKSERVICE_ALLOWED_CALLERS": ALLOWED,
             "TASKSERVICE_CERTS_URL": endpoint.url,
             "LOG_LEVEL": "INFO",
+            "TASKSERVICE_ACCESS_LOG": "on",
         }
     )
     # Connections of their own (at most 256 streams each), not one shared.
@@ -491,7 +492,7 @@ async def test_calls_waiting_for_certificates_are_bounded_and_answered(
         answered = [
             line
             for line in lines
-            if line.get("grpc.method") == "/tasks.v1.TaskService/GetTask"
+            if line.get("grpc.method") == "tasks.v1.TaskService/GetTask"
             and line.get("grpc.code") == "UNAVAILABLE"
         ]
         assert len(answered) == 2000

@@ -203,6 +203,11 @@ async def test_a_slow_callers_stream_is_its_own_fault(
     points = await _durations(receiver, server, {(BATCH, "DEADLINE_EXCEEDED", "caller")})
     assert points[(BATCH, "DEADLINE_EXCEEDED", "caller")].count == 2
     assert (BATCH, "DEADLINE_EXCEEDED", "server") not in points
+    # Neither stream ended, so neither batch was written: gRPC ends the
+    # server's request iterator when the deadline passes, as if the stream
+    # were complete, and the half-read batch must not be taken for one.
+    listed = await server.stub.ListTasks(pb.ListTasksRequest(page_size=10))
+    assert list(listed.tasks) == []
 
 
 async def test_a_watch_its_caller_ends_with_a_deadline_is_not_a_server_error(

@@ -175,6 +175,33 @@ async def test_other_clients_batches_commit_without_waiting_for_a_reset(
     assert await _count(running, f'tags:"{tag}"') == 5
 
 
+@pytest.mark.parametrize("ending", ["cancel", "deadline"])
+async def test_a_batch_whose_stream_never_ended_commits_nothing(
+    running: Running, ending: str
+) -> None:
+    """gRPC ends the server's request iterator the same way when the caller
+    half-closes, resets the stream mid-batch (a C-core client's cancel) or lets
+    its deadline pass: the half-read batch must not be taken for a whole one."""
+    tag = f"unended-{uuid.uuid4().hex[:8]}"
+
+    async def then_wait() -> AsyncIterator[pb.CreateTaskRequest]:
+        for j in range(3):
+            yield create_request(f"u{j}", tags=[tag])
+        await asyncio.sleep(30)
+
+    for _ in range(10):
+        if ending == "deadline":
+            with pytest.raises(grpc.aio.AioRpcError):
+                await running.stub.BatchCreateTasks(then_wait(), timeout=0.2)
+        else:
+            call = running.stub.BatchCreateTasks(then_wait())
+            asyncio.get_running_loop().call_later(0.2, call.cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await call
+    await asyncio.sleep(0.3)
+    assert await _count(running, f'tags:"{tag}"') == 0
+
+
 # -- 3. a bad request gets a small status, whatever its size ----------------
 
 
