@@ -52,13 +52,14 @@ import grpc
 
 from taskservice.auth import IdTokenVerifier
 from taskservice.errors import (
+    DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
     ServiceError,
     Unavailable,
 )
 from taskservice.jsonlog import log_fields
-from taskservice.limits import MAX_STORE_CALL_SECONDS
+from taskservice.limits import MAX_STORE_CALL_SECONDS, REQUEST_MESSAGE_SECONDS
 from taskservice.status import abort, as_service_error
 from taskservice.tracing import current_trace, parse_trace
 
@@ -69,6 +70,9 @@ log = logging.getLogger("taskservice.access")
 # When the server drains, how long a stream's message in flight may take to
 # reach its client before the stream is cut.
 DRAIN_WRITE_GRACE_SECONDS = 1.0
+# When the server drains, how long a call still waiting for its request
+# message is given for it (one that has reached the server takes milliseconds).
+DRAIN_REQUEST_GRACE_SECONDS = 0.3
 T = TypeVar("T")
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -122,6 +126,8 @@ class CallGate:
         self.in_flight = dict.fromkeys(Pool, 0)
         self.started = 0  # calls the pipeline has picked up, ever
         self.draining = asyncio.Event()
+        # The timeouts of calls waiting for their request message.
+        self.reading: set[asyncio.Timeout] = set()
 
     def admit(self, pool: Pool) -> None:
         if self.in_flight[pool] >= self._bounds[pool]:
@@ -133,6 +139,16 @@ class CallGate:
 
     def release(self, pool: Pool) -> None:
         self.in_flight[pool] -= 1
+
+    def drain(self) -> None:
+        """Every stream ends (UNAVAILABLE), and a call still waiting for its
+        request message gets DRAIN_REQUEST_GRACE_SECONDS for it."""
+        self.draining.set()
+        soon = asyncio.get_running_loop().time() + DRAIN_REQUEST_GRACE_SECONDS
+        for timeout in self.reading:
+            when = timeout.when()
+            if when is None or when > soon:
+                timeout.reschedule(soon)
 
 
 @dataclass
@@ -172,6 +188,7 @@ class _Call:
         "messages_in",
         "messages_out",
         "method",
+        "request",
         "request_bytes",
         "response_bytes",
         "span",
@@ -184,6 +201,7 @@ class _Call:
         self.started = time.perf_counter()
         self.code = "UNKNOWN"
         self.admitted: Pool | None = None
+        self.request = b""
         self.request_bytes = 0
         self.response_bytes = 0
         self.messages_in: int | None = None
@@ -245,8 +263,17 @@ class CallPipeline:
         decode = handler.request_deserializer
         encode = handler.response_serializer
         pool = pool_of(method)
+        # Methods with one request message are registered with grpc.aio as
+        # client-streaming ones and read their message here: grpc.aio's own
+        # unary-request path, given a call that half-closes without a message
+        # (HEADERS with END_STREAM, no DATA), returns without a status and
+        # leaves the call open until the client goes away, uncounted and
+        # holding its memory and the shutdown (_handle_unary_unary_rpc and
+        # _handle_unary_stream_rpc in grpc's
+        # src/python/grpcio/grpc/_cython/_cygrpc/aio/server.pyx.pxi take the
+        # missing message for a cancel; grpc 1.85).
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
+            return grpc.stream_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, decode, method, pool), response_serializer=encode
             )
         if handler.stream_unary is not None:
@@ -255,7 +282,7 @@ class CallPipeline:
                 response_serializer=encode,
             )
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
+            return grpc.stream_stream_rpc_method_handler(
                 self._server_stream(handler.unary_stream, decode, method, pool, False),
                 response_serializer=encode,
             )
@@ -266,8 +293,9 @@ class CallPipeline:
 
     # -- the steps shared by every kind of call --------------------------------
 
-    async def _enter(self, call: _Call, pool: Pool | None) -> None:
-        """Authentication, then admission."""
+    async def _enter(self, call: _Call, pool: Pool | None, one_request: bool) -> None:
+        """The trace, the request message of a method that takes one, then
+        authentication and admission."""
         self.gate.started += 1
         context = call.context
         caller = parse_trace(context.invocation_metadata())
@@ -277,6 +305,8 @@ class CallPipeline:
             )
             caller = call.span.log_trace
         current_trace.set(caller)
+        if one_request:
+            call.request = await self._read_request(call)
         if pool in (Pool.CALLS, Pool.WATCHERS) and self.verifier is not None:
             authorizations = [
                 value
@@ -310,12 +340,52 @@ class CallPipeline:
             )
         _access_line(call)
 
-    async def _serve(self, call: _Call, pool: Pool | None, body: Callable[[], Awaitable[T]]) -> T:
-        """The steps around every call's body: trace, auth, admission, and
-        whatever happens, its status and access line."""
+    async def _read_request(self, call: _Call) -> bytes:
+        """The one request message of a unary-request method: INVALID_ARGUMENT
+        when the caller half-closed without one; DEADLINE_EXCEEDED when none
+        came within REQUEST_MESSAGE_SECONDS; UNAVAILABLE when the server
+        started draining and none came DRAIN_REQUEST_GRACE_SECONDS later."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(REQUEST_MESSAGE_SECONDS) as timeout:
+                if self.gate.draining.is_set():
+                    timeout.reschedule(loop.time() + DRAIN_REQUEST_GRACE_SECONDS)
+                self.gate.reading.add(timeout)
+                try:
+                    raw = await call.context.read()
+                finally:
+                    self.gate.reading.discard(timeout)
+        except TimeoutError:
+            if self.gate.draining.is_set():
+                raise Unavailable(
+                    "the server is shutting down; reconnect to another instance",
+                    reason="SERVER_DRAINING",
+                ) from None
+            raise DeadlineExceeded(
+                f"no request message came within {REQUEST_MESSAGE_SECONDS:g} s",
+                reason="REQUEST_IDLE",
+            ) from None
+        if raw is grpc.aio.EOF:
+            raise InvalidArgument(
+                [("request", "is missing: the call ended without a request message")],
+                reason="MISSING_REQUEST",
+            )
+        call.request_bytes = len(raw)
+        return bytes(raw)
+
+    async def _serve(
+        self,
+        call: _Call,
+        pool: Pool | None,
+        body: Callable[[], Awaitable[T]],
+        one_request: bool = False,
+    ) -> T:
+        """The steps around every call's body: trace, the request message when
+        the method takes one, auth, admission, and whatever happens, its
+        status and access line."""
         token = current_trace.set(None)
         try:
-            await self._enter(call, pool)
+            await self._enter(call, pool, one_request)
             result = await body()
             call.code = "OK"
             return result
@@ -331,16 +401,15 @@ class CallPipeline:
     # -- the four kinds of call --------------------------------------------------
 
     def _unary(self, behavior: Any, decode: Any, method: str, pool: Pool | None) -> Any:
-        async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def handle(_: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = _Call(method, context)
 
             async def body() -> Any:
-                call.request_bytes = len(raw)
-                response = await behavior(_decode(decode, raw, "request"), context)
+                response = await behavior(_decode(decode, call.request, "request"), context)
                 call.response_bytes = _size(response)
                 return response
 
-            return await self._serve(call, pool, body)
+            return await self._serve(call, pool, body, one_request=True)
 
         return handle
 
@@ -377,13 +446,12 @@ class CallPipeline:
                         call.messages_in = 0
                         responses = behavior(self._decoded(request, decode, call), context)
                     else:
-                        call.request_bytes = len(request)
-                        responses = behavior(_decode(decode, request, "request"), context)
+                        responses = behavior(_decode(decode, call.request, "request"), context)
                     await self._pump(responses, call, idle, control)
                 finally:
                     current_stream.reset(token)
 
-            await self._serve(call, pool, body)
+            await self._serve(call, pool, body, one_request=not client_streams)
 
         return handle
 

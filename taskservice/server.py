@@ -185,7 +185,7 @@ class TaskServer:
             if task is not None:
                 task.cancel()
         await asyncio.sleep(0)  # let open Watch streams send NOT_SERVING first
-        self.gate.draining.set()
+        self.gate.drain()
         await self._pick_up_arrived_calls()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.store.close()

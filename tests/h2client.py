@@ -68,3 +68,91 @@ def cancelled_client_stream(
         time.sleep(0.05)  # let the server see the reset before the socket closes
     finally:
         sock.close()
+
+
+def _events(conn: h2.connection.H2Connection, data: bytes) -> list[h2.events.Event]:
+    """The events in `data`, frame by frame, GOAWAY frames left out: after
+    one, h2 refuses every frame, but a server still ends the calls it has
+    (their trailers follow the GOAWAY)."""
+    events: list[h2.events.Event] = []
+    buffer = getattr(conn, "_pending_bytes", b"") + data
+    while len(buffer) >= 9:
+        size = 9 + int.from_bytes(buffer[:3], "big")
+        if len(buffer) < size:
+            break
+        frame, buffer = buffer[:size], buffer[size:]
+        if frame[3] != 0x7:  # GOAWAY
+            events += conn.receive_data(frame)
+    conn._pending_bytes = buffer  # type: ignore[attr-defined]
+    return events
+
+
+def _headers(
+    host: str, port: int, path: str, extra: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", f"{host}:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        *extra,
+    ]
+
+
+def messageless_calls(
+    host: str,
+    port: int,
+    path: str,
+    count: int,
+    *,
+    metadata: Sequence[tuple[str, str]] = (),
+    timeout: float = 5.0,
+    end_stream: bool = True,
+) -> list[str | None]:
+    """Opens `count` calls on one connection, each HEADERS with END_STREAM and
+    no DATA frame (end_stream=False: HEADERS alone, the call left open), and
+    waits up to `timeout` for their statuses: each call's grpc-status (as
+    sent), or None for a call that got none in time."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        streams = []
+        for _ in range(count):
+            stream = conn.get_next_available_stream_id()
+            conn.send_headers(stream, _headers(host, port, path, metadata), end_stream=end_stream)
+            streams.append(stream)
+            sock.sendall(conn.data_to_send())
+        statuses: dict[int, str | None] = dict.fromkeys(streams)
+        pending = set(streams)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            for event in _events(conn, data):
+                if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                    found = dict(
+                        (
+                            k.decode() if isinstance(k, bytes) else k,
+                            v.decode() if isinstance(v, bytes) else v,
+                        )
+                        for k, v in event.headers
+                    )
+                    if "grpc-status" in found:
+                        statuses[event.stream_id] = found["grpc-status"]
+                        pending.discard(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    pending.discard(event.stream_id)
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            sock.sendall(conn.data_to_send())
+        return [statuses[s] for s in streams]
+    finally:
+        sock.close()
