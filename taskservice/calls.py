@@ -514,6 +514,7 @@ async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyn
     flight, if any)."""
     iterator = aiter(responses)
     stopped = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[Any] | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(iterator))
@@ -543,6 +544,13 @@ async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyn
                 return
     finally:
         stopped.cancel()
+        if following is not None:
+            # Cancelled while waiting for the next message (the caller's
+            # deadline or cancel), which may have come meanwhile: end that
+            # wait before closing the iterator, and retrieve its outcome, or
+            # asyncio logs it as never retrieved.
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
         close = getattr(iterator, "aclose", None)
         if close is not None:
             await close()

