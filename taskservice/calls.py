@@ -73,6 +73,10 @@ DRAIN_WRITE_GRACE_SECONDS = 1.0
 # When the server drains, how long a call still waiting for its request
 # message is given for it (one that has reached the server takes milliseconds).
 DRAIN_REQUEST_GRACE_SECONDS = 0.3
+# How long the handler waits for a call's error status to be sent (it waits
+# behind the stream's messages in flight, for a client that grants no
+# window); then it leaves the status to gRPC core.
+STATUS_SEND_SECONDS = 5.0
 T = TypeVar("T")
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -161,11 +165,12 @@ class StreamControl:
     ended: asyncio.Future[ServiceError] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    # How long the message in flight may take to reach the client after end().
-    grace_seconds: float = 30.0
+    # How long the message in flight may take to reach the client after end()
+    # before the status is sent (it then follows that message).
+    grace_seconds: float = 1.0
     # ErrorInfo metadata for the status the stream ends with (drain, end()),
-    # given the last message written: WatchTasks puts its resume token there.
-    status_metadata: Callable[[Any], dict[str, str]] = lambda last_written: {}
+    # given the last message sent: WatchTasks puts its resume token there.
+    status_metadata: Callable[[Any], dict[str, str]] = lambda last_sent: {}
 
     def end(self, error: ServiceError) -> None:
         if not self.ended.done():
@@ -184,7 +189,8 @@ class _Call:
         "admitted",
         "code",
         "context",
-        "last_written",
+        "last_sent",
+        "left",
         "messages_in",
         "messages_out",
         "method",
@@ -206,7 +212,8 @@ class _Call:
         self.response_bytes = 0
         self.messages_in: int | None = None
         self.messages_out: int | None = None
-        self.last_written: Any = None
+        self.last_sent: Any = None
+        self.left = False
         self.span: CallSpan | None = None
 
 
@@ -319,17 +326,32 @@ class CallPipeline:
             call.admitted = pool
 
     async def _fail(self, call: _Call, exc: Exception) -> NoReturn:
-        """Ends the call with exc's status (raises grpc.aio.AbortError)."""
+        """Ends the call with exc's status (raises grpc.aio.AbortError). The
+        call's slot and access line do not wait for the status to be sent:
+        behind a message that a client does not read, it may never be. When
+        it has not gone out within STATUS_SEND_SECONDS, the handler gives up
+        on it (CancelledError, which grpc.aio takes quietly)."""
         if isinstance(exc, grpc.aio.AbortError):  # a handler aborted by itself
             call.code = _abort_code(call.context)
             raise exc
         err = as_service_error(exc, call.method)
         call.code = err.code.name
-        await abort(call.context, err)
+        self._leave(call)
+        try:
+            await asyncio.wait_for(abort(call.context, err), STATUS_SEND_SECONDS)
+        except TimeoutError:
+            raise asyncio.CancelledError from None
 
-    def _leave(self, call: _Call) -> None:
+    def _release(self, call: _Call) -> None:
         if call.admitted is not None:
             self.gate.release(call.admitted)
+            call.admitted = None
+
+    def _leave(self, call: _Call) -> None:
+        if call.left:
+            return
+        call.left = True
+        self._release(call)
         if call.span is not None and self.telemetry is not None:
             self.telemetry.end_call(
                 call.span,
@@ -469,11 +491,13 @@ class CallPipeline:
     ) -> None:
         """Writes the stream's messages until it ends, it is idle for `idle`
         seconds, its code ends it (control.end), or the server starts
-        draining (then UNAVAILABLE: reconnect). A stream is never cut in the
-        middle of a write while the write can still finish: the message in
-        flight is given control.grace_seconds (DRAIN_WRITE_GRACE_SECONDS when
-        draining) to reach the client, so that what the status says was
-        written was written; only a client that reads nothing is cut short."""
+        draining (then UNAVAILABLE: reconnect). A stream ended so frees its
+        slot at once; the message in flight, if any, is given
+        control.grace_seconds (DRAIN_WRITE_GRACE_SECONDS when draining) to
+        reach the client before the status is sent. The status can only
+        reach the client after that message (a stream's frames arrive in
+        order), so what it says of the last message (status_metadata) is
+        about the last one handed to gRPC, whether or not it has arrived."""
         stop = asyncio.Event()
         writing = asyncio.ensure_future(_write_all(responses, call, idle, stop))
         draining = asyncio.ensure_future(self.gate.draining.wait())
@@ -492,13 +516,10 @@ class CallPipeline:
             else:
                 writing.result()  # the stream ended by itself
                 return
+            self._release(call)  # ended: its slot is free, whatever the client reads
             stop.set()  # the write in flight, if any, may finish; then no more
             await asyncio.wait((writing,), timeout=grace)
-            if writing.done():
-                error.metadata.update(control.status_metadata(call.last_written))
-            else:
-                error.message += "; it was cut while a message was in flight: resume from the"
-                error.message += " last one received"
+            error.metadata.update(control.status_metadata(call.last_sent))
             raise error
         finally:
             draining.cancel()
@@ -536,8 +557,8 @@ async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyn
                 message = following.result()
             except StopAsyncIteration:
                 return
+            call.last_sent = message  # gRPC has it once the write starts
             await call.context.write(message)
-            call.last_written = message
             call.messages_out = (call.messages_out or 0) + 1
             call.response_bytes += _size(message)
             if stop.is_set():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import h2.config
 import h2.connection
@@ -156,3 +156,74 @@ def messageless_calls(
         return [statuses[s] for s in streams]
     finally:
         sock.close()
+
+
+class StalledStream:
+    """A server-streaming call from a client that stops granting HTTP/2
+    flow-control window: it sends no WINDOW_UPDATE until `resume()`, so the
+    server can send at most the initial 64 KiB windows."""
+
+    def __init__(self, host: str, port: int, path: str, request: Message) -> None:
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.stream = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(self.stream, _headers(host, port, path, ()))
+        self.conn.send_data(self.stream, grpc_frame(request), end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        self.body = b""
+        self.unacknowledged = 0
+        self.trailers: dict[str, str] | None = None
+        self.reset = False
+
+    def _pump(self, timeout: float, until: Callable[[], bool], grant: bool) -> None:
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return
+            if not data:
+                return
+            for event in _events(self.conn, data):
+                if isinstance(event, h2.events.DataReceived):
+                    self.body += event.data
+                    self.unacknowledged += event.flow_controlled_length
+                elif isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                    found = {_text(k): _text(v) for k, v in event.headers}
+                    if "grpc-status" in found:
+                        self.trailers = found
+                elif isinstance(event, h2.events.StreamReset):
+                    self.reset = True
+            if grant and self.unacknowledged:
+                self.conn.acknowledge_received_data(self.unacknowledged, self.stream)
+                self.unacknowledged = 0
+            self.sock.sendall(self.conn.data_to_send())
+
+    def messages(self) -> list[bytes]:
+        """The gRPC messages received so far (serialized)."""
+        found, rest = [], self.body
+        while len(rest) >= 5:
+            size = struct.unpack(">I", rest[1:5])[0]
+            if len(rest) < 5 + size:
+                break
+            found.append(rest[5 : 5 + size])
+            rest = rest[5 + size :]
+        return found
+
+    def read_without_granting(self, seconds: float) -> None:
+        """Reads the socket for `seconds`, granting no window."""
+        self._pump(seconds, lambda: False, grant=False)
+
+    def resume(self, timeout: float) -> None:
+        """Grants window for everything received, and reads until the
+        status, a reset, or `timeout`."""
+        self._pump(timeout, lambda: self.trailers is not None or self.reset, grant=True)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
