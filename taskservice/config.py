@@ -24,6 +24,10 @@ _HOST_PORT = re.compile(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}")
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Without a container memory limit, what all watch streams of a process may
+# buffer (TASKSERVICE_WATCH_MEMORY_MB); with one, this share of it.
+DEFAULT_WATCH_MEMORY_MB = 256
+WATCH_MEMORY_SHARE = 0.25
 # Firestore reads at a past time go back one hour; a minute less leaves room
 # for the time a resumed watch takes to start reading.
 FIRESTORE_MAX_RETENTION_SECONDS = 3540
@@ -132,6 +136,13 @@ SETTINGS: tuple[Setting, ...] = (
         "events a WatchTasks stream may fall behind its reader before it is ended",
     ),
     Setting(
+        "TASKSERVICE_WATCH_MEMORY_MB",
+        "a quarter of the container's memory limit (cgroup), shared by the workers;"
+        f" {DEFAULT_WATCH_MEMORY_MB} without a limit",
+        "what all WatchTasks streams of a process together may buffer for their readers;"
+        " beyond, the streams furthest behind are ended (WATCHER_TOO_SLOW, with a resume token)",
+    ),
+    Setting(
         "TASKSERVICE_WATCH_RETENTION_SECONDS",
         "3600",
         "how long resume tokens stay valid: SQLite keeps its change log this long;"
@@ -219,6 +230,7 @@ class Config:
     watch_progress_seconds: float = 30.0
     watch_max_seconds: float = 3300.0
     watch_buffer: int = 1000
+    watch_memory_mb: int = 0  # all watch streams of the process; 0: watch_memory_bytes()
     watch_retention_seconds: float = 3600.0
     workers: int = 1  # server processes sharing the port
     telemetry: str = "off"  # "off", "otlp" or "gcp"
@@ -232,6 +244,14 @@ class Config:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def watch_memory_bytes(self) -> int:
+        """What all watch streams of this process may buffer: the setting,
+        else a share of the container's memory limit (default_watch_memory_mb)."""
+        mb = self.watch_memory_mb or default_watch_memory_mb(
+            self.worker.count if self.worker else self.workers
+        )
+        return mb * 2**20
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -373,6 +393,7 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
     else:
         workers = _int(env, "TASKSERVICE_WORKERS", 1, 1, 64)
     worker = _worker_slot(env.get("TASKSERVICE_WORKER", "").strip())
+    watch_memory = _int(env, "TASKSERVICE_WATCH_MEMORY_MB", 0, 1, 1_000_000)
     return Config(
         host=host,
         port=port,
@@ -398,6 +419,7 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
         watch_progress_seconds=float(progress),
         watch_max_seconds=float(watch_max),
         watch_buffer=watch_buffer,
+        watch_memory_mb=watch_memory,
         watch_retention_seconds=float(retention),
         telemetry=telemetry,
         otlp_endpoint=otlp_endpoint,
@@ -445,6 +467,35 @@ def _cgroup_quota(cgroup: Path) -> float | None:
         return quota_us / period_us if quota_us > 0 else None
     except (OSError, ValueError):
         return None
+
+
+def memory_limit_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The container's memory limit: its cgroup's (v2 memory.max, or v1
+    memory.limit_in_bytes); None when there is none."""
+    for path in (cgroup / "memory.max", cgroup / "memory" / "memory.limit_in_bytes"):
+        try:
+            raw = path.read_text().strip()
+        except OSError:
+            continue
+        if raw == "max":
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            continue
+        # cgroup v1 says "no limit" with a number near 2**63.
+        return value if value < 2**62 else None
+    return None
+
+
+def default_watch_memory_mb(processes: int, cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """TASKSERVICE_WATCH_MEMORY_MB when unset: WATCH_MEMORY_SHARE of the
+    container's memory limit, split among its server processes, or
+    DEFAULT_WATCH_MEMORY_MB without a limit."""
+    limit = memory_limit_bytes(cgroup)
+    if limit is None:
+        return DEFAULT_WATCH_MEMORY_MB
+    return max(1, int(limit * WATCH_MEMORY_SHARE / max(1, processes)) // 2**20)
 
 
 def settings_help() -> str:

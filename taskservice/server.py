@@ -103,6 +103,7 @@ class TaskServer:
                 progress_seconds=config.watch_progress_seconds,
                 max_seconds=config.watch_max_seconds,
                 buffer_events=config.watch_buffer,
+                memory_bytes=config.watch_memory_bytes(),
             ),
         )
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(servicer, registrar)

@@ -216,10 +216,20 @@ class StalledStream:
         """Reads the socket for `seconds`, granting no window."""
         self._pump(seconds, lambda: False, grant=False)
 
-    def resume(self, timeout: float) -> None:
+    def read_until_messages(self, count: int, timeout: float) -> None:
+        """Reads, granting no window, until `count` messages have come."""
+        self._pump(timeout, lambda: len(self.messages()) >= count, grant=False)
+
+    def resume(self, timeout: float, messages: int | None = None) -> None:
         """Grants window for everything received, and reads until the
-        status, a reset, or `timeout`."""
-        self._pump(timeout, lambda: self.trailers is not None or self.reset, grant=True)
+        status, a reset, `messages` messages, or `timeout`."""
+
+        def done() -> bool:
+            if self.trailers is not None or self.reset:
+                return True
+            return messages is not None and len(self.messages()) >= messages
+
+        self._pump(timeout, done, grant=True)
 
     def close(self) -> None:
         self.sock.close()
