@@ -329,8 +329,9 @@ class CallPipeline:
         """Ends the call with exc's status (raises grpc.aio.AbortError). The
         call's slot and access line do not wait for the status to be sent:
         behind a message that a client does not read, it may never be. When
-        it has not gone out within STATUS_SEND_SECONDS, the handler gives up
-        on it (CancelledError, which grpc.aio takes quietly)."""
+        it has not gone out within STATUS_SEND_SECONDS, or cannot go out, the
+        handler gives up on it (CancelledError, which grpc.aio takes
+        quietly)."""
         if isinstance(exc, grpc.aio.AbortError):  # a handler aborted by itself
             call.code = _abort_code(call.context)
             raise exc
@@ -339,7 +340,12 @@ class CallPipeline:
         self._leave(call)
         try:
             await asyncio.wait_for(abort(call.context, err), STATUS_SEND_SECONDS)
-        except TimeoutError:
+        except grpc.aio.AbortError:
+            raise  # sent
+        except Exception:
+            # Not sent in time, or not at all: the client went away while
+            # the status waited (grpc.aio's ExecuteBatchError, which it logs
+            # as an error unless it has already seen the client go).
             raise asyncio.CancelledError from None
 
     def _release(self, call: _Call) -> None:

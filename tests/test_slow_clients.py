@@ -217,6 +217,24 @@ async def test_a_watcher_stalled_at_the_transport_frees_its_slot_when_ended(
         await asyncio.to_thread(stalled.read_without_granting, STATUS_SEND_SECONDS + 1)
         stalled.close()
         await asyncio.sleep(0.5)
+
+        # One that goes away while its status waits: nothing logged either
+        # (grpc.aio logged an ExecuteBatchError traceback).
+        stalled = await asyncio.to_thread(
+            StalledStream,
+            "127.0.0.1",
+            running.server.port,
+            "/tasks.v1.TaskService/WatchTasks",
+            pb.WatchTasksRequest(),
+        )
+        await asyncio.to_thread(stalled.read_without_granting, 0.5)
+        for i in range(60):
+            await running.stub.UpdateTask(
+                pb.UpdateTaskRequest(task=pb.Task(name=task.name, title=f"x{i}"), update_mask=mask)
+            )
+        await asyncio.sleep(1.5)
+        stalled.close()
+        await asyncio.sleep(1.0)
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [
             r.getMessage()[:300] for r in caplog.records if r.levelno >= logging.WARNING
         ]
