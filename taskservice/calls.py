@@ -14,8 +14,10 @@ In order, for every method of every service (TaskService, health, reflection):
    own bound (beyond it: RESOURCE_EXHAUSTED at once), so none can starve the
    others, and calls refused by auth never take a slot. Health Check is never
    refused: it is the liveness probe, and answers from memory.
-4. The request bytes are decoded here, so a message that is not valid
-   protobuf gets INVALID_ARGUMENT rather than gRPC's UNKNOWN with parser text.
+4. The request bytes are read and decoded here (before auth and admission
+   for methods that take one message), so a message that is not valid
+   protobuf gets INVALID_ARGUMENT rather than gRPC's UNKNOWN with parser
+   text, and a call without its message is answered (see wrap).
 5. The handler runs. A ServiceError becomes its status (taskservice.status);
    a timeout, DEADLINE_EXCEEDED; anything else a generic INTERNAL whose error
    id is logged with the stack trace.
@@ -25,7 +27,9 @@ In order, for every method of every service (TaskService, health, reflection):
    code can end it too, even while a write waits for a client that does not
    read (StreamControl.end), and say what its ending status carries
    (StreamControl.status_metadata: WatchTasks puts its resume token there).
-   A message in flight is given a moment to arrive before the status.
+   A stream so ended frees its slot at once; a message in flight is given a
+   moment to arrive before the status, and the handler waits a few seconds
+   at most for the status to go out behind it.
 7. One access line per call, refused or not: method, code, latency, peer,
    request and response sizes, and message counts for streams. Payloads and
    credentials are never logged. With telemetry on, the same figures go to
