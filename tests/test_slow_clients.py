@@ -7,6 +7,7 @@ import asyncio
 import base64
 import logging
 import os
+import resource
 import statistics
 import threading
 import time
@@ -272,6 +273,13 @@ def test_stalled_watchers_together_stay_under_the_memory_ceiling(
     TASKSERVICE_WATCH_MEMORY_FULL=1)."""
     full = os.environ.get("TASKSERVICE_WATCH_MEMORY_FULL") == "1"
     updates = 400 if watchers <= 100 or full else 100
+    # A socket per watcher, here and in the server (which inherits the limit).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * watchers + 256
+    if soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.fail(f"{watchers} watchers need {wanted} open files; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     process = ServerProcess(
         {
             "TASKSERVICE_STORE": "sqlite",
