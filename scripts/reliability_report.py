@@ -1,7 +1,7 @@
 """Runs the fault, load and fuzz tests and writes docs/reliability.md from their figures.
 
 Usage: python scripts/reliability_report.py [--soak-seconds 60] [--fuzz-examples 300]
-                                          [--scaleout-seconds 90]
+                                          [--scaleout-seconds 90] [--hostile-soak-seconds 180]
 
 Every figure in the report is what this run measured; a failing test makes
 the command fail (the report is still written, marked FAILED).
@@ -31,6 +31,7 @@ TESTS = [
     "tests/test_interop.py",
     "tests/test_workers.py",
     "tests/test_scaleout.py",
+    "tests/test_hostile_soak.py",
 ]
 WHAT = {
     "frozen_backend": "Firestore emulator frozen (SIGSTOP) for 6 s under 16 writers, then SIGCONT",
@@ -63,6 +64,15 @@ WHAT = {
     "worker_restart": "a worker SIGKILLed: health NOT_SERVING until its replacement is ready",
     "workers_log_lines": "2 workers' access lines through one stderr pipe read slowly:"
     " lines cut by the other worker's writes",
+    "messageless_calls": "5,000 calls of HEADERS with END_STREAM and no DATA frame (GetTask,"
+    " CreateTask, WatchTasks), raw HTTP/2, against a server process: RSS before and after",
+    "watch_memory_bound": "`watchers` raw HTTP/2 watchers grant no flow-control window after"
+    " TYPE_CURRENT while a maximum-size task is updated `updates` times, server process with"
+    " TASKSERVICE_WATCH_MEMORY_MB as on a 512 MiB instance; one more watcher reads everything",
+    "hostile_soak": "8 CRUD callers and 4 watchers alone (quiet), then for `seconds` among"
+    " hostile callers (watchers that grant no window while a maximum-size task is updated,"
+    " message-less calls, RST_STREAM storms, cancelled batches); per-call success and p99"
+    " of the normal callers, RSS (s, MB) over time, watcher slots free afterwards",
     "interop_grpc_js": "@grpc/grpc-js at default settings: every RPC, 500/501-item streams,"
     " paging, ABORTED/BadRequest details decoded, 1 ms deadline, 40 cancels mid-stream, a"
     " batch over the default 4 MiB; `written` counts what each check left stored",
@@ -87,6 +97,7 @@ def main() -> int:
     parser.add_argument("--soak-seconds", default="60")
     parser.add_argument("--fuzz-examples", default="300")
     parser.add_argument("--scaleout-seconds", default="90")
+    parser.add_argument("--hostile-soak-seconds", default="180")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.jsonl"
@@ -96,6 +107,8 @@ def main() -> int:
             "TASKSERVICE_SOAK_SECONDS": args.soak_seconds,
             "TASKSERVICE_FUZZ_EXAMPLES": args.fuzz_examples,
             "TASKSERVICE_SCALEOUT_SECONDS": args.scaleout_seconds,
+            "TASKSERVICE_HOSTILE_SOAK_SECONDS": args.hostile_soak_seconds,
+            "TASKSERVICE_WATCH_MEMORY_FULL": "1",
         }
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],

@@ -14,8 +14,10 @@ In order, for every method of every service (TaskService, health, reflection):
    own bound (beyond it: RESOURCE_EXHAUSTED at once), so none can starve the
    others, and calls refused by auth never take a slot. Health Check is never
    refused: it is the liveness probe, and answers from memory.
-4. The request bytes are decoded here, so a message that is not valid
-   protobuf gets INVALID_ARGUMENT rather than gRPC's UNKNOWN with parser text.
+4. The request bytes are read and decoded here (before auth and admission
+   for methods that take one message), so a message that is not valid
+   protobuf gets INVALID_ARGUMENT rather than gRPC's UNKNOWN with parser
+   text, and a call without its message is answered (see wrap).
 5. The handler runs. A ServiceError becomes its status (taskservice.status);
    a timeout, DEADLINE_EXCEEDED; anything else a generic INTERNAL whose error
    id is logged with the stack trace.
@@ -25,7 +27,9 @@ In order, for every method of every service (TaskService, health, reflection):
    code can end it too, even while a write waits for a client that does not
    read (StreamControl.end), and say what its ending status carries
    (StreamControl.status_metadata: WatchTasks puts its resume token there).
-   A message in flight is given a moment to arrive before the status.
+   A stream so ended frees its slot at once; a message in flight is given a
+   moment to arrive before the status, and the handler waits a few seconds
+   at most for the status to go out behind it.
 7. One access line per call, refused or not: method, code, latency, peer,
    request and response sizes, and message counts for streams. Payloads and
    credentials are never logged. With telemetry on, the same figures go to
@@ -69,6 +73,7 @@ import grpc
 
 from taskservice.auth import IdTokenVerifier
 from taskservice.errors import (
+    DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
     ServiceError,
@@ -76,7 +81,11 @@ from taskservice.errors import (
     Unimplemented,
 )
 from taskservice.jsonlog import log_fields
-from taskservice.limits import MAX_REQUEST_BYTES, MAX_STORE_CALL_SECONDS
+from taskservice.limits import (
+    MAX_REQUEST_BYTES,
+    MAX_STORE_CALL_SECONDS,
+    REQUEST_MESSAGE_SECONDS,
+)
 from taskservice.status import abort, as_service_error
 from taskservice.tracing import current_trace, parse_trace
 
@@ -87,6 +96,13 @@ log = logging.getLogger("taskservice.access")
 # When the server drains, how long a stream's message in flight may take to
 # reach its client before the stream is cut.
 DRAIN_WRITE_GRACE_SECONDS = 1.0
+# When the server drains, how long a call still waiting for its request
+# message is given for it (one that has reached the server takes milliseconds).
+DRAIN_REQUEST_GRACE_SECONDS = 0.3
+# How long the handler waits for a call's error status to be sent (it waits
+# behind the stream's messages in flight, for a client that grants no
+# window); then it leaves the status to gRPC core.
+STATUS_SEND_SECONDS = 5.0
 T = TypeVar("T")
 # A cancel with at most this much of the server's deadline left is the
 # caller's deadline passing (_deadline_passed).
@@ -159,6 +175,8 @@ class CallGate:
         self.in_flight = dict.fromkeys(Pool, 0)
         self.started = 0  # calls the pipeline has picked up, ever
         self.draining = asyncio.Event()
+        # The timeouts of calls waiting for their request message.
+        self.reading: set[asyncio.Timeout] = set()
 
     def admit(self, pool: Pool) -> None:
         if self.in_flight[pool] >= self._bounds[pool]:
@@ -171,6 +189,16 @@ class CallGate:
     def release(self, pool: Pool) -> None:
         self.in_flight[pool] -= 1
 
+    def drain(self) -> None:
+        """Every stream ends (UNAVAILABLE), and a call still waiting for its
+        request message gets DRAIN_REQUEST_GRACE_SECONDS for it."""
+        self.draining.set()
+        soon = asyncio.get_running_loop().time() + DRAIN_REQUEST_GRACE_SECONDS
+        for timeout in self.reading:
+            when = timeout.when()
+            if when is None or when > soon:
+                timeout.reschedule(soon)
+
 
 @dataclass
 class StreamControl:
@@ -182,11 +210,12 @@ class StreamControl:
     ended: asyncio.Future[ServiceError] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    # How long the message in flight may take to reach the client after end().
-    grace_seconds: float = 30.0
+    # How long the message in flight may take to reach the client after end()
+    # before the status is sent (it then follows that message).
+    grace_seconds: float = 1.0
     # ErrorInfo metadata for the status the stream ends with (drain, end()),
-    # given the last message written: WatchTasks puts its resume token there.
-    status_metadata: Callable[[Any], dict[str, str]] = lambda last_written: {}
+    # given the last message sent: WatchTasks puts its resume token there.
+    status_metadata: Callable[[Any], dict[str, str]] = lambda last_sent: {}
 
     def end(self, error: ServiceError) -> None:
         if not self.ended.done():
@@ -205,11 +234,13 @@ class _Call:
         "admitted",
         "code",
         "context",
-        "last_written",
+        "last_sent",
+        "left",
         "messages_in",
         "messages_out",
         "method",
         "reason",
+        "request",
         "request_bytes",
         "requested",
         "response_bytes",
@@ -227,11 +258,13 @@ class _Call:
         self.requested = ""  # the path an unknown method was called with
         self.waiting_on_caller = False  # awaiting the caller's next message
         self.admitted: Pool | None = None
+        self.request = b""
         self.request_bytes = 0
         self.response_bytes = 0
         self.messages_in: int | None = None
         self.messages_out: int | None = None
-        self.last_written: Any = None
+        self.last_sent: Any = None
+        self.left = False
         self.span: CallSpan | None = None
 
 
@@ -317,8 +350,17 @@ class CallPipeline:
         decode = handler.request_deserializer
         encode = handler.response_serializer
         pool = pool_of(method)
+        # Methods with one request message are registered with grpc.aio as
+        # client-streaming ones and read their message here: grpc.aio's own
+        # unary-request path, given a call that half-closes without a message
+        # (HEADERS with END_STREAM, no DATA), returns without a status and
+        # leaves the call open until the client goes away, uncounted and
+        # holding its memory and the shutdown (_handle_unary_unary_rpc and
+        # _handle_unary_stream_rpc in grpc's
+        # src/python/grpcio/grpc/_cython/_cygrpc/aio/server.pyx.pxi take the
+        # missing message for a cancel; grpc 1.85).
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
+            return grpc.stream_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, decode, method, pool), response_serializer=encode
             )
         if handler.stream_unary is not None:
@@ -327,7 +369,7 @@ class CallPipeline:
                 response_serializer=encode,
             )
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
+            return grpc.stream_stream_rpc_method_handler(
                 self._server_stream(handler.unary_stream, decode, method, pool, False),
                 response_serializer=encode,
             )
@@ -338,8 +380,9 @@ class CallPipeline:
 
     # -- the steps shared by every kind of call --------------------------------
 
-    async def _enter(self, call: _Call, pool: Pool | None) -> None:
-        """Authentication, then admission."""
+    async def _enter(self, call: _Call, pool: Pool | None, one_request: bool) -> None:
+        """The trace, the request message of a method that takes one, then
+        authentication and admission."""
         self.gate.started += 1
         context = call.context
         caller = parse_trace(context.invocation_metadata())
@@ -352,6 +395,8 @@ class CallPipeline:
             )
             caller = call.span.log_trace
         current_trace.set(caller)
+        if one_request:
+            call.request = await self._read_request(call)
         if pool in (Pool.CALLS, Pool.WATCHERS) and self.verifier is not None:
             authorizations = [
                 value
@@ -364,7 +409,12 @@ class CallPipeline:
             call.admitted = pool
 
     async def _fail(self, call: _Call, exc: Exception) -> NoReturn:
-        """Ends the call with exc's status (raises grpc.aio.AbortError)."""
+        """Ends the call with exc's status (raises grpc.aio.AbortError). The
+        call's slot and access line do not wait for the status to be sent:
+        behind a message that a client does not read, it may never be. When
+        it has not gone out within STATUS_SEND_SECONDS, or cannot go out, the
+        handler gives up on it (CancelledError, which grpc.aio takes
+        quietly)."""
         if isinstance(exc, grpc.aio.AbortError):  # a handler aborted by itself
             call.code = _abort_code(call.context)
             raise exc
@@ -373,7 +423,16 @@ class CallPipeline:
         call.reason = err.reason
         if call.code == "CANCELLED":  # a handler that saw the call end: which way?
             self._cancelled(call)
-        await abort(call.context, err)
+        self._leave(call)
+        try:
+            await asyncio.wait_for(abort(call.context, err), STATUS_SEND_SECONDS)
+        except grpc.aio.AbortError:
+            raise  # sent
+        except Exception:
+            # Not sent in time, or not at all: the client went away while
+            # the status waited (grpc.aio's ExecuteBatchError, which it logs
+            # as an error unless it has already seen the client go).
+            raise asyncio.CancelledError from None
 
     @staticmethod
     def _cancelled(call: _Call) -> None:
@@ -391,9 +450,16 @@ class CallPipeline:
             call.code = "CANCELLED"
             call.reason = ""
 
-    def _leave(self, call: _Call) -> None:
+    def _release(self, call: _Call) -> None:
         if call.admitted is not None:
             self.gate.release(call.admitted)
+            call.admitted = None
+
+    def _leave(self, call: _Call) -> None:
+        if call.left:
+            return
+        call.left = True
+        self._release(call)
         if call.span is not None and self.telemetry is not None:
             self.telemetry.end_call(
                 call.span,
@@ -405,12 +471,52 @@ class CallPipeline:
             )
         _access_line(call)
 
-    async def _serve(self, call: _Call, pool: Pool | None, body: Callable[[], Awaitable[T]]) -> T:
-        """The steps around every call's body: trace, auth, admission, and
-        whatever happens, its status and access line."""
+    async def _read_request(self, call: _Call) -> bytes:
+        """The one request message of a unary-request method: INVALID_ARGUMENT
+        when the caller half-closed without one; DEADLINE_EXCEEDED when none
+        came within REQUEST_MESSAGE_SECONDS; UNAVAILABLE when the server
+        started draining and none came DRAIN_REQUEST_GRACE_SECONDS later."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(REQUEST_MESSAGE_SECONDS) as timeout:
+                if self.gate.draining.is_set():
+                    timeout.reschedule(loop.time() + DRAIN_REQUEST_GRACE_SECONDS)
+                self.gate.reading.add(timeout)
+                try:
+                    raw = await call.context.read()
+                finally:
+                    self.gate.reading.discard(timeout)
+        except TimeoutError:
+            if self.gate.draining.is_set():
+                raise Unavailable(
+                    "the server is shutting down; reconnect to another instance",
+                    reason="SERVER_DRAINING",
+                ) from None
+            raise DeadlineExceeded(
+                f"no request message came within {REQUEST_MESSAGE_SECONDS:g} s",
+                reason="REQUEST_IDLE",
+            ) from None
+        if raw is grpc.aio.EOF:
+            raise InvalidArgument(
+                [("request", "is missing: the call ended without a request message")],
+                reason="MISSING_REQUEST",
+            )
+        call.request_bytes = len(raw)
+        return bytes(raw)
+
+    async def _serve(
+        self,
+        call: _Call,
+        pool: Pool | None,
+        body: Callable[[], Awaitable[T]],
+        one_request: bool = False,
+    ) -> T:
+        """The steps around every call's body: trace, the request message when
+        the method takes one, auth, admission, and whatever happens, its
+        status and access line."""
         token = current_trace.set(None)
         try:
-            await self._enter(call, pool)
+            await self._enter(call, pool, one_request)
             result = await body()
             call.code = "OK"
             return result
@@ -445,16 +551,15 @@ class CallPipeline:
     # -- the four kinds of call --------------------------------------------------
 
     def _unary(self, behavior: Any, decode: Any, method: str, pool: Pool | None) -> Any:
-        async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def handle(_: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = _Call(method, context)
 
             async def body() -> Any:
-                call.request_bytes = len(raw)
-                response = await behavior(_decode(decode, raw, "request"), context)
+                response = await behavior(_decode(decode, call.request, "request"), context)
                 call.response_bytes = _size(response)
                 return response
 
-            return await self._serve(call, pool, body)
+            return await self._serve(call, pool, body, one_request=True)
 
         return handle
 
@@ -491,13 +596,12 @@ class CallPipeline:
                         call.messages_in = 0
                         responses = behavior(self._decoded(request, decode, call), context)
                     else:
-                        call.request_bytes = len(request)
-                        responses = behavior(_decode(decode, request, "request"), context)
+                        responses = behavior(_decode(decode, call.request, "request"), context)
                     await self._pump(responses, call, idle, control)
                 finally:
                     current_stream.reset(token)
 
-            await self._serve(call, pool, body)
+            await self._serve(call, pool, body, one_request=not client_streams)
 
         return handle
 
@@ -527,11 +631,13 @@ class CallPipeline:
     ) -> None:
         """Writes the stream's messages until it ends, it is idle for `idle`
         seconds, its code ends it (control.end), or the server starts
-        draining (then UNAVAILABLE: reconnect). A stream is never cut in the
-        middle of a write while the write can still finish: the message in
-        flight is given control.grace_seconds (DRAIN_WRITE_GRACE_SECONDS when
-        draining) to reach the client, so that what the status says was
-        written was written; only a client that reads nothing is cut short."""
+        draining (then UNAVAILABLE: reconnect). A stream ended so frees its
+        slot at once; the message in flight, if any, is given
+        control.grace_seconds (DRAIN_WRITE_GRACE_SECONDS when draining) to
+        reach the client before the status is sent. The status can only
+        reach the client after that message (a stream's frames arrive in
+        order), so what it says of the last message (status_metadata) is
+        about the last one handed to gRPC, whether or not it has arrived."""
         stop = asyncio.Event()
         writing = asyncio.ensure_future(_write_all(responses, call, idle, stop))
         draining = asyncio.ensure_future(self.gate.draining.wait())
@@ -550,13 +656,10 @@ class CallPipeline:
             else:
                 writing.result()  # the stream ended by itself
                 return
+            self._release(call)  # ended: its slot is free, whatever the client reads
             stop.set()  # the write in flight, if any, may finish; then no more
             await asyncio.wait((writing,), timeout=grace)
-            if writing.done():
-                error.metadata.update(control.status_metadata(call.last_written))
-            else:
-                error.message += "; it was cut while a message was in flight: resume from the"
-                error.message += " last one received"
+            error.metadata.update(control.status_metadata(call.last_sent))
             raise error
         finally:
             draining.cancel()
@@ -572,6 +675,7 @@ async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyn
     flight, if any)."""
     iterator = aiter(responses)
     stopped = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[Any] | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(iterator))
@@ -593,14 +697,21 @@ async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyn
                 message = following.result()
             except StopAsyncIteration:
                 return
+            call.last_sent = message  # gRPC has it once the write starts
             await call.context.write(message)
-            call.last_written = message
             call.messages_out = (call.messages_out or 0) + 1
             call.response_bytes += _size(message)
             if stop.is_set():
                 return
     finally:
         stopped.cancel()
+        if following is not None:
+            # Cancelled while waiting for the next message (the caller's
+            # deadline or cancel), which may have come meanwhile: end that
+            # wait before closing the iterator, and retrieve its outcome, or
+            # asyncio logs it as never retrieved.
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
         close = getattr(iterator, "aclose", None)
         if close is not None:
             await close()

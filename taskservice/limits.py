@@ -67,6 +67,11 @@ MAX_BATCH_RESPONSE_BYTES = 3 * 1024 * 1024
 BATCH_CANCEL_GRACE_SECONDS = 0.2
 
 # -- time ---------------------------------------------------------------------
+# A call of a method that takes one request message is ended (DEADLINE_EXCEEDED,
+# REQUEST_IDLE) when the message has not come this long after its headers:
+# every client sends both at once, and a caller that sends only headers would
+# otherwise hold the call as long as it keeps its connection.
+REQUEST_MESSAGE_SECONDS = 10.0
 # Every store call gets the time left of the caller's deadline, and never more
 # than this, whatever the deadline: one Firestore or SQLite operation that has
 # not answered in 30 s is stuck, and waiting longer (Cloud Run allows calls up

@@ -113,6 +113,7 @@ class TaskServer:
                 progress_seconds=config.watch_progress_seconds,
                 max_seconds=config.watch_max_seconds,
                 buffer_events=config.watch_buffer,
+                memory_bytes=config.watch_memory_bytes(),
             ),
         )
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(servicer, registrar)
@@ -208,7 +209,7 @@ class TaskServer:
             if task is not None:
                 task.cancel()
         await asyncio.sleep(0)  # let open Watch streams send NOT_SERVING first
-        self.gate.draining.set()
+        self.gate.drain()
         await self._pick_up_arrived_calls()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.store.close()

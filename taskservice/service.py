@@ -38,7 +38,7 @@ from taskservice.errors import (
 from taskservice.limits import BATCH_CANCEL_GRACE_SECONDS, MAX_BATCH
 from taskservice.model import NewTask
 from taskservice.store import TaskStore
-from taskservice.watching import WatchSettings, serve_watch
+from taskservice.watching import WatchMemory, WatchSettings, serve_watch
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -109,6 +109,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         self.stream_idle_seconds = stream_idle_seconds
         self.stream_max_seconds = stream_max_seconds
         self.watch = watch or WatchSettings()
+        self.watch_memory = WatchMemory(self.watch.memory_bytes)
 
     async def CreateTask(self, request: pb.CreateTaskRequest, context: Context) -> pb.Task:
         new = convert.parse_create_request(request)
@@ -177,7 +178,12 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         query = convert.parse_watch_request(request, self.watch.progress_seconds)
         control = current_stream.get() or StreamControl()
         messages = serve_watch(
-            self.store.watch(query), query, convert.watch_response, self.watch, control
+            self.store.watch(query),
+            query,
+            convert.watch_response,
+            self.watch,
+            control,
+            self.watch_memory,
         )
         async for message in messages:
             yield message

@@ -16,9 +16,11 @@ Live events do not wait: a client that falls more than the buffer behind
 them is ended with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW), so that it costs
 no more memory, and one that stays longer than `max_seconds` with
 UNAVAILABLE (STREAM_MAX_AGE), before a platform's request timeout cuts it
-without a status. Both carry, in the ErrorInfo metadata "resume_token", the
-token of the last event written to the stream (the pipeline ends the stream
-after that event has reached the client).
+without a status. All streams of the process together may buffer at most
+`memory_bytes` (WatchMemory, TASKSERVICE_WATCH_MEMORY_MB): past it, the
+streams furthest behind are ended first (WATCHER_TOO_SLOW). Each such status
+carries, in the ErrorInfo metadata "resume_token", the token of the last
+event sent on the stream (the status follows that event on the wire).
 """
 
 from __future__ import annotations
@@ -50,6 +52,51 @@ class WatchSettings:
     max_seconds: float = 3300.0
     buffer_events: int = 1000
     buffer_bytes: int = 4 * 1024 * 1024
+    # What all streams of the process together may buffer (WatchMemory).
+    memory_bytes: int = 256 * 1024 * 1024
+
+
+# What a buffered message is counted as in WatchMemory: twice its encoded
+# size, plus a fixed part (so that many small events are not taken for free).
+# Measured: a WatchTasksResponse of 18 KB encoded (a task with every field at
+# its limit) takes 37 KB of the process's memory.
+MESSAGE_MEMORY_FACTOR = 2
+MESSAGE_OVERHEAD_BYTES = 512
+
+
+def _memory_cost(size: int) -> int:
+    return MESSAGE_MEMORY_FACTOR * size + MESSAGE_OVERHEAD_BYTES
+
+
+class WatchMemory:
+    """The bound on what every WatchTasks stream of the process together
+    buffers. Past it, the streams furthest behind (the most bytes buffered)
+    are ended first, as a stream that falls behind its own buffer is, until
+    the total is back under the bound."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used = 0
+        self.ended = 0  # streams ended for the bound, ever
+        self._buffers: set[_Buffer] = set()
+
+    def add(self, buffer: _Buffer) -> None:
+        self._buffers.add(buffer)
+
+    def remove(self, buffer: _Buffer) -> None:
+        self._buffers.discard(buffer)
+        self.used -= buffer.cost
+        buffer.cost = 0
+
+    def grow(self, cost: int) -> None:
+        self.used += cost
+        while self.used > self.limit_bytes and self._buffers:
+            furthest = max(self._buffers, key=lambda b: b.cost)
+            if furthest.cost == 0:
+                return
+            self.ended += 1
+            self.remove(furthest)
+            furthest.over_memory()
 
 
 def filter_fingerprint(task_filter: TaskFilter) -> bytes:
@@ -81,31 +128,50 @@ def decode_resume_token(token: str, fingerprint: bytes) -> bytes:
 
 
 class _Buffer:
-    """Messages waiting for the wire, bounded in count and bytes."""
+    """Messages waiting for the wire, bounded in count and bytes, and counted
+    in the process's WatchMemory."""
 
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        memory: WatchMemory,
+        over_memory: Callable[[], None],
+    ) -> None:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        self.messages: deque[Any] = deque()
-        self.bytes = 0
+        self.memory = memory
+        self.over_memory = over_memory  # ends the stream, clearing the buffer
+        self.messages: deque[tuple[Any, int]] = deque()
+        self.bytes = 0  # encoded
+        self.cost = 0  # counted in WatchMemory
         self.finished = False
         self.error: BaseException | None = None
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
+        memory.add(self)
 
     def _fits(self, size: int) -> bool:
         return not self.messages or (
             len(self.messages) < self.max_messages and self.bytes + size <= self.max_bytes
         )
 
+    def _append(self, message: Any, size: int) -> None:
+        if self.finished:
+            return
+        self.messages.append((message, size))
+        self.bytes += size
+        self._ready.set()
+        cost = _memory_cost(size)
+        self.cost += cost
+        self.memory.grow(cost)
+
     def put_nowait(self, message: Any) -> bool:
         """False when the message does not fit: the reader is too slow."""
         size = message.ByteSize()
         if not self._fits(size):
             return False
-        self.messages.append(message)
-        self.bytes += size
-        self._ready.set()
+        self._append(message, size)
         return True
 
     async def put(self, message: Any) -> None:
@@ -114,14 +180,22 @@ class _Buffer:
         while not self._fits(size):
             self._room.clear()
             await self._room.wait()
-        self.messages.append(message)
-        self.bytes += size
-        self._ready.set()
+        self._append(message, size)
+
+    def clear(self) -> None:
+        self.messages.clear()
+        self.bytes = 0
+        self.memory.remove(self)
+
+    def close(self) -> None:
+        self.clear()
+        self.finished = True
 
     def finish(self, error: BaseException | None = None) -> None:
         self.finished = True
         self.error = error
         self._ready.set()
+        self._room.set()
 
     async def get(self) -> Any | None:
         """The next message; None at the end; raises the producer's error."""
@@ -132,8 +206,12 @@ class _Buffer:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        message = self.messages.popleft()
-        self.bytes -= message.ByteSize()
+        message, size = self.messages.popleft()
+        self.bytes -= size
+        if self.cost:  # else already given back (remove)
+            cost = _memory_cost(size)
+            self.cost -= cost
+            self.memory.used -= cost
         self._room.set()
         return message
 
@@ -144,27 +222,41 @@ async def serve_watch(
     to_message: Callable[[WatchEvent, str], Any],
     settings: WatchSettings,
     control: StreamControl,
+    memory: WatchMemory,
 ) -> AsyncIterator[Any]:
     """The messages of one WatchTasks stream (see the module docstring).
     `events` is the store's watch of `query`; to_message turns an event and
     its resume token into a WatchTasksResponse."""
     fingerprint = filter_fingerprint(query.filter)
-    buffer = _Buffer(settings.buffer_events, settings.buffer_bytes)
     control.status_metadata = lambda last: (
         {} if last is None else {"resume_token": last.resume_token}
     )
 
     def end(error: ServiceError) -> None:
         """Stops reading the store and drops what the client has not been
-        sent (a resume recomputes it): the pipeline ends the stream once the
-        message in flight has arrived, with the last written one's token."""
-        buffer.messages.clear()
+        sent (a resume recomputes it): the pipeline ends the stream with the
+        token of the last message sent."""
+        buffer.clear()
         buffer.finish(error)
         control.end(error)
+
+    def over_memory() -> None:
+        end(
+            ResourceExhausted(
+                "the server's watch streams together hold as much as it allows, and this one"
+                " was among the furthest behind; resume with the resume_token of the last"
+                " event received, and read faster",
+                reason="WATCHER_TOO_SLOW",
+            )
+        )
+
+    buffer = _Buffer(settings.buffer_events, settings.buffer_bytes, memory, over_memory)
 
     async def produce() -> None:
         try:
             async for event in events:
+                if buffer.finished:  # ended meanwhile (the process's bound)
+                    return
                 message = to_message(event, encode_resume_token(event.position, fingerprint))
                 if event.catching_up:
                     await buffer.put(message)
@@ -209,3 +301,4 @@ async def serve_watch(
         producer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await producer
+        buffer.close()

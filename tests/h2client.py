@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import h2.config
 import h2.connection
@@ -108,3 +108,172 @@ def unary_call(host: str, port: int, path: str, body: bytes) -> dict[str, str]:
             sock.sendall(conn.data_to_send())
     finally:
         sock.close()
+
+
+def _events(conn: h2.connection.H2Connection, data: bytes) -> list[h2.events.Event]:
+    """The events in `data`, frame by frame, GOAWAY frames left out: after
+    one, h2 refuses every frame, but a server still ends the calls it has
+    (their trailers follow the GOAWAY)."""
+    events: list[h2.events.Event] = []
+    buffer = getattr(conn, "_pending_bytes", b"") + data
+    while len(buffer) >= 9:
+        size = 9 + int.from_bytes(buffer[:3], "big")
+        if len(buffer) < size:
+            break
+        frame, buffer = buffer[:size], buffer[size:]
+        if frame[3] != 0x7:  # GOAWAY
+            events += conn.receive_data(frame)
+    conn._pending_bytes = buffer  # type: ignore[attr-defined]
+    return events
+
+
+def _headers(
+    host: str, port: int, path: str, extra: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", f"{host}:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        *extra,
+    ]
+
+
+def messageless_calls(
+    host: str,
+    port: int,
+    path: str,
+    count: int,
+    *,
+    metadata: Sequence[tuple[str, str]] = (),
+    timeout: float = 5.0,
+    end_stream: bool = True,
+) -> list[str | None]:
+    """Opens `count` calls on one connection, each HEADERS with END_STREAM and
+    no DATA frame (end_stream=False: HEADERS alone, the call left open), and
+    waits up to `timeout` for their statuses: each call's grpc-status (as
+    sent), or None for a call that got none in time."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        streams = []
+        for _ in range(count):
+            stream = conn.get_next_available_stream_id()
+            conn.send_headers(stream, _headers(host, port, path, metadata), end_stream=end_stream)
+            streams.append(stream)
+            sock.sendall(conn.data_to_send())
+        statuses: dict[int, str | None] = dict.fromkeys(streams)
+        pending = set(streams)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            for event in _events(conn, data):
+                if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                    found = dict(
+                        (
+                            k.decode() if isinstance(k, bytes) else k,
+                            v.decode() if isinstance(v, bytes) else v,
+                        )
+                        for k, v in event.headers
+                    )
+                    if "grpc-status" in found:
+                        statuses[event.stream_id] = found["grpc-status"]
+                        pending.discard(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    pending.discard(event.stream_id)
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            sock.sendall(conn.data_to_send())
+        return [statuses[s] for s in streams]
+    finally:
+        sock.close()
+
+
+class StalledStream:
+    """A server-streaming call from a client that stops granting HTTP/2
+    flow-control window: it sends no WINDOW_UPDATE until `resume()`, so the
+    server can send at most the initial 64 KiB windows."""
+
+    def __init__(self, host: str, port: int, path: str, request: Message) -> None:
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.stream = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(self.stream, _headers(host, port, path, ()))
+        self.conn.send_data(self.stream, grpc_frame(request), end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        self.body = b""
+        self.unacknowledged = 0
+        self.trailers: dict[str, str] | None = None
+        self.reset = False
+
+    def _pump(self, timeout: float, until: Callable[[], bool], grant: bool) -> None:
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return
+            if not data:
+                return
+            for event in _events(self.conn, data):
+                if isinstance(event, h2.events.DataReceived):
+                    self.body += event.data
+                    self.unacknowledged += event.flow_controlled_length
+                elif isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                    found = {_text(k): _text(v) for k, v in event.headers}
+                    if "grpc-status" in found:
+                        self.trailers = found
+                elif isinstance(event, h2.events.StreamReset):
+                    self.reset = True
+            if grant and self.unacknowledged:
+                self.conn.acknowledge_received_data(self.unacknowledged, self.stream)
+                self.unacknowledged = 0
+            self.sock.sendall(self.conn.data_to_send())
+
+    def messages(self) -> list[bytes]:
+        """The gRPC messages received so far (serialized)."""
+        found, rest = [], self.body
+        while len(rest) >= 5:
+            size = struct.unpack(">I", rest[1:5])[0]
+            if len(rest) < 5 + size:
+                break
+            found.append(rest[5 : 5 + size])
+            rest = rest[5 + size :]
+        return found
+
+    def read_without_granting(self, seconds: float) -> None:
+        """Reads the socket for `seconds`, granting no window."""
+        self._pump(seconds, lambda: False, grant=False)
+
+    def read_until_messages(self, count: int, timeout: float) -> None:
+        """Reads, granting no window, until `count` messages have come."""
+        self._pump(timeout, lambda: len(self.messages()) >= count, grant=False)
+
+    def resume(self, timeout: float, messages: int | None = None) -> None:
+        """Grants window for everything received, and reads until the
+        status, a reset, `messages` messages, or `timeout`."""
+
+        def done() -> bool:
+            if self.trailers is not None or self.reset:
+                return True
+            return messages is not None and len(self.messages()) >= messages
+
+        self._pump(timeout, done, grant=True)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

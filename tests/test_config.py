@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from taskservice import config
-from taskservice.config import SETTINGS, Config, ConfigError, load, settings_help
+from taskservice.config import (
+    DEFAULT_WATCH_MEMORY_MB,
+    SETTINGS,
+    Config,
+    ConfigError,
+    default_watch_memory_mb,
+    load,
+    settings_help,
+)
 
 
 def test_defaults() -> None:
@@ -167,3 +175,23 @@ def test_the_configuration_doc_is_generated_from_the_declarations() -> None:
     )
     for setting in SETTINGS:
         assert f"`{setting.env}`" in doc.read_text()
+
+
+def test_watch_memory_follows_the_container_memory_limit(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{512 * 2**20}\n")
+    assert default_watch_memory_mb(1, v2) == 128  # a quarter of a 512 MiB instance
+    assert default_watch_memory_mb(2, v2) == 64  # shared by two workers
+    (v2 / "memory.max").write_text("max\n")
+    assert default_watch_memory_mb(1, v2) == DEFAULT_WATCH_MEMORY_MB
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert default_watch_memory_mb(1, v1) == DEFAULT_WATCH_MEMORY_MB
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
+    assert default_watch_memory_mb(1, v1) == 512
+    assert default_watch_memory_mb(1, tmp_path / "none") == DEFAULT_WATCH_MEMORY_MB
+    assert load({"TASKSERVICE_WATCH_MEMORY_MB": "64"}).watch_memory_bytes() == 64 * 2**20
+    with pytest.raises(ConfigError):
+        load({"TASKSERVICE_WATCH_MEMORY_MB": "0"})

@@ -110,3 +110,46 @@ async def test_grpc_js_suite(running: Running, node_suite: Path) -> None:
         "fits": results["defaultLimitBatch"]["largest_received"],
         "crud": 0,
     }
+
+
+async def test_a_grpc_js_watcher_that_pauses_past_the_grace_gets_its_resume_token(
+    tmp_path: Path, node_suite: Path
+) -> None:
+    """grpc-js call.pause() for 4 s while updates commit: the server ends the
+    stream WATCHER_TOO_SLOW; when the caller reads again it gets every event
+    sent, then the status, whose resume_token is the last event's (it used
+    to come without one once the pause outlasted the server's grace)."""
+    import asyncio
+
+    from harness import start_server
+    from taskservice.config import Config
+    from taskservice.store.sqlite import SqliteStore
+    from tests.helpers import create_request
+
+    running = await start_server(
+        SqliteStore(tmp_path / "t.db"), Config(host="127.0.0.1", port=0, watch_buffer=20)
+    )
+    try:
+        task = await running.stub.CreateTask(create_request("big", description="d" * 2000))
+        args = ["node", str(node_suite.parent / "paused_watch.js"), "--target", running.target]
+        args += ["--pause-ms", "4000"]
+        for include in proto_include_dirs():
+            args += ["--include", include]
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert json.loads(first) == {"paused": True}
+        for i in range(300):
+            await running.stub.UpdateTask(
+                pb.UpdateTaskRequest(task=pb.Task(name=task.name, title=f"v{i}"))
+            )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        assert result["code"] == 8, (result, err.decode()[-1000:])  # RESOURCE_EXHAUSTED
+        assert result["reason"] == "WATCHER_TOO_SLOW"
+        assert result["metadata"].get("resume_token") == result["last_token"] != ""
+        record("interop_grpc_js_paused_watch", events_before_status=result["events"])
+    finally:
+        await running.close()
