@@ -481,7 +481,7 @@ def warm_emulator(workdir: Path, emulator: str) -> list[dict[str, float]]:
 async def firestore_costs(emulator: str) -> dict[str, Any]:
     """Firestore RPCs and documents read per TaskService call, on the real channel."""
     from taskservice.config import Config
-    from taskservice.server import TaskServer
+    from taskservice.runtime.server import TaskServer
     from taskservice.store.firestore import FirestoreStore
 
     counter = CallCounter()
@@ -544,7 +544,7 @@ def cold_starts(workdir: Path, emulator: str | None) -> dict[str, Any]:
             "median_s": round(statistics.median(times), 3),
             "runs_s": [round(t, 3) for t in times],
         }
-    for module in ("taskservice.server", "taskservice.store.firestore"):
+    for module in ("taskservice.runtime.server", "taskservice.store.firestore"):
         code = f"import time; t=time.perf_counter(); import {module}; print(time.perf_counter()-t)"
         runs = [
             float(

@@ -16,7 +16,7 @@ from google.protobuf import timestamp_pb2
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from taskservice.server import SERVER_OPTIONS, wait_for_stop_signal
+from taskservice.runtime.server import SERVER_OPTIONS, wait_for_stop_signal
 
 TASK = pb.Task(
     name="tasks/0b6c1e9a-3f1e-4a55-9d7e-2f3c8f1f0a11",

@@ -427,7 +427,7 @@ def _watch_section(path: Path) -> list[str]:
             "",
             "On the emulator the unread Firestore watchers stayed open, at flat memory: the"
             " process re-reads each Listen snapshot there, falls behind, and merges the"
-            " snapshots that wait (taskservice.store.firestore_watch), so the updates of 20"
+            " snapshots that wait (taskservice.store.firestore._watch), so the updates of 20"
             " tasks made fewer events than a stream may fall behind. The slow-reader test"
             " (tests/test_watch.py) ends one with WATCHER_TOO_SLOW on both stores.",
         ]

@@ -16,7 +16,7 @@ INFO) and, on the same machine, the watchers and writers:
 The watchers' client runs in this one Python process, so with 100 watchers
 part of the latency is the client's own. On the emulator the store reads
 each Listen snapshot again at its read time (the emulator's snapshots lag
-their read times; see taskservice.store.firestore_watch): one RunQuery per
+their read times; see taskservice.store.firestore._watch): one RunQuery per
 snapshot that production does not pay. Writes docs/watch.json; `python -m
 bench.report` renders it into docs/benchmarks.md.
 """

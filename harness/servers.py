@@ -27,7 +27,7 @@ from tasks.v1 import task_service_pb2_grpc
 
 from harness.net import free_port, wait_for_port
 from taskservice.config import Config
-from taskservice.server import TaskServer
+from taskservice.runtime.server import TaskServer
 from taskservice.store import TaskStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from taskservice import __version__, jsonlog
+from taskservice import __version__
 from taskservice.config import FLAGS, Config, ConfigError, load, settings_help
+from taskservice.observe import jsonlog
 
 log = logging.getLogger("taskservice")
 
@@ -73,7 +74,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 async def serve(config: Config) -> None:
-    from taskservice.server import TaskServer, wait_for_stop_signal
+    from taskservice.runtime.server import TaskServer, wait_for_stop_signal
 
     try:
         if config.store == "firestore" and not config.project:
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
     if config.workers > 1 and config.worker is None:
-        from taskservice.supervisor import supervise
+        from taskservice.runtime.supervisor import supervise
 
         if config.port == 0:
             print(

@@ -41,7 +41,7 @@ from grpc_status import rpc_status
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from taskservice.retry import Backoff, retrying
+from taskservice.domain.retry import Backoff, retrying
 
 SERVICE = "tasks.v1.TaskService"
 DEFAULT_TIMEOUT = 10.0

@@ -32,7 +32,7 @@ from harness import (
     start_process,
     start_server,
 )
-from taskservice import jsonlog
+from taskservice.observe import jsonlog
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
 from tests.helpers import LOUD_SKIPS, loud_skip

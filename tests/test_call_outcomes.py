@@ -20,8 +20,8 @@ from tasks.v1 import task_service_pb2 as pb
 
 from harness import Running, start_server
 from harness.otlp import Receiver, start_receiver
-from taskservice.limits import MAX_REQUEST_BYTES, MAX_TRANSPORT_MESSAGE_BYTES
-from taskservice.model import Task
+from taskservice.domain.limits import MAX_REQUEST_BYTES, MAX_TRANSPORT_MESSAGE_BYTES
+from taskservice.domain.model import Task
 from taskservice.store.sqlite import SqliteStore
 from tests.h2client import unary_call
 from tests.helpers import create_request, expect_error

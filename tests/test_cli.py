@@ -15,7 +15,7 @@ from google.protobuf import field_mask_pb2
 from tasks.v1 import task_service_pb2 as pb
 
 from harness import Emulator, Running, firestore_store, free_port, start_server
-from taskservice.errors import EtagMismatch
+from taskservice.domain.errors import EtagMismatch
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
 from tests.helpers import create_request, stream_of

@@ -22,7 +22,7 @@ from harness import Running, free_port
 from taskservice import client as client_module
 from taskservice.client import connect, error_details, is_stream_reset, parse_target
 from taskservice.config import Config
-from taskservice.server import TaskServer
+from taskservice.runtime.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
 from tests.h2client import grpc_frame
 from tests.helpers import create_request

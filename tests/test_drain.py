@@ -20,7 +20,7 @@ from tasks.v1 import task_service_pb2_grpc
 
 from harness import ServerProcess, free_port, wait_serving
 from taskservice.config import Config
-from taskservice.server import TaskServer
+from taskservice.runtime.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
 from tests.reliability import record
 

@@ -28,7 +28,7 @@ from harness import (
     wait_serving,
 )
 from taskservice.config import Config
-from taskservice.server import TaskServer
+from taskservice.runtime.server import TaskServer
 from taskservice.store.firestore import FirestoreStore
 from tests.helpers import create_request
 from tests.reliability import record

@@ -1,12 +1,12 @@
-"""Unit tests of taskservice.filtering: the AIP-160 subset, parsed without a server."""
+"""Unit tests of taskservice.domain.filtering: the AIP-160 subset, parsed without a server."""
 
 from __future__ import annotations
 
 import pytest
 
-from taskservice.errors import InvalidArgument
-from taskservice.filtering import parse_filter
-from taskservice.model import Priority, State, TaskFilter
+from taskservice.domain.errors import InvalidArgument
+from taskservice.domain.filtering import parse_filter
+from taskservice.domain.model import Priority, State, TaskFilter
 
 
 @pytest.mark.parametrize(

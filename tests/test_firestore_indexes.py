@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from taskservice import validation
-from taskservice.model import Cursor, ListQuery, Priority, State, TaskFilter
+from taskservice.domain import validation
+from taskservice.domain.model import Cursor, ListQuery, Priority, State, TaskFilter
 from taskservice.store.firestore import FirestoreStore, StructuredQuery, _fields
 
 INDEXES = Path(__file__).resolve().parent.parent / "deploy" / "firestore.indexes.json"
@@ -98,7 +98,7 @@ def test_exactly_the_single_field_indexes_no_query_needs_are_exempted() -> None:
     (fewer index writes per write), and so is every field of the request-id
     markers, which are only ever read by name (their expire_time grows with
     time: indexed, it would be a write hotspot)."""
-    from taskservice.model import TaskContent
+    from taskservice.domain.model import TaskContent
 
     by_single_field = {
         field for equal, contains, field, _ in _shapes() if not equal and not contains

@@ -16,7 +16,7 @@ from harness import free_port
 from harness.frontend import NginxFrontEnd, nginx_binary
 from taskservice.client import open_channel
 from taskservice.config import Config
-from taskservice.server import TaskServer
+from taskservice.runtime.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
 from tests.helpers import create_request, stream_of
 

@@ -25,8 +25,8 @@ from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
 from harness import ServerProcess, free_port
-from taskservice.model import Cursor, OrderField, Ordering, TaskFilter
-from taskservice.pagination import encode_token, fingerprint
+from taskservice.domain.model import Cursor, OrderField, Ordering, TaskFilter
+from taskservice.domain.tokens import encode_token, fingerprint
 from tests.reliability import record
 
 pytestmark = pytest.mark.slow

@@ -28,10 +28,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 
 from harness import Running, ServerProcess, start_server
-from taskservice import jsonlog
 from taskservice.config import Config
-from taskservice.model import Cursor, OrderField, Ordering, TaskFilter
-from taskservice.pagination import encode_token, fingerprint
+from taskservice.domain.model import Cursor, OrderField, Ordering, TaskFilter
+from taskservice.domain.tokens import encode_token, fingerprint
+from taskservice.observe import jsonlog
 from taskservice.store.sqlite import SqliteStore
 from tests.h2client import cancelled_client_stream, messageless_calls
 from tests.helpers import create_request, details_of, expect_error, stream_of
@@ -514,7 +514,7 @@ async def test_calls_without_a_request_message_are_answered_and_logged(
     tmp_path: Path, access_lines: io.StringIO, auth: bool
 ) -> None:
     """HEADERS with END_STREAM and no DATA frame: grpc.aio's own unary path
-    never answers these (see taskservice.calls.CallPipeline.wrap)."""
+    never answers these (see taskservice.api.calls.CallPipeline.wrap)."""
     extra: dict[str, object] = {}
     metadata: tuple[tuple[str, str], ...] = ()
     if auth:

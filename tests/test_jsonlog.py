@@ -1,4 +1,4 @@
-"""Unit tests of taskservice.jsonlog, and a guard on the one private logging
+"""Unit tests of taskservice.observe.jsonlog, and a guard on the one private logging
 attribute it sets."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import io
 import json
 import logging
 
-from taskservice import jsonlog
+from taskservice.observe import jsonlog
 
 
 def test_configure_stops_logging_from_walking_the_stack() -> None:

@@ -1,4 +1,4 @@
-"""Unit tests of taskservice.model and taskservice.limits, against the contract."""
+"""Unit tests of taskservice.domain.model and taskservice.domain.limits, against the contract."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tasks.v1 import task_service_pb2 as pb
 
-from taskservice.convert import to_proto
-from taskservice.errors import InvalidArgument
-from taskservice.limits import (
+from taskservice.api.convert import to_proto
+from taskservice.domain.errors import InvalidArgument
+from taskservice.domain.limits import (
     MAX_BATCH_RESPONSE_BYTES,
     MAX_PAGE_SIZE,
     TAG_MAX,
@@ -18,7 +18,7 @@ from taskservice.limits import (
     repeated_tasks_size,
     task_size_bound,
 )
-from taskservice.model import MUTABLE_FIELDS, Priority, State, Task, TaskContent, TaskPatch
+from taskservice.domain.model import MUTABLE_FIELDS, Priority, State, Task, TaskContent, TaskPatch
 
 
 def test_the_enums_mirror_the_proto() -> None:

@@ -29,8 +29,8 @@ from tasks.v1 import task_service_pb2 as pb
 from harness import Emulator, firestore_store, start_server
 from harness.otlp import start_receiver
 from taskservice.config import Config
+from taskservice.observe.telemetry import SERVER_ERROR_CODES
 from taskservice.store.sqlite import SqliteStore
-from taskservice.telemetry import SERVER_ERROR_CODES
 from tests.helpers import create_request
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ import pytest
 from tasks.v1 import task_service_pb2 as pb
 
 from harness import Running, start_server
-from taskservice import jsonlog, tracing
-from taskservice.model import Task
+from taskservice.domain.model import Task
+from taskservice.observe import jsonlog, tracing
 from taskservice.store.sqlite import SqliteStore
 from tests.helpers import create_request, expect_error, stream_of
 

@@ -117,7 +117,7 @@ async def test_store_that_appears_later_turns_health_serving() -> None:
 async def test_without_a_client_deadline_the_server_cap_still_answers(
     black_hole: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from taskservice import calls
+    from taskservice.api import calls
 
     monkeypatch.setattr(calls, "MAX_STORE_CALL_SECONDS", 1.0)  # 30 s in production
     running = await _server_over(black_hole)

@@ -1,4 +1,4 @@
-"""Unit tests of taskservice.pagination: page tokens, without a server."""
+"""Unit tests of taskservice.domain.tokens: page tokens, without a server."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from taskservice.errors import InvalidArgument
-from taskservice.model import Cursor, OrderField, Ordering, Priority, State, TaskFilter
-from taskservice.pagination import decode_token, encode_token, fingerprint
+from taskservice.domain.errors import InvalidArgument
+from taskservice.domain.model import Cursor, OrderField, Ordering, Priority, State, TaskFilter
+from taskservice.domain.tokens import decode_token, encode_token, fingerprint
 
 OPEN = fingerprint(TaskFilter(state=State.OPEN), Ordering())
 NOW = time.time_ns()

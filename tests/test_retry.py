@@ -1,4 +1,4 @@
-"""Unit tests of taskservice.retry: the one retry policy."""
+"""Unit tests of taskservice.domain.retry: the one retry policy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from itertools import islice
 
 import pytest
 
-from taskservice.retry import Backoff, exponential_pauses, retrying
+from taskservice.domain.retry import Backoff, exponential_pauses, retrying
 
 
 class Flaky(Exception):

@@ -84,7 +84,7 @@ async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
     assert start[0]["store_target"] == f"SQLite file {tmp_path / 'tasks.db'}"
     assert all({"severity", "message", "time"} <= entry.keys() for entry in lines)
     # The access line, written by the process's own handler (the short cut in
-    # taskservice.jsonlog.log_fields), buffered and still flushed by exit.
+    # taskservice.observe.jsonlog.log_fields), buffered and still flushed by exit.
     [access] = [e for e in lines if e.get("grpc.method") == "tasks.v1.TaskService/CreateTask"]
     assert access["severity"] == "INFO" and access["logger"] == "taskservice.access"
     assert access["message"] == "tasks.v1.TaskService/CreateTask OK"

@@ -23,7 +23,7 @@ from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
 from harness import Running, ServerProcess, start_server
-from taskservice.calls import STATUS_SEND_SECONDS, Pool
+from taskservice.api.calls import STATUS_SEND_SECONDS, Pool
 from taskservice.config import Config
 from taskservice.store.sqlite import SqliteStore
 from tests.h2client import StalledStream

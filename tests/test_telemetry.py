@@ -34,10 +34,10 @@ from harness import Running, free_port, start_server
 from harness.emulator import firestore_store
 from harness.otlp import Receiver, start_receiver
 from taskservice.config import Config
-from taskservice.model import Task
+from taskservice.domain.model import Task
+from taskservice.observe.telemetry import OncePerMinute, Telemetry
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
-from taskservice.telemetry import OncePerMinute, Telemetry
 from tests.helpers import create_request, expect_error, stream_of
 
 GET = "tasks.v1.TaskService/GetTask"

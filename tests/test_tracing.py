@@ -1,10 +1,10 @@
-"""Unit tests of taskservice.tracing: the caller's trace from call metadata."""
+"""Unit tests of taskservice.observe.tracing: the caller's trace from call metadata."""
 
 from __future__ import annotations
 
 import pytest
 
-from taskservice.tracing import CallTrace, parse_trace
+from taskservice.observe.tracing import CallTrace, parse_trace
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 

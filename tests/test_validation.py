@@ -1,4 +1,4 @@
-"""Unit tests of taskservice.validation: the rules for each value, without a server."""
+"""Unit tests of taskservice.domain.validation: the rules for each value, without a server."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from taskservice.errors import InvalidArgument
-from taskservice.model import MUTABLE_FIELDS, OrderField, Ordering, etag_for, version_of
-from taskservice.validation import (
+from taskservice.domain.errors import InvalidArgument
+from taskservice.domain.model import MUTABLE_FIELDS, OrderField, Ordering, etag_for, version_of
+from taskservice.domain.validation import (
     TASK_ID,
     is_blank,
     mask_fields,

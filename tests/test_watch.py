@@ -43,7 +43,7 @@ from harness import (
 )
 from taskservice.client import TaskClient, open_channel
 from taskservice.config import Config
-from taskservice.model import TaskFilter, version_of
+from taskservice.domain.model import TaskFilter, version_of
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
 from tests.helpers import create_request, details_of, expect_error
@@ -667,8 +667,8 @@ async def test_firestore_tokens_the_service_never_issued_are_invalid_argument(
     """Positions no Firestore read time could be, or of another database,
     sealed as the service seals them: INVALID_ARGUMENT each time, and no
     ERROR line (they were INTERNAL with an ERROR line, or OUT_OF_RANGE)."""
-    from taskservice.store.firestore_watch import identity
-    from taskservice.watching import encode_resume_token, filter_fingerprint
+    from taskservice.api.watching import encode_resume_token, filter_fingerprint
+    from taskservice.store.firestore._watch import identity
 
     store = firestore_store(request.getfixturevalue("emulator").host)
     running = await start_server(store, config())

@@ -1,7 +1,7 @@
 """The async store interface that the servicer talks to, and the factory that picks one.
 
 Every method takes `timeout`, the seconds left of the caller's deadline; a
-store must give up by then. Stores raise taskservice.errors.ServiceError
+store must give up by then. Stores raise taskservice.domain.errors.ServiceError
 subclasses (NotFound, AlreadyExists, EtagMismatch, Unavailable, ...) and
 nothing else for expected failures.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from taskservice.changes import WatchEvent, WatchQuery
-from taskservice.model import ListQuery, ListResult, NewTask, Task, TaskPatch
+from taskservice.domain.changes import WatchEvent, WatchQuery
+from taskservice.domain.model import ListQuery, ListResult, NewTask, Task, TaskPatch
 
 if TYPE_CHECKING:
     from taskservice.config import Config
-    from taskservice.telemetry import Telemetry
+    from taskservice.observe.telemetry import Telemetry
 
 
 class TaskStore(Protocol):
@@ -55,7 +55,7 @@ class TaskStore(Protocol):
 
     def watch(self, query: WatchQuery) -> AsyncIterator[WatchEvent]:
         """The changes to the tasks matching query.filter, as they commit
-        (taskservice.changes says what each means): with query.after, exactly
+        (taskservice.domain.changes says what each means): with query.after, exactly
         after that position; else from now, first every matching task when
         query.include_initial, then CURRENT. PROGRESS after
         query.progress_seconds without an event. Runs until the caller stops

@@ -3,7 +3,7 @@
 Validation, the stores, auth and the servicer raise ServiceError subclasses;
 none of them knows the wire. Each carries a canonical code (Code, the gRPC
 numbering), an UPPER_SNAKE_CASE reason, metadata for the ErrorInfo, and for
-InvalidArgument the violated fields. taskservice.status turns one into a gRPC
+InvalidArgument the violated fields. taskservice.api.status turns one into a gRPC
 status. Messages are written for the caller: never internal text.
 """
 
@@ -180,3 +180,11 @@ class Unauthenticated(ServiceError):
 class PermissionDenied(ServiceError):
     code = Code.PERMISSION_DENIED
     reason = "PERMISSION_DENIED"
+
+
+# The codes a server causes (OpenTelemetry's RPC conventions mark a server
+# span ERROR for these only); of them, the error-ratio alert counts those the
+# caller did not cause (taskservice.api.calls).
+SERVER_CODES = frozenset(
+    ("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
+)

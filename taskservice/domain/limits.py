@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from taskservice.errors import InvalidArgument
-from taskservice.model import TaskContent
+from taskservice.domain.errors import InvalidArgument
+from taskservice.domain.model import TaskContent
 
 # -- a task's fields (characters, i.e. code points) --------------------------
 TITLE_MAX = 200

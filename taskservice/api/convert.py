@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 from tasks.v1 import task_service_pb2 as pb
 
-from taskservice import validation
-from taskservice.changes import WatchEvent, WatchQuery
-from taskservice.errors import InvalidArgument, Violation
-from taskservice.filtering import parse_filter
-from taskservice.limits import MAX_BATCH, check_batch_response_size
-from taskservice.model import (
+from taskservice.api.watching import decode_resume_token, filter_fingerprint
+from taskservice.domain import validation
+from taskservice.domain.changes import WatchEvent, WatchQuery
+from taskservice.domain.errors import InvalidArgument, Violation
+from taskservice.domain.filtering import parse_filter
+from taskservice.domain.limits import MAX_BATCH, check_batch_response_size
+from taskservice.domain.model import (
     Cursor,
     ListQuery,
     ListResult,
@@ -32,8 +33,7 @@ from taskservice.model import (
     TaskPatch,
     sort_time,
 )
-from taskservice.pagination import decode_token, encode_token, fingerprint
-from taskservice.watching import decode_resume_token, filter_fingerprint
+from taskservice.domain.tokens import decode_token, encode_token, fingerprint
 
 
 @dataclass(frozen=True, slots=True)

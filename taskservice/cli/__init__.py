@@ -739,7 +739,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, OSError, ValueError, Unreachable) as err:
         print(f"taskctl: {err}", file=sys.stderr)
         return 2 if isinstance(err, CliError) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,9 +37,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from taskservice.config import Config
-from taskservice.ports import check_bindable
+from taskservice.runtime.ports import check_bindable
 
-log = logging.getLogger(__name__)
+# The logger keeps the name log queries know, whichever module logs.
+log = logging.getLogger("taskservice.supervisor")
 
 RESTART_FIRST = 0.5
 RESTART_MAX = 10.0

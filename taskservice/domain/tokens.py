@@ -23,10 +23,10 @@ import hmac
 import struct
 import time
 
-from taskservice.errors import InvalidArgument
-from taskservice.limits import MAX_PAGE_TOKEN_LENGTH
-from taskservice.model import Cursor, Ordering, TaskFilter
-from taskservice.validation import TASK_ID
+from taskservice.domain.errors import InvalidArgument
+from taskservice.domain.limits import MAX_PAGE_TOKEN_LENGTH
+from taskservice.domain.model import Cursor, Ordering, TaskFilter
+from taskservice.domain.validation import TASK_ID
 
 _VERSION = 1
 _KEY = b"taskservice.v1.page-token"
@@ -49,7 +49,7 @@ class TokenProblem(Exception):
 
 def seal(payload: bytes, key: bytes) -> str:
     """payload with a keyed MAC, as unpadded URL-safe base64 (page tokens here,
-    resume tokens in taskservice.watching: each with a key of its own)."""
+    resume tokens in taskservice.api.watching: each with a key of its own)."""
     mac = hashlib.blake2b(payload, key=key, digest_size=_MAC_SIZE).digest()
     return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
 

@@ -38,9 +38,15 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 
 from taskservice.config import GOOGLE_CERTS_URL
-from taskservice.errors import DeadlineExceeded, PermissionDenied, Unauthenticated, Unavailable
+from taskservice.domain.errors import (
+    DeadlineExceeded,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 
-log = logging.getLogger(__name__)
+# The logger keeps the name log queries know, whichever module logs.
+log = logging.getLogger("taskservice.auth")
 
 ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

@@ -1,8 +1,8 @@
 """The tasks.v1.TaskService servicer: parse, call the store, convert back.
 
-It is thin on purpose: taskservice.convert turns requests into domain values
+It is thin on purpose: taskservice.api.convert turns requests into domain values
 and results into messages, the store does the work, and errors raised on the
-way are turned into statuses by the call pipeline (taskservice.calls). It
+way are turned into statuses by the call pipeline (taskservice.api.calls). It
 never knows which store it has. Every store call gets the time left of the
 caller's deadline, at most limits.MAX_STORE_CALL_SECONDS.
 
@@ -26,19 +26,19 @@ from google.protobuf import empty_pb2
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc as pb_grpc
 
-from taskservice import convert
-from taskservice.calls import StreamControl, current_stream, time_left
-from taskservice.errors import (
+from taskservice.api import convert
+from taskservice.api.calls import StreamControl, current_stream, time_left
+from taskservice.api.watching import WatchMemory, WatchSettings, serve_watch
+from taskservice.domain.errors import (
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
     ServiceError,
 )
-from taskservice.limits import BATCH_CANCEL_GRACE_SECONDS, MAX_BATCH
-from taskservice.model import NewTask
+from taskservice.domain.limits import BATCH_CANCEL_GRACE_SECONDS, MAX_BATCH
+from taskservice.domain.model import NewTask
 from taskservice.store import TaskStore
-from taskservice.watching import WatchMemory, WatchSettings, serve_watch
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import re
 
-from taskservice.errors import InvalidArgument, clip
-from taskservice.limits import MAX_FILTER_LENGTH
-from taskservice.model import Priority, State, TaskFilter
-from taskservice.validation import normalize_tag
+from taskservice.domain.errors import InvalidArgument, clip
+from taskservice.domain.limits import MAX_FILTER_LENGTH
+from taskservice.domain.model import Priority, State, TaskFilter
+from taskservice.domain.validation import normalize_tag
 
 _TOKEN = re.compile(
     r"""\s*(?:

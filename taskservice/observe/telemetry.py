@@ -12,7 +12,7 @@ it. With telemetry off nothing here is imported.
 Why opentelemetry-sdk and not gRPC's own plugin (grpcio-observability): on
 grpc.aio servers the plugin records every method as "other" and does no
 tracing (grpc/grpc#39061, #41573), and its per-call lock can stall the event
-loop while an export holds it (#43098). The call pipeline (taskservice.calls)
+loop while an export holds it (#43098). The call pipeline (taskservice.api.calls)
 already knows each call's method, status, latency and message counts, so it
 records them here under gRPC's standard instrument names (gRFC A66):
 
@@ -33,14 +33,14 @@ unsampled call makes no span. (A66's message-size histograms are left out:
 two more records per call, for figures the access lines already hold.)
 
 A method the server does not have is `other` (A66). `taskservice.fault`
-says whose doing a status that is not OK is (taskservice.calls): the
+says whose doing a status that is not OK is (taskservice.api.calls): the
 error-ratio alert counts `server` only.
 
 Spans follow OpenTelemetry's RPC conventions (release candidate):
 `rpc.system.name` grpc, `rpc.method` the full method name (`_OTHER`, with
 `rpc.method_original`, for a method the server does not have),
 `rpc.response.status_code` the status code's name; a SERVER span is ERROR
-only for the server-side codes (calls.SERVER_CODES), with `error.type` the
+only for the server-side codes (errors.SERVER_CODES), with `error.type` the
 code; a CLIENT span (a Firestore RPC) for any code but OK.
 
 Traces: one SERVER span per sampled call, a child of the caller's span when the call
@@ -97,10 +97,11 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from opentelemetry.trace.status import Status, StatusCode
 
 from taskservice import __version__
-from taskservice.calls import SERVER_CODES
-from taskservice.tracing import CallTrace
+from taskservice.domain.errors import SERVER_CODES
+from taskservice.observe.tracing import CallTrace
 
-log = logging.getLogger(__name__)
+# The logger keeps the name log queries know, whichever module logs.
+log = logging.getLogger("taskservice.telemetry")
 
 SPAN_QUEUE = 2048
 SPAN_BATCH = 512

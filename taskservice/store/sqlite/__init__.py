@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from taskservice.changes import ChangeType, WatchEvent, WatchQuery, event_for, matches
-from taskservice.errors import DeadlineExceeded, InvalidArgument, OutOfRange, Unavailable
-from taskservice.limits import REQUEST_ID_TTL_NS, check_batch_response_size
-from taskservice.model import (
+from taskservice.domain.changes import ChangeType, WatchEvent, WatchQuery, event_for, matches
+from taskservice.domain.errors import DeadlineExceeded, InvalidArgument, OutOfRange, Unavailable
+from taskservice.domain.limits import REQUEST_ID_TTL_NS, check_batch_response_size
+from taskservice.domain.model import (
     PRIORITIES,
     STATES,
     VERSION_STEP_NS,
@@ -54,7 +54,7 @@ from taskservice.model import (
     TaskFilter,
     TaskPatch,
 )
-from taskservice.store.common import (
+from taskservice.store._common import (
     not_found,
     patched,
     request_id_of_deleted_task,
@@ -63,7 +63,7 @@ from taskservice.store.common import (
 )
 
 if TYPE_CHECKING:
-    from taskservice.telemetry import Telemetry
+    from taskservice.observe.telemetry import Telemetry
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from taskservice.tracing import current_trace
+from taskservice.observe.tracing import current_trace
 
 _SEVERITY = {
     logging.DEBUG: "DEBUG",

@@ -5,7 +5,7 @@ In order, for every method of every service (TaskService, health, reflection):
 
 1. The caller's trace is read from the metadata (tracing.parse_trace; a
    malformed header is ignored) and bound to the call's log lines. With
-   telemetry on (taskservice.telemetry), the call's span starts here, a child
+   telemetry on (taskservice.observe.telemetry), the call's span starts here, a child
    of the caller's, and its metrics are counted from here to the status.
 2. Authentication, when configured, for TaskService methods (health and
    reflection stay open for probes and tools).
@@ -18,7 +18,7 @@ In order, for every method of every service (TaskService, health, reflection):
    for methods that take one message), so a message that is not valid
    protobuf gets INVALID_ARGUMENT rather than gRPC's UNKNOWN with parser
    text, and a call without its message is answered (see wrap).
-5. The handler runs. A ServiceError becomes its status (taskservice.status);
+5. The handler runs. A ServiceError becomes its status (taskservice.api.status);
    a timeout, DEADLINE_EXCEEDED; anything else a generic INTERNAL whose error
    id is logged with the stack trace.
 6. Server streams are written from here: a stream idle longer than its limit
@@ -71,8 +71,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
-from taskservice.auth import IdTokenVerifier
-from taskservice.errors import (
+from taskservice.api.auth import IdTokenVerifier
+from taskservice.api.status import abort, as_service_error
+from taskservice.domain.errors import (
+    SERVER_CODES,
     DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
@@ -80,17 +82,16 @@ from taskservice.errors import (
     Unavailable,
     Unimplemented,
 )
-from taskservice.jsonlog import log_fields
-from taskservice.limits import (
+from taskservice.domain.limits import (
     MAX_REQUEST_BYTES,
     MAX_STORE_CALL_SECONDS,
     REQUEST_MESSAGE_SECONDS,
 )
-from taskservice.status import abort, as_service_error
-from taskservice.tracing import current_trace, parse_trace
+from taskservice.observe.jsonlog import log_fields
+from taskservice.observe.tracing import current_trace, parse_trace
 
 if TYPE_CHECKING:
-    from taskservice.telemetry import CallSpan, Telemetry
+    from taskservice.observe.telemetry import CallSpan, Telemetry
 
 log = logging.getLogger("taskservice.access")
 # When the server drains, how long a stream's message in flight may take to
@@ -114,12 +115,6 @@ _TOOL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # gRFC A66's name for a method the server does not have (unbounded names
 # would be a label anyone could multiply).
 UNKNOWN_METHOD = "other"
-# The codes a server causes (OpenTelemetry's RPC conventions mark a server
-# span ERROR for these only); of them, the error-ratio alert counts those the
-# caller did not cause (see _fault).
-SERVER_CODES = frozenset(
-    ("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
-)
 # ErrorInfo reasons of server-side codes that the caller caused: a stream it
 # let go silent or sent too slowly, a deadline that passed while the server
 # waited for its next message, or that ended a server stream (WatchTasks,
@@ -203,7 +198,7 @@ class CallGate:
 @dataclass
 class StreamControl:
     """What a server-streaming method's code may tell the pipeline about its
-    stream (taskservice.calls.current_stream, set while the method runs)."""
+    stream (taskservice.api.calls.current_stream, set while the method runs)."""
 
     # Set to end the stream with that status at once, even while a write is
     # waiting for a client that does not read.

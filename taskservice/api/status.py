@@ -21,7 +21,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from taskservice.errors import (
+from taskservice.domain.errors import (
     DOMAIN,
     DeadlineExceeded,
     Internal,
@@ -30,7 +30,8 @@ from taskservice.errors import (
     clip,
 )
 
-log = logging.getLogger(__name__)
+# The logger keeps the name log queries know, whichever module logs.
+log = logging.getLogger("taskservice.status")
 
 MAX_MESSAGE_BYTES = 1024
 MAX_TEXT = 200

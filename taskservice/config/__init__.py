@@ -633,7 +633,3 @@ def settings_markdown() -> str:
         meaning = s.meaning.replace("|", "\\|").replace("<", "\\<")
         rows.append(f"| {name} | {meaning} | {accepts} | {s.shown_default} |")
     return "\n".join(rows) + "\n"
-
-
-if __name__ == "__main__":
-    print(settings_markdown(), end="")

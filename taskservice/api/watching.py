@@ -3,7 +3,7 @@ buffer between the store and the wire, and the stream's lifetime.
 
 A resume token wraps the store's position (WatchEvent.position) with the
 fingerprint of the filter it was issued for and a checksum, like a page token
-(taskservice.pagination, which explains why a checksum with a key in the
+(taskservice.domain.tokens, which explains why a checksum with a key in the
 source is enough: a decoded position is checked by the store, and the
 furthest a forged one leads is a point in a history the caller could watch
 anyway).
@@ -33,13 +33,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from taskservice.changes import WatchEvent, WatchQuery
-from taskservice.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
-from taskservice.model import TaskFilter
-from taskservice.pagination import TokenProblem, seal, unseal
+from taskservice.domain.changes import WatchEvent, WatchQuery
+from taskservice.domain.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from taskservice.domain.model import TaskFilter
+from taskservice.domain.tokens import TokenProblem, seal, unseal
 
 if TYPE_CHECKING:
-    from taskservice.calls import StreamControl
+    from taskservice.api.calls import StreamControl
 
 _VERSION = 1
 _KEY = b"taskservice.v1.resume-token"

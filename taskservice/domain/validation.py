@@ -1,6 +1,6 @@
 """The rules for each value a caller sends, checked once, here.
 
-Functions take plain values (no protobuf: taskservice.convert reads the
+Functions take plain values (no protobuf: taskservice.api.convert reads the
 messages) and either return the value as the service will use it or append a
 (field path, problem) violation to `out`. Lengths count characters (code
 points), not bytes. A text made only of whitespace and invisible characters
@@ -16,8 +16,8 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-from taskservice.errors import InvalidArgument, Violation, clip
-from taskservice.limits import (
+from taskservice.domain.errors import InvalidArgument, Violation, clip
+from taskservice.domain.limits import (
     ASSIGNEE_MAX,
     DEFAULT_PAGE_SIZE,
     DESCRIPTION_MAX,
@@ -27,7 +27,7 @@ from taskservice.limits import (
     TAGS_MAX,
     TITLE_MAX,
 )
-from taskservice.model import (
+from taskservice.domain.model import (
     MUTABLE_FIELDS,
     OrderField,
     Ordering,

@@ -19,7 +19,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from taskservice.model import Task, TaskContent, TaskFilter
+from taskservice.domain.model import Task, TaskContent, TaskFilter
 
 
 class ChangeType(enum.IntEnum):
@@ -49,7 +49,7 @@ class WatchEvent:
     reason: RemovalReason | None = None  # for REMOVED
     # Replayed from what the store keeps (initial tasks, a resume's backlog):
     # the stream may take its time over these. A watcher that falls behind
-    # on live events is ended instead (taskservice.watching).
+    # on live events is ended instead (taskservice.api.watching).
     catching_up: bool = False
 
 

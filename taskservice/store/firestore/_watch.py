@@ -9,7 +9,7 @@ filter, shared by every watcher of that filter and kept a while after the
 last one leaves, so that reconnecting watchers do not pay for a new target.
 At every consistent snapshot Firestore announces (a global NO_CHANGE with a
 read time), each target's new view of the matching tasks is compared with
-the previous one (taskservice.changes.diff); the changes, in task id order,
+the previous one (taskservice.domain.changes.diff); the changes, in task id order,
 are published once as a _Snapshot that links to the next, and each watcher
 follows the chain. A task that left a view is told apart (deleted, or
 changed so that it no longer matches) from what Listen said about it, or
@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.cloud.firestore_v1.types import firestore as _firestore
 
-from taskservice.changes import Change, ChangeType, WatchEvent, WatchQuery, diff
-from taskservice.errors import (
+from taskservice.domain.changes import Change, ChangeType, WatchEvent, WatchQuery, diff
+from taskservice.domain.errors import (
     DeadlineExceeded,
     Internal,
     InvalidArgument,
@@ -59,8 +59,8 @@ from taskservice.errors import (
     ServiceError,
     Unavailable,
 )
-from taskservice.model import ListQuery, Task, TaskFilter
-from taskservice.retry import Backoff
+from taskservice.domain.model import ListQuery, Task, TaskFilter
+from taskservice.domain.retry import Backoff
 
 if TYPE_CHECKING:
     from taskservice.store.firestore import FirestoreStore
@@ -70,7 +70,8 @@ ListenResponse: Any = _firestore.ListenResponse.pb()
 TargetChange: Any = _firestore.TargetChange.pb()
 Target: Any = _firestore.Target.pb()
 
-log = logging.getLogger(__name__)
+# The logger keeps the name log queries know, whichever module logs.
+log = logging.getLogger("taskservice.store.firestore_watch")
 
 _POSITION = struct.Struct(">c8sqq")  # b"F", the store's identity, base, at
 _HEARTBEAT_TARGET = 1

@@ -47,8 +47,8 @@ from google.cloud.firestore_v1.types import query as _query
 from google.cloud.firestore_v1.types import write as _write
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
-from taskservice.changes import WatchEvent, WatchQuery
-from taskservice.errors import (
+from taskservice.domain.changes import WatchEvent, WatchQuery
+from taskservice.domain.errors import (
     Conflict,
     DeadlineExceeded,
     FailedPrecondition,
@@ -59,8 +59,8 @@ from taskservice.errors import (
     ServiceError,
     Unavailable,
 )
-from taskservice.limits import REQUEST_ID_TTL_NS, check_batch_response_size
-from taskservice.model import (
+from taskservice.domain.limits import REQUEST_ID_TTL_NS, check_batch_response_size
+from taskservice.domain.model import (
     PRIORITIES,
     STATES,
     ListQuery,
@@ -71,8 +71,8 @@ from taskservice.model import (
     TaskFilter,
     TaskPatch,
 )
-from taskservice.retry import Backoff, retrying
-from taskservice.store.common import (
+from taskservice.domain.retry import Backoff, retrying
+from taskservice.store._common import (
     not_found,
     patched,
     request_id_of_deleted_task,
@@ -81,7 +81,7 @@ from taskservice.store.common import (
 )
 
 if TYPE_CHECKING:
-    from taskservice.telemetry import Telemetry
+    from taskservice.observe.telemetry import Telemetry
 
 # Raw protobuf classes (no proto-plus wrapping on the hot path).
 Document: Any = _document.Document.pb()
@@ -100,7 +100,8 @@ RunQueryResponse: Any = _firestore.RunQueryResponse.pb()
 StructuredQuery: Any = _query.StructuredQuery.pb()
 QueryCursor: Any = _query.Cursor.pb()
 
-log = logging.getLogger(__name__)
+# The logger keeps the name log queries know, whichever module logs.
+log = logging.getLogger("taskservice.store.firestore")
 
 # The largest Commit request Firestore accepts (10 MiB; the emulator keeps
 # gRPC's default 4 MiB receive limit). TaskService's own limits keep every
@@ -237,7 +238,7 @@ class FirestoreStore:
         # The channels' target as gRFC A66 names it (grpc.target in metrics).
         self.target = target
         # On the emulator only: check each Listen snapshot against a read at
-        # its read time (taskservice.store.firestore_watch).
+        # its read time (taskservice.store.firestore._watch).
         self.verify_listen = verify_listen
         self._listen_channel = listen_channel or channel
         self.max_commit_bytes = max_commit_bytes
@@ -279,7 +280,7 @@ class FirestoreStore:
             "unary_stream", "BatchGetDocuments", BatchGetDocumentsRequest, BatchGetDocumentsResponse
         )
         self._run_query = method("unary_stream", "RunQuery", RunQueryRequest, RunQueryResponse)
-        from taskservice.store.firestore_watch import FirestoreWatcher
+        from taskservice.store.firestore._watch import FirestoreWatcher
 
         self._watcher = FirestoreWatcher(self, watch_retention_seconds)
 
@@ -603,7 +604,7 @@ class FirestoreStore:
             raise _store_error(exc) from None
         return ListResult([_task(d) for d in docs[: query.limit]], has_more=len(docs) > query.limit)
 
-    # -- WatchTasks (taskservice.store.firestore_watch) ----------------------
+    # -- WatchTasks (taskservice.store.firestore._watch) ----------------------
 
     def watch(self, query: WatchQuery) -> AsyncIterator[WatchEvent]:
         return self._watcher.watch(query)

@@ -2,13 +2,13 @@
 
 TaskServer owns the lifecycle: it registers TaskService, gRPC health and
 server reflection (v1 and v1alpha) behind the call pipeline
-(taskservice.calls); reports NOT_SERVING until the store answers a first
+(taskservice.api.calls); reports NOT_SERVING until the store answers a first
 probe and from the moment shutdown starts; and on stop ends every open health
 Watch and reflection stream at once, refuses new calls, gives in-flight calls
 a grace period, then closes the store. As one of several workers
-(TASKSERVICE_WORKERS, taskservice.supervisor) it binds the port with
+(TASKSERVICE_WORKERS, taskservice.runtime.supervisor) it binds the port with
 SO_REUSEPORT and is SERVING only while every worker is ready. With
-TASKSERVICE_TELEMETRY set it starts OpenTelemetry (taskservice.telemetry)
+TASKSERVICE_TELEMETRY set it starts OpenTelemetry (taskservice.observe.telemetry)
 for the pipeline and the store, and gives it a last export at the end.
 """
 
@@ -24,22 +24,24 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from tasks.v1 import task_service_pb2, task_service_pb2_grpc
 
-from taskservice import jsonlog, reflection
-from taskservice.calls import CallGate, CallLimits, CallPipeline, PipelineRegistrar
+from taskservice.api import reflection
+from taskservice.api.calls import CallGate, CallLimits, CallPipeline, PipelineRegistrar
+from taskservice.api.health import NOT_SERVING, SERVING, HealthService
+from taskservice.api.health import SERVICE_NAME as HEALTH_SERVICE
+from taskservice.api.service import TaskServicer
+from taskservice.api.watching import WatchSettings
 from taskservice.config import Config, ConfigError
-from taskservice.health import NOT_SERVING, SERVING, HealthService
-from taskservice.health import SERVICE_NAME as HEALTH_SERVICE
-from taskservice.limits import MAX_TRANSPORT_MESSAGE_BYTES
-from taskservice.ports import check_bindable
-from taskservice.service import TaskServicer
+from taskservice.domain.limits import MAX_TRANSPORT_MESSAGE_BYTES
+from taskservice.observe import jsonlog
+from taskservice.runtime.ports import check_bindable
+from taskservice.runtime.supervisor import ReadinessBoard
 from taskservice.store import TaskStore, open_store
-from taskservice.supervisor import ReadinessBoard
-from taskservice.watching import WatchSettings
 
 if TYPE_CHECKING:
-    from taskservice.telemetry import Telemetry
+    from taskservice.observe.telemetry import Telemetry
 
-log = logging.getLogger(__name__)
+# The logger keeps the name log queries know, whichever module logs.
+log = logging.getLogger("taskservice.server")
 
 SERVICE_NAME = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 PROBE_TIMEOUT = 2.0
@@ -81,7 +83,7 @@ class TaskServer:
         self.health = HealthService((SERVICE_NAME,))
         verifier = None
         if config.auth == "google-id-token":
-            from taskservice.auth import IdTokenVerifier
+            from taskservice.api.auth import IdTokenVerifier
 
             verifier = IdTokenVerifier(config.audience, config.allowed_callers, config.certs_url)
         self.gate = CallGate(
@@ -251,7 +253,7 @@ def store_target(config: Config) -> str:
 
 def start_telemetry(config: Config) -> Telemetry:
     """OpenTelemetry as configured (imported only when it is on)."""
-    from taskservice.telemetry import TelemetrySettings, start_telemetry
+    from taskservice.observe.telemetry import TelemetrySettings, start_telemetry
 
     settings = TelemetrySettings(
         exporter=config.telemetry,

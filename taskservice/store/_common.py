@@ -7,8 +7,8 @@ A store decides *when* a task is missing, stale, or taken; this module says
 
 from __future__ import annotations
 
-from taskservice.errors import AlreadyExists, EtagMismatch, FailedPrecondition, NotFound
-from taskservice.model import Task, TaskContent, TaskPatch
+from taskservice.domain.errors import AlreadyExists, EtagMismatch, FailedPrecondition, NotFound
+from taskservice.domain.model import Task, TaskContent, TaskPatch
 
 
 def not_found(task_id: str) -> NotFound:

@@ -1,0 +1,7 @@
+"""`python -m taskservice.cli`: taskctl without its installed script."""
+
+import sys
+
+from taskservice.cli import main
+
+sys.exit(main())
