@@ -1,0 +1,76 @@
+"""A task as a row of table `tasks` and as the JSON image the change log
+keeps, and a list filter as SQL conditions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from taskservice.domain.model import PRIORITIES, STATES, Task, TaskContent, TaskFilter
+
+COLUMNS = "task_id, title, description, priority, state, assignee, tags, create_ns, update_ns"
+
+
+def row_to_task(row: Sequence[Any]) -> Task:
+    return Task(
+        task_id=row[0],
+        content=TaskContent(
+            title=row[1],
+            description=row[2],
+            priority=PRIORITIES[row[3]],
+            state=STATES[row[4]],
+            assignee=row[5],
+            tags=tuple(json.loads(row[6])),
+        ),
+        create_time_ns=row[7],
+        update_time_ns=row[8],
+        version=row[8],
+    )
+
+
+def task_json(task: Task) -> str:
+    c = task.content
+    return json.dumps(
+        [
+            c.title,
+            c.description,
+            int(c.priority),
+            int(c.state),
+            c.assignee,
+            c.tags,
+            task.create_time_ns,
+            task.update_time_ns,
+        ],
+        ensure_ascii=False,
+    )
+
+
+def task_from_json(task_id: str, text: str) -> Task:
+    title, description, priority, state, assignee, tags, create_ns, update_ns = json.loads(text)
+    return Task(
+        task_id,
+        TaskContent(title, description, PRIORITIES[priority], STATES[state], assignee, tuple(tags)),
+        create_ns,
+        update_ns,
+        update_ns,
+    )
+
+
+def where_of(f: TaskFilter) -> tuple[list[str], list[Any]]:
+    """The SQL conditions (on table `tasks`) of a filter, and their arguments."""
+    where: list[str] = []
+    args: list[Any] = []
+    if f.state is not None:
+        where.append("state = ?")
+        args.append(int(f.state))
+    if f.priority is not None:
+        where.append("priority = ?")
+        args.append(int(f.priority))
+    if f.assignee is not None:
+        where.append("assignee = ?")
+        args.append(f.assignee)
+    if f.tag is not None:
+        where.append("EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = ?)")
+        args.append(f.tag)
+    return where, args
