@@ -61,229 +61,64 @@ pre-registered path.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import enum
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
+from taskservice.api._access import (
+    UNKNOWN_METHOD,
+    CallRecord,
+    access_line,
+    deadline_passed,
+    fault,
+    size_of,
+)
+from taskservice.api._admission import (
+    DRAIN_REQUEST_GRACE_SECONDS,
+    TOOL_PREFIXES,
+    CallGate,
+    CallLimits,
+    Pool,
+    pool_of,
+)
+from taskservice.api._stream import StreamControl, current_stream, decode_message, decoded, pump
 from taskservice.api.auth import IdTokenVerifier
 from taskservice.api.status import abort, as_service_error
 from taskservice.domain.errors import (
-    SERVER_CODES,
     DeadlineExceeded,
     InvalidArgument,
-    ResourceExhausted,
-    ServiceError,
     Unavailable,
     Unimplemented,
 )
 from taskservice.domain.limits import (
-    MAX_REQUEST_BYTES,
     MAX_STORE_CALL_SECONDS,
     REQUEST_MESSAGE_SECONDS,
 )
-from taskservice.observe.jsonlog import log_fields
 from taskservice.observe.tracing import current_trace, parse_trace
 
 if TYPE_CHECKING:
-    from taskservice.observe.telemetry import CallSpan, Telemetry
+    from taskservice.observe.telemetry import Telemetry
 
-log = logging.getLogger("taskservice.access")
-# When the server drains, how long a stream's message in flight may take to
-# reach its client before the stream is cut.
-DRAIN_WRITE_GRACE_SECONDS = 1.0
-# When the server drains, how long a call still waiting for its request
-# message is given for it (one that has reached the server takes milliseconds).
-DRAIN_REQUEST_GRACE_SECONDS = 0.3
+
+__all__ = [
+    "STATUS_SEND_SECONDS",
+    "CallGate",
+    "CallLimits",
+    "CallPipeline",
+    "PipelineRegistrar",
+    "Pool",
+    "StreamControl",
+    "current_stream",
+    "time_left",
+]
+
 # How long the handler waits for a call's error status to be sent (it waits
 # behind the stream's messages in flight, for a client that grants no
 # window); then it leaves the status to gRPC core.
 STATUS_SEND_SECONDS = 5.0
 T = TypeVar("T")
-# A cancel with at most this much of the server's deadline left is the
-# caller's deadline passing (_deadline_passed).
-DEADLINE_SLACK_SECONDS = 0.1
-
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-WATCH_TASKS = "/tasks.v1.TaskService/WatchTasks"
-_TOOL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-# gRFC A66's name for a method the server does not have (unbounded names
-# would be a label anyone could multiply).
-UNKNOWN_METHOD = "other"
-# ErrorInfo reasons of server-side codes that the caller caused: a stream it
-# let go silent or sent too slowly, a deadline that passed while the server
-# waited for its next message, or that ended a server stream (WatchTasks,
-# health Watch: the caller chose how long to listen).
-CALLER_REASONS = frozenset(("STREAM_IDLE", "STREAM_TOO_SLOW", "CALLER_TOO_SLOW", "STREAM_DEADLINE"))
-
-
-class Pool(enum.Enum):
-    """What a call is counted against."""
-
-    CALLS = "TaskService calls"
-    WATCHERS = "WatchTasks streams"
-    TOOL_STREAMS = "health Watch and reflection streams"
-
-
-_REFUSAL_REASONS = {
-    Pool.CALLS: "TOO_MANY_CALLS",
-    Pool.WATCHERS: "TOO_MANY_WATCHERS",
-    Pool.TOOL_STREAMS: "TOO_MANY_STREAMS",
-}
-# Reasons of other codes that are the server's doing: it is at capacity.
-SERVER_REASONS = frozenset(_REFUSAL_REASONS.values())
-
-
-def pool_of(method: str) -> Pool | None:
-    if method == HEALTH_CHECK:
-        return None  # never refused
-    if method.startswith(_TOOL_PREFIXES):
-        return Pool.TOOL_STREAMS
-    if method == WATCH_TASKS:
-        return Pool.WATCHERS
-    return Pool.CALLS
-
-
-@dataclass(frozen=True)
-class CallLimits:
-    max_calls: int = 1000  # TaskService calls in flight
-    max_watchers: int = 1000  # WatchTasks streams open
-    max_tool_streams: int = 100  # health Watch and reflection streams open
-    tool_stream_idle_seconds: float = 300.0
-
-
-class CallGate:
-    """Admission counts and the drain signal, shared by every call of one server."""
-
-    def __init__(self, limits: CallLimits) -> None:
-        self.limits = limits
-        self._bounds = {
-            Pool.CALLS: limits.max_calls,
-            Pool.WATCHERS: limits.max_watchers,
-            Pool.TOOL_STREAMS: limits.max_tool_streams,
-        }
-        self.in_flight = dict.fromkeys(Pool, 0)
-        self.started = 0  # calls the pipeline has picked up, ever
-        self.draining = asyncio.Event()
-        # The timeouts of calls waiting for their request message.
-        self.reading: set[asyncio.Timeout] = set()
-
-    def admit(self, pool: Pool) -> None:
-        if self.in_flight[pool] >= self._bounds[pool]:
-            raise ResourceExhausted(
-                f"too many {pool.value} in flight ({self._bounds[pool]}); retry later",
-                reason=_REFUSAL_REASONS[pool],
-            )
-        self.in_flight[pool] += 1
-
-    def release(self, pool: Pool) -> None:
-        self.in_flight[pool] -= 1
-
-    def drain(self) -> None:
-        """Every stream ends (UNAVAILABLE), and a call still waiting for its
-        request message gets DRAIN_REQUEST_GRACE_SECONDS for it."""
-        self.draining.set()
-        soon = asyncio.get_running_loop().time() + DRAIN_REQUEST_GRACE_SECONDS
-        for timeout in self.reading:
-            when = timeout.when()
-            if when is None or when > soon:
-                timeout.reschedule(soon)
-
-
-@dataclass
-class StreamControl:
-    """What a server-streaming method's code may tell the pipeline about its
-    stream (taskservice.api.calls.current_stream, set while the method runs)."""
-
-    # Set to end the stream with that status at once, even while a write is
-    # waiting for a client that does not read.
-    ended: asyncio.Future[ServiceError] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    # How long the message in flight may take to reach the client after end()
-    # before the status is sent (it then follows that message).
-    grace_seconds: float = 1.0
-    # ErrorInfo metadata for the status the stream ends with (drain, end()),
-    # given the last message sent: WatchTasks puts its resume token there.
-    status_metadata: Callable[[Any], dict[str, str]] = lambda last_sent: {}
-
-    def end(self, error: ServiceError) -> None:
-        if not self.ended.done():
-            self.ended.set_result(error)
-
-
-current_stream: contextvars.ContextVar[StreamControl | None] = contextvars.ContextVar(
-    "current_stream", default=None
-)
-
-
-class _Call:
-    """What the access line of one call reports."""
-
-    __slots__ = (
-        "admitted",
-        "code",
-        "context",
-        "last_sent",
-        "left",
-        "messages_in",
-        "messages_out",
-        "method",
-        "reason",
-        "request",
-        "request_bytes",
-        "requested",
-        "response_bytes",
-        "span",
-        "started",
-        "waiting_on_caller",
-    )
-
-    def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self.method = method
-        self.context = context
-        self.started = time.perf_counter()
-        self.code = "UNKNOWN"
-        self.reason = ""
-        self.requested = ""  # the path an unknown method was called with
-        self.waiting_on_caller = False  # awaiting the caller's next message
-        self.admitted: Pool | None = None
-        self.request = b""
-        self.request_bytes = 0
-        self.response_bytes = 0
-        self.messages_in: int | None = None
-        self.messages_out: int | None = None
-        self.last_sent: Any = None
-        self.left = False
-        self.span: CallSpan | None = None
-
-
-def _size(message: Any) -> int:
-    size = getattr(message, "ByteSize", None)
-    return int(size()) if size is not None else 0
-
-
-def _decode(decode: Callable[[bytes], Any] | None, raw: bytes, field: str) -> Any:
-    if len(raw) > MAX_REQUEST_BYTES:
-        raise ResourceExhausted(
-            f"{field} is {len(raw)} bytes, over the limit of {MAX_REQUEST_BYTES} for one message",
-            reason="REQUEST_TOO_LARGE",
-            metadata={"limit_bytes": str(MAX_REQUEST_BYTES), "size_bytes": str(len(raw))},
-        )
-    if decode is None:
-        return raw
-    try:
-        return decode(raw)
-    except Exception:  # DecodeError and friends: the bytes are not the message
-        raise InvalidArgument(
-            [(field, "is not a valid protobuf message of the method's request type")],
-            reason="MALFORMED_REQUEST",
-        ) from None
 
 
 def _abort_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -293,29 +128,6 @@ def _abort_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     if isinstance(code, int):
         return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
     return "UNKNOWN"
-
-
-def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
-    """Whether the caller's deadline has passed, or is about to pass on the
-    server's clock: the caller's deadline runs from when it sent the call,
-    the server's from when the call arrived, so the caller's cancel at its
-    deadline reaches the server with a little of the server's deadline left
-    (2 to 8 ms measured on loopback, tests/test_incident.py; more behind a
-    front end). A caller that cancels within DEADLINE_SLACK_SECONDS of its
-    deadline is logged as DEADLINE_EXCEEDED."""
-    remaining = context.time_remaining()
-    return remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
-
-
-def _fault(code: str, reason: str) -> str:
-    """Whose doing a status is: `none` for OK; `server` for a server-side code
-    the caller did not cause, and for a refusal at capacity (TOO_MANY_*);
-    else `caller`."""
-    if code == "OK":
-        return "none"
-    if code in SERVER_CODES:
-        return "caller" if reason in CALLER_REASONS else "server"
-    return "server" if reason in SERVER_REASONS else "caller"
 
 
 def time_left(context: grpc.aio.ServicerContext[Any, Any]) -> float:
@@ -375,7 +187,7 @@ class CallPipeline:
 
     # -- the steps shared by every kind of call --------------------------------
 
-    async def _enter(self, call: _Call, pool: Pool | None, one_request: bool) -> None:
+    async def _enter(self, call: CallRecord, pool: Pool | None, one_request: bool) -> None:
         """The trace, the request message of a method that takes one, then
         authentication and admission."""
         self.gate.started += 1
@@ -385,7 +197,7 @@ class CallPipeline:
             call.span = self.telemetry.start_call(
                 call.method,
                 caller,
-                traced=not call.method.startswith(_TOOL_PREFIXES),
+                traced=not call.method.startswith(TOOL_PREFIXES),
                 original=call.requested,
             )
             caller = call.span.log_trace
@@ -403,7 +215,7 @@ class CallPipeline:
             self.gate.admit(pool)
             call.admitted = pool
 
-    async def _fail(self, call: _Call, exc: Exception) -> NoReturn:
+    async def _fail(self, call: CallRecord, exc: Exception) -> NoReturn:
         """Ends the call with exc's status (raises grpc.aio.AbortError). The
         call's slot and access line do not wait for the status to be sent:
         behind a message that a client does not read, it may never be. When
@@ -430,10 +242,10 @@ class CallPipeline:
             raise asyncio.CancelledError from None
 
     @staticmethod
-    def _cancelled(call: _Call) -> None:
+    def _cancelled(call: CallRecord) -> None:
         """The code of a call grpc.aio cancelled: its deadline passed, or the
         caller cancelled it."""
-        if _deadline_passed(call.context):
+        if deadline_passed(call.context):
             call.code = "DEADLINE_EXCEEDED"
             if call.waiting_on_caller:
                 call.reason = "CALLER_TOO_SLOW"
@@ -445,12 +257,12 @@ class CallPipeline:
             call.code = "CANCELLED"
             call.reason = ""
 
-    def _release(self, call: _Call) -> None:
+    def _release(self, call: CallRecord) -> None:
         if call.admitted is not None:
             self.gate.release(call.admitted)
             call.admitted = None
 
-    def _leave(self, call: _Call) -> None:
+    def _leave(self, call: CallRecord) -> None:
         if call.left:
             return
         call.left = True
@@ -462,11 +274,11 @@ class CallPipeline:
                 time.perf_counter() - call.started,
                 call.messages_in,
                 call.messages_out,
-                _fault(call.code, call.reason),
+                fault(call.code, call.reason),
             )
-        _access_line(call)
+        access_line(call)
 
-    async def _read_request(self, call: _Call) -> bytes:
+    async def _read_request(self, call: CallRecord) -> bytes:
         """The one request message of a unary-request method: INVALID_ARGUMENT
         when the caller half-closed without one; DEADLINE_EXCEEDED when none
         came within REQUEST_MESSAGE_SECONDS; UNAVAILABLE when the server
@@ -501,7 +313,7 @@ class CallPipeline:
 
     async def _serve(
         self,
-        call: _Call,
+        call: CallRecord,
         pool: Pool | None,
         body: Callable[[], Awaitable[T]],
         one_request: bool = False,
@@ -531,7 +343,7 @@ class CallPipeline:
 
     def _unknown(self, requested: str) -> grpc.RpcMethodHandler[Any, Any]:
         async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            call = _Call("/" + UNKNOWN_METHOD, context)
+            call = CallRecord("/" + UNKNOWN_METHOD, context)
             call.requested = requested[:200]
 
             async def body() -> None:
@@ -547,11 +359,11 @@ class CallPipeline:
 
     def _unary(self, behavior: Any, decode: Any, method: str, pool: Pool | None) -> Any:
         async def handle(_: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call = _Call(method, context)
+            call = CallRecord(method, context)
 
             async def body() -> Any:
-                response = await behavior(_decode(decode, call.request, "request"), context)
-                call.response_bytes = _size(response)
+                response = await behavior(decode_message(decode, call.request, "request"), context)
+                call.response_bytes = size_of(response)
                 return response
 
             return await self._serve(call, pool, body, one_request=True)
@@ -562,12 +374,12 @@ class CallPipeline:
         async def handle(
             raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
-            call = _Call(method, context)
+            call = CallRecord(method, context)
             call.messages_in = 0
 
             async def body() -> Any:
-                response = await behavior(self._decoded(raw_requests, decode, call), context)
-                call.response_bytes = _size(response)
+                response = await behavior(decoded(raw_requests, decode, call), context)
+                call.response_bytes = size_of(response)
                 return response
 
             return await self._serve(call, pool, body)
@@ -580,7 +392,7 @@ class CallPipeline:
         idle = self.gate.limits.tool_stream_idle_seconds if pool is Pool.TOOL_STREAMS else None
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            call = _Call(method, context)
+            call = CallRecord(method, context)
             call.messages_out = 0
 
             async def body() -> None:
@@ -589,163 +401,25 @@ class CallPipeline:
                 try:
                     if client_streams:
                         call.messages_in = 0
-                        responses = behavior(self._decoded(request, decode, call), context)
+                        responses = behavior(decoded(request, decode, call), context)
                     else:
-                        responses = behavior(_decode(decode, call.request, "request"), context)
-                    await self._pump(responses, call, idle, control)
+                        responses = behavior(
+                            decode_message(decode, call.request, "request"), context
+                        )
+                    await pump(
+                        responses,
+                        call,
+                        idle,
+                        control,
+                        self.gate.draining,
+                        lambda: self._release(call),
+                    )
                 finally:
                     current_stream.reset(token)
 
             await self._serve(call, pool, body, one_request=not client_streams)
 
         return handle
-
-    async def _decoded(
-        self, raw_requests: AsyncIterator[bytes], decode: Any, call: _Call
-    ) -> AsyncIterator[Any]:
-        iterator = aiter(raw_requests)
-        while True:
-            # Left set if the call is cancelled meanwhile: its deadline then
-            # passed while the caller was the one being waited for.
-            call.waiting_on_caller = True
-            try:
-                raw = await anext(iterator)
-            except StopAsyncIteration:
-                # grpc.aio ends the requests, too, when the deadline passes
-                # while it waits for the next one.
-                call.waiting_on_caller = _deadline_passed(call.context)
-                return
-            call.waiting_on_caller = False
-            call.request_bytes += len(raw)
-            message = _decode(decode, raw, f"requests[{call.messages_in}]")
-            call.messages_in = (call.messages_in or 0) + 1
-            yield message
-
-    async def _pump(
-        self, responses: Any, call: _Call, idle: float | None, control: StreamControl
-    ) -> None:
-        """Writes the stream's messages until it ends, it is idle for `idle`
-        seconds, its code ends it (control.end), or the server starts
-        draining (then UNAVAILABLE: reconnect). A stream ended so frees its
-        slot at once; the message in flight, if any, is given
-        control.grace_seconds (DRAIN_WRITE_GRACE_SECONDS when draining) to
-        reach the client before the status is sent. The status can only
-        reach the client after that message (a stream's frames arrive in
-        order), so what it says of the last message (status_metadata) is
-        about the last one handed to gRPC, whether or not it has arrived."""
-        stop = asyncio.Event()
-        writing = asyncio.ensure_future(_write_all(responses, call, idle, stop))
-        draining = asyncio.ensure_future(self.gate.draining.wait())
-        try:
-            await asyncio.wait(
-                (writing, draining, control.ended), return_when=asyncio.FIRST_COMPLETED
-            )
-            if control.ended.done():
-                error, grace = control.ended.result(), control.grace_seconds
-            elif draining.done():
-                error = Unavailable(
-                    "the server is shutting down; reconnect to another instance",
-                    reason="SERVER_DRAINING",
-                )
-                grace = DRAIN_WRITE_GRACE_SECONDS
-            else:
-                writing.result()  # the stream ended by itself
-                return
-            self._release(call)  # ended: its slot is free, whatever the client reads
-            stop.set()  # the write in flight, if any, may finish; then no more
-            await asyncio.wait((writing,), timeout=grace)
-            error.metadata.update(control.status_metadata(call.last_sent))
-            raise error
-        finally:
-            draining.cancel()
-            if not writing.done():
-                writing.cancel()
-            # Its outcome is this stream's status already (the error raised
-            # above): retrieve it, or asyncio reports it as never retrieved.
-            await asyncio.gather(writing, return_exceptions=True)
-
-
-async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyncio.Event) -> None:
-    """Writes until the stream ends or `stop` is set (then after the write in
-    flight, if any)."""
-    iterator = aiter(responses)
-    stopped = asyncio.ensure_future(stop.wait())
-    following: asyncio.Future[Any] | None = None
-    try:
-        while True:
-            following = asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait(
-                (following, stopped), timeout=idle, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                following.cancel()  # and let it end before the iterator is closed
-                await asyncio.gather(following, return_exceptions=True)
-                raise Unavailable(
-                    f"the stream was idle for {idle:g} s and was ended; open a new one",
-                    reason="STREAM_IDLE",
-                )
-            if following not in done:
-                following.cancel()
-                await asyncio.gather(following, return_exceptions=True)
-                return
-            try:
-                message = following.result()
-            except StopAsyncIteration:
-                return
-            call.last_sent = message  # gRPC has it once the write starts
-            await call.context.write(message)
-            call.messages_out = (call.messages_out or 0) + 1
-            call.response_bytes += _size(message)
-            if stop.is_set():
-                return
-    finally:
-        stopped.cancel()
-        if following is not None:
-            # Cancelled while waiting for the next message (the caller's
-            # deadline or cancel), which may have come meanwhile: end that
-            # wait before closing the iterator, and retrieve its outcome, or
-            # asyncio logs it as never retrieved.
-            following.cancel()
-            await asyncio.gather(following, return_exceptions=True)
-        close = getattr(iterator, "aclose", None)
-        if close is not None:
-            await close()
-
-
-def _access_line(call: _Call) -> None:
-    code = call.code
-    if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
-        level = logging.ERROR
-    elif call.method.startswith(_TOOL_PREFIXES):
-        level = logging.DEBUG  # probes and tools: every few seconds, all alike
-    else:
-        level = logging.INFO
-    if not log.isEnabledFor(level):
-        return
-    name = metric_name(call.method)
-    fields: dict[str, Any] = {
-        "grpc.method": name,
-        "grpc.code": code,
-        "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
-        "peer": call.context.peer(),
-        "request_bytes": call.request_bytes,
-        "response_bytes": call.response_bytes,
-    }
-    if call.messages_in is not None:
-        fields["request_messages"] = call.messages_in
-    if call.messages_out is not None:
-        fields["response_messages"] = call.messages_out
-    fields["fault"] = _fault(code, call.reason)
-    if call.reason:
-        fields["reason"] = call.reason
-    if call.requested:
-        fields["requested_method"] = call.requested
-    log_fields(log, level, f"{call.requested or name} {code}", fields)
-
-
-def metric_name(method: str) -> str:
-    """A method as gRFC A66 names it in metrics, and the access line too."""
-    return method.removeprefix("/")
 
 
 class _UnknownMethods(grpc.GenericRpcHandler):

@@ -1,0 +1,93 @@
+"""Admission: which pool a call counts against (TaskService calls, WatchTasks
+streams, health Watch and reflection streams), the bound of each, and the
+drain signal every call of one server shares. Beyond its bound a pool
+refuses at once (RESOURCE_EXHAUSTED); health Check is never refused."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass
+
+from taskservice.domain.errors import ResourceExhausted
+
+# When the server drains, how long a call still waiting for its request
+# message is given for it (one that has reached the server takes milliseconds).
+DRAIN_REQUEST_GRACE_SECONDS = 0.3
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+WATCH_TASKS = "/tasks.v1.TaskService/WatchTasks"
+TOOL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class Pool(enum.Enum):
+    """What a call is counted against."""
+
+    CALLS = "TaskService calls"
+    WATCHERS = "WatchTasks streams"
+    TOOL_STREAMS = "health Watch and reflection streams"
+
+
+_REFUSAL_REASONS = {
+    Pool.CALLS: "TOO_MANY_CALLS",
+    Pool.WATCHERS: "TOO_MANY_WATCHERS",
+    Pool.TOOL_STREAMS: "TOO_MANY_STREAMS",
+}
+# Reasons of other codes that are the server's doing: it is at capacity.
+SERVER_REASONS = frozenset(_REFUSAL_REASONS.values())
+
+
+def pool_of(method: str) -> Pool | None:
+    if method == HEALTH_CHECK:
+        return None  # never refused
+    if method.startswith(TOOL_PREFIXES):
+        return Pool.TOOL_STREAMS
+    if method == WATCH_TASKS:
+        return Pool.WATCHERS
+    return Pool.CALLS
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    max_calls: int = 1000  # TaskService calls in flight
+    max_watchers: int = 1000  # WatchTasks streams open
+    max_tool_streams: int = 100  # health Watch and reflection streams open
+    tool_stream_idle_seconds: float = 300.0
+
+
+class CallGate:
+    """Admission counts and the drain signal, shared by every call of one server."""
+
+    def __init__(self, limits: CallLimits) -> None:
+        self.limits = limits
+        self._bounds = {
+            Pool.CALLS: limits.max_calls,
+            Pool.WATCHERS: limits.max_watchers,
+            Pool.TOOL_STREAMS: limits.max_tool_streams,
+        }
+        self.in_flight = dict.fromkeys(Pool, 0)
+        self.started = 0  # calls the pipeline has picked up, ever
+        self.draining = asyncio.Event()
+        # The timeouts of calls waiting for their request message.
+        self.reading: set[asyncio.Timeout] = set()
+
+    def admit(self, pool: Pool) -> None:
+        if self.in_flight[pool] >= self._bounds[pool]:
+            raise ResourceExhausted(
+                f"too many {pool.value} in flight ({self._bounds[pool]}); retry later",
+                reason=_REFUSAL_REASONS[pool],
+            )
+        self.in_flight[pool] += 1
+
+    def release(self, pool: Pool) -> None:
+        self.in_flight[pool] -= 1
+
+    def drain(self) -> None:
+        """Every stream ends (UNAVAILABLE), and a call still waiting for its
+        request message gets DRAIN_REQUEST_GRACE_SECONDS for it."""
+        self.draining.set()
+        soon = asyncio.get_running_loop().time() + DRAIN_REQUEST_GRACE_SECONDS
+        for timeout in self.reading:
+            when = timeout.when()
+            if when is None or when > soon:
+                timeout.reschedule(soon)
