@@ -13,208 +13,65 @@ GCP_PROJECT, FIRESTORE_EMULATOR_HOST, K_SERVICE, K_REVISION).
 
 from __future__ import annotations
 
-import math
-import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from taskservice.config import _render
+from taskservice.config._cgroup import (
+    DEFAULT_WATCH_MEMORY_MB,
+    available_cpus,
+    default_watch_memory_mb,
+    memory_limit_bytes,
+)
+from taskservice.config._declare import Setting, setting
+from taskservice.config._parsers import (
+    ACCESS_LOGS,
+    LOG_LEVELS,
+    ConfigError,
+    WorkerSlot,
+    certs_url,
+    choice,
+    emails,
+    integer,
+    log_level,
+    matching,
+    number,
+    seconds,
+    switch,
+    text,
+    worker_count,
+    worker_slot,
+)
+
+__all__ = [
+    "ACCESS_LOGS",
+    "DEFAULT_EMULATOR_PROJECT",
+    "DEFAULT_WATCH_MEMORY_MB",
+    "FLAGS",
+    "GCP_TELEMETRY_ENDPOINT",
+    "GOOGLE_CERTS_URL",
+    "LOG_LEVELS",
+    "SETTINGS",
+    "Config",
+    "ConfigError",
+    "Setting",
+    "WorkerSlot",
+    "available_cpus",
+    "default_watch_memory_mb",
+    "load",
+    "memory_limit_bytes",
+    "settings_help",
+    "settings_markdown",
+]
 
 DEFAULT_EMULATOR_PROJECT = "demo-taskservice"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 # Google's OTLP endpoint (the Telemetry API): TASKSERVICE_TELEMETRY=gcp exports here.
 GCP_TELEMETRY_ENDPOINT = "https://telemetry.googleapis.com"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ACCESS_LOGS = ("on", "all", "off")
-# Without a container memory limit, what all watch streams of a process may
-# buffer (TASKSERVICE_WATCH_MEMORY_MB); with one, this share of it.
-DEFAULT_WATCH_MEMORY_MB = 256
-WATCH_MEMORY_SHARE = 0.25
 # Firestore reads at a past time go back one hour; a minute less leaves room
 # for the time a resumed watch takes to start reading.
 FIRESTORE_MAX_RETENTION_SECONDS = 3540
-T = TypeVar("T")
-Parse = Callable[[str, str], Any]  # (variable, raw value) -> value; raises ConfigError
-
-
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the message says what to do."""
-
-
-# -- parsers: each checks one kind of value and says what is wrong -------------
-
-
-def integer(lo: int, hi: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not an integer") from None
-        if not lo <= value <= hi:
-            raise ConfigError(f"{name}={value} is outside {lo}..{hi}")
-        return value
-
-    parse.__doc__ = f"an integer, {lo}..{hi}"
-    return parse
-
-
-def seconds(lo: int, hi: int) -> Callable[[str, str], float]:
-    """Whole seconds, lo..hi, kept as a float."""
-    whole = integer(lo, hi)
-
-    def parse(name: str, raw: str) -> float:
-        return float(whole(name, raw))
-
-    parse.__doc__ = f"whole seconds, {lo}..{hi}"
-    return parse
-
-
-def number(lo: float, hi: float) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a number") from None
-        if not lo <= value <= hi:
-            raise ConfigError(f"{name}={value:g} is outside {lo:g}..{hi:g}")
-        return value
-
-    parse.__doc__ = f"a number, {lo:g}..{hi:g}"
-    return parse
-
-
-def choice(*options: str) -> Callable[[str, str], str]:
-    """One of `options`, in any case."""
-
-    def parse(name: str, raw: str) -> str:
-        value = raw.lower()
-        if value not in options:
-            shown = " or ".join(repr(c) for c in options)
-            raise ConfigError(f"{name}={value!r} must be {shown}")
-        return value
-
-    parse.__doc__ = " or ".join(options)
-    return parse
-
-
-def switch(name: str, raw: str) -> bool:
-    """on or off"""
-    return choice("on", "off")(name, raw) == "on"
-
-
-def text(name: str, raw: str) -> str:
-    """text"""
-    return raw
-
-
-def matching(pattern: str, must: str) -> Callable[[str, str], str]:
-    """Text that fully matches `pattern`; else '<NAME>=<value> <must>'."""
-    compiled = re.compile(pattern)
-
-    def parse(name: str, raw: str) -> str:
-        if not compiled.fullmatch(raw):
-            raise ConfigError(f"{name}={raw!r} {must}")
-        return raw
-
-    parse.__doc__ = must.removeprefix("must be ").removeprefix("is not ")
-    return parse
-
-
-def log_level(name: str, raw: str) -> str:
-    """one of DEBUG, INFO, WARNING, ERROR (any case)"""
-    value = raw.upper()
-    if value not in LOG_LEVELS:
-        raise ConfigError(f"{name}={value!r} must be one of {', '.join(LOG_LEVELS)}")
-    return value
-
-
-def emails(name: str, raw: str) -> tuple[str, ...]:
-    """comma-separated emails"""
-    found = tuple(e.strip().lower() for e in raw.split(",") if e.strip())
-    bad = [e for e in found if not re.fullmatch(r"[^@\s,]+@[^@\s,]+", e)]
-    if bad:
-        raise ConfigError(f"{name} has entries that are not emails: {bad}")
-    return found
-
-
-def certs_url(name: str, raw: str) -> str:
-    """an https URL (http on loopback)"""
-    if not raw.startswith(("https://", "http://127.0.0.1", "http://localhost")):
-        raise ConfigError(f"{name} must be https (or http on loopback)")
-    return raw
-
-
-def worker_count(name: str, raw: str) -> int:
-    """1..64, or auto: the CPUs this container may use"""
-    if raw.lower() == "auto":
-        return available_cpus()
-    return integer(1, 64)(name, raw)
-
-
-def worker_slot(name: str, raw: str) -> WorkerSlot:
-    """set by the supervisor"""
-    index, _, rest = raw.partition("/")
-    count, _, path = rest.partition(":")
-    try:
-        slot = WorkerSlot(int(index), int(count), path)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is set by taskservice itself") from None
-    if not 0 <= slot.index < slot.count or not path:
-        raise ConfigError(f"{name}={raw!r} is set by taskservice itself")
-    return slot
-
-
-# -- the declarations ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """One setting as declared on Config: see `setting`."""
-
-    env: str
-    attribute: str
-    default: Any
-    parse: Parse
-    meaning: str
-    shown_default: str  # as --help and the docs show the default
-    flag: str | None = None
-    platform: bool = False  # set by a platform: empty means unset
-
-
-def setting(
-    env: str,
-    default: T,
-    parse: Callable[[str, str], T],
-    meaning: str,
-    *,
-    shown: str | None = None,
-    flag: str | None = None,
-    platform: bool = False,
-) -> T:
-    """Declares a Config field read from `env`: the field's default, the
-    parser that checks a set value, and what it means (shown: how the
-    default reads in --help, where it is not the value itself)."""
-    if shown is None:
-        shown = "unset" if default in ("", None, ()) else _shown(default)
-    declared = {"env": env, "parse": parse, "meaning": meaning, "shown": shown}
-    return field(default=default, metadata={**declared, "flag": flag, "platform": platform})
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSlot:
-    """Which of the supervisor's workers this process is, and the file in
-    which every worker marks itself ready (one byte each)."""
-
-    index: int
-    count: int
-    readiness_path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,90 +403,11 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
     return Config(**values)
 
 
-def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may use: its cgroup's CPU quota (v2 cpu.max, or
-    v1 cfs_quota_us / cfs_period_us), rounded up, within the CPUs it may run
-    on. A container's quota, not the host's count, is what Cloud Run gives."""
-    allowed = len(os.sched_getaffinity(0))
-    quota = _cgroup_quota(cgroup)
-    return max(1, min(allowed, math.ceil(quota))) if quota else allowed
-
-
-def _cgroup_quota(cgroup: Path) -> float | None:
-    try:
-        quota, period = (cgroup / "cpu.max").read_text().split()
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
-        return quota_us / period_us if quota_us > 0 else None
-    except (OSError, ValueError):
-        return None
-
-
-def memory_limit_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The container's memory limit: its cgroup's (v2 memory.max, or v1
-    memory.limit_in_bytes); None when there is none."""
-    for path in (cgroup / "memory.max", cgroup / "memory" / "memory.limit_in_bytes"):
-        try:
-            raw = path.read_text().strip()
-        except OSError:
-            continue
-        if raw == "max":
-            return None
-        try:
-            value = int(raw)
-        except ValueError:
-            continue
-        # cgroup v1 says "no limit" with a number near 2**63.
-        return value if value < 2**62 else None
-    return None
-
-
-def default_watch_memory_mb(processes: int, cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """TASKSERVICE_WATCH_MEMORY_MB when unset: WATCH_MEMORY_SHARE of the
-    container's memory limit, split among its server processes, or
-    DEFAULT_WATCH_MEMORY_MB without a limit."""
-    limit = memory_limit_bytes(cgroup)
-    if limit is None:
-        return DEFAULT_WATCH_MEMORY_MB
-    return max(1, int(limit * WATCH_MEMORY_SHARE / max(1, processes)) // 2**20)
-
-
 def settings_help() -> str:
     """The settings table for --help: variable, meaning, default."""
-    width = max(len(s.env) for s in SETTINGS)
-    lines = []
-    for s in SETTINGS:
-        flag = f" (or {s.flag})" if s.flag else ""
-        lines.append(f"  {s.env.ljust(width)}  {s.meaning}{flag}")
-        lines.append(f"  {' ' * width}  default: {s.shown_default}")
-    return "\n".join(lines)
+    return _render.settings_help(SETTINGS)
 
 
 def settings_markdown() -> str:
     """docs/configuration.md: every setting, from the same declarations."""
-    rows = [
-        "# Configuration",
-        "",
-        "<!-- Generated by `python -m taskservice.config > docs/configuration.md`"
-        " from the declarations in taskservice/config.py; tests/test_config.py fails"
-        " when this file is stale. -->",
-        "",
-        "TaskService reads these environment variables once, at start. A bad value stops the"
-        " server with one line that names the variable, and exit status 2. A variable that is"
-        " set but empty is an error (unset it for the default), except those a platform sets.",
-        "",
-        "| variable | meaning | accepts | default |",
-        "| --- | --- | --- | --- |",
-    ]
-    for s in SETTINGS:
-        name = f"`{s.env}`" + (f" (`{s.flag}`)" if s.flag else "")
-        accepts = (s.parse.__doc__ or "").strip().splitlines()[0]
-        if s.platform:
-            accepts += "; set by the platform"
-        meaning = s.meaning.replace("|", "\\|").replace("<", "\\<")
-        rows.append(f"| {name} | {meaning} | {accepts} | {s.shown_default} |")
-    return "\n".join(rows) + "\n"
+    return _render.settings_markdown(SETTINGS)
