@@ -1,4 +1,7 @@
-"""The async store interface that the servicer talks to, and the factory that picks one.
+"""The async store interface that the servicer talks to (TaskStore), and the
+factory that picks one (open_store): store.sqlite or store.firestore, each
+imported only when chosen; store.channels builds Firestore's channels from
+configuration. Shared helpers of both stores live in store._common.
 
 Every method takes `timeout`, the seconds left of the caller's deadline; a
 store must give up by then. Stores raise taskservice.domain.errors.ServiceError
@@ -17,6 +20,8 @@ from taskservice.domain.model import ListQuery, ListResult, NewTask, Task, TaskP
 if TYPE_CHECKING:
     from taskservice.config import Config
     from taskservice.observe.telemetry import Telemetry
+
+__all__ = ["TaskStore", "open_store"]
 
 
 class TaskStore(Protocol):
