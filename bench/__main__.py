@@ -13,7 +13,7 @@ TaskService on each store), then measures:
 - GetTask p99 while 500-task batches commit (does SQLite stall the loop?);
 - cold start (launch to SERVING, median of 5) and import time.
 Writes benchmarks.json, benchmarks.md and, with matplotlib, benchmarks.png:
-a full run into docs/ (the tracked figures), a --quick one into a new
+a full run into docs/reports/ (the tracked figures), a --quick one into a new
 temporary directory, unless --out names the place; it prints each file it
 wrote, and no more. Needs h2load (Debian nghttp2-client).
 """
@@ -585,13 +585,13 @@ FULL_MINUTES = 9
 
 
 def output_dir(quick: bool, out: str | None) -> Path:
-    """Where a run writes: --out when given; else docs/ (the tracked figures)
+    """Where a run writes: --out when given; else docs/reports/ (the tracked figures)
     for a full run, and a new temporary directory for a quick one."""
     if out is not None:
         return Path(out)
     if quick:
         return Path(tempfile.mkdtemp(prefix="taskservice-bench-quick-"))
-    return ROOT / "docs"
+    return ROOT / "docs" / "reports"
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path) -> str:
@@ -620,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         metavar="DIR",
-        help="where to write benchmarks.md/.json/.png (default: docs/ for a full run,"
+        help="where to write benchmarks.md/.json/.png (default: docs/reports/ for a full run,"
         " a new temporary directory for --quick)",
     )
     return parser

@@ -9,7 +9,7 @@ stall (deploy/service.yaml keeps CPU allocated instead):
   response the first one comes (the last calls' metrics are in it);
 - the CPU the process uses while idle (user + system), in total and per
   export: what the always-allocated CPU is actually used for.
-Writes docs/idle.json; scripts/capacity_report.py uses it.
+Writes docs/reports/idle.json; scripts/capacity_report.py uses it.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ async def measure(idle_seconds: float) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.idle")
     parser.add_argument("--idle", type=float, default=150.0, help="seconds of idling measured")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "idle.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reports" / "idle.json")
     args = parser.parse_args()
     result = asyncio.run(measure(args.idle))
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """Where a TaskService call's time goes: py-spy flame graphs of the server
 under h2load, for the targets the benchmark shows as missed or close.
 
-    python -m bench.profile [--out docs/profiles] [--seconds-of-load N]
+    python -m bench.profile [--out docs/reports/profiles] [--seconds-of-load N]
 
 For each target (the echo ceiling's GetTask, TaskService on SQLite's GetTask
 and CreateTask) it starts the server, puts the method under load at 16 in
@@ -141,7 +141,7 @@ def write_markdown(found: dict[str, dict[str, Any]], out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "profiles"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "reports" / "profiles"))
     parser.add_argument("--calls", type=int, default=8000)
     parser.add_argument(
         "targets", nargs="*", default=["echo-GetTask", "sqlite-GetTask", "sqlite-CreateTask"]

@@ -486,10 +486,10 @@ def _int_keys(o: Any) -> Any:
 
 
 if __name__ == "__main__":
-    # python -m bench.report [docs/benchmarks.json]: re-render the Markdown and
+    # python -m bench.report [docs/reports/benchmarks.json]: re-render the Markdown and
     # the chart from a run's raw figures (after changing this module, say).
     import sys
 
-    source = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks.json")
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/reports/benchmarks.json")
     written = write_report(_int_keys(json.loads(source.read_text())), source.parent)
     print("wrote " + ", ".join(str(p) for p in written))

@@ -10,8 +10,8 @@ falls on all three alike:
   metrics every 10 s;
 - on, every call traced: the same with TASKSERVICE_TRACE_SAMPLE_RATIO=1.
 The figure is the server's own CPU (user + system) per call; the ratio to
-"off" is the cost of telemetry. Writes docs/telemetry.json; `python -m
-bench.report` renders it into docs/benchmarks.md.
+"off" is the cost of telemetry. Writes docs/reports/telemetry.json; `python -m
+bench.report` renders it into docs/reports/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def one_round(workdir: Path, env: dict[str, str], calls: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.telemetry")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "docs"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "reports"))
     args = parser.parse_args()
     rounds, calls = (2, 10_000) if args.quick else (5, 30_000)
     port = free_port()

@@ -16,9 +16,9 @@ INFO) and, on the same machine, the watchers and writers:
 The watchers' client runs in this one Python process, so with 100 watchers
 part of the latency is the client's own. On the emulator the store reads
 each Listen snapshot again at its read time (the emulator's snapshots lag
-their read times; see taskservice.store.firestore._watch): one RunQuery per
-snapshot that production does not pay. Writes docs/watch.json; `python -m
-bench.report` renders it into docs/benchmarks.md.
+their read times; see taskservice.store.firestore._hub): one RunQuery per
+snapshot that production does not pay. Writes docs/reports/watch.json; `python -m
+bench.report` renders it into docs/reports/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ async def measure(server: ServerProcess, quick: bool) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.watch")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "docs"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "reports"))
     parser.add_argument("--stores", default="sqlite,firestore")
     args = parser.parse_args()
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stores": {}}

@@ -7,8 +7,8 @@ machine's speed drifts over minutes, so a ratio is only fair between
 neighbours), each round a fresh server: GetTask and CreateTask at 64 calls in
 flight over 16 connections (SO_REUSEPORT spreads connections, not calls, over
 the workers). CPU per call counts every process of the instance. Writes
-docs/workers.json; `python -m bench.report` renders it into
-docs/benchmarks.md.
+docs/reports/workers.json; `python -m bench.report` renders it into
+docs/reports/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.workers")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--out", default=str(ROOT / "docs"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "reports"))
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 4)
     out: dict[str, Any] = {

@@ -5,7 +5,7 @@
 
 One command per line, shell-quoted: the composite indexes, the single-field
 index exemptions (fieldOverrides: every single-field index no query needs,
-see docs/capacity.md), and the TTL policy that expires request-id markers
+see docs/reports/capacity.md), and the TTL policy that expires request-id markers
 (<collection>-requests.expire_time). deploy.sh runs them.
 """
 

@@ -1,4 +1,4 @@
-"""Runs the fault, load and fuzz tests and writes docs/reliability.md from their figures.
+"""Runs the fault, load and fuzz tests and writes docs/reports/reliability.md from their figures.
 
 Usage: python scripts/reliability_report.py [--soak-seconds 60] [--fuzz-examples 300]
                                           [--scaleout-seconds 90] [--hostile-soak-seconds 180]
@@ -152,7 +152,7 @@ def main() -> int:
         " (DEADLINE_EXCEEDED within the caller's deadline), and the request size limit.",
         "",
     ]
-    (ROOT / "docs" / "reliability.md").write_text("\n".join(lines))
+    (ROOT / "docs" / "reports" / "reliability.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return result.returncode
 

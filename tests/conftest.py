@@ -1,6 +1,6 @@
 """The suite's fixtures: the real Cloud Firestore emulator, a store of each
 kind, and a real server over it. Helpers live in harness/ (shared with bench)
-and tests/helpers.py; nothing imports this module.
+and tests/helpers/; nothing imports this module.
 
 The emulator is started once per session by the tests themselves. Where it is
 not installed, every Firestore test is skipped, and the run ends with a red

@@ -1,4 +1,5 @@
-"""The README's runnable shell examples, and how to run one as written.
+"""The runnable shell examples of the README and docs/, and how to run one
+as written.
 
 A fenced ```sh block right after a `<!-- readme-test: KIND -->` line is an
 example that must work as written (KIND: local, container, container-emulator,
@@ -25,20 +26,40 @@ ROOT = Path(__file__).resolve().parent.parent
 _BLOCK = re.compile(r"<!-- readme-test: ([a-z-]+) -->\n```sh\n(.*?)```", re.DOTALL)
 
 
+# Where the examples are, in the order a reader meets them (the README, then
+# the docs it points to).
+DOCUMENTS = (
+    "README.md",
+    "docs/api.md",
+    "docs/taskctl.md",
+    "docs/operations.md",
+    "docs/architecture.md",
+)
+
+
 @dataclass(frozen=True)
 class Block:
     kind: str
     text: str
-    line: int  # in README.md
+    document: str  # its path in the repository
+    line: int  # in that document
+
+    @property
+    def where(self) -> str:
+        return f"{self.document} line {self.line}"
 
 
 def readme_blocks(kind: str) -> list[Block]:
-    readme = (ROOT / "README.md").read_text()
-    return [
-        Block(m.group(1), m.group(2), readme[: m.start()].count("\n") + 1)
-        for m in _BLOCK.finditer(readme)
-        if m.group(1) == kind
-    ]
+    """Every example of `kind` in DOCUMENTS, in order."""
+    found = []
+    for document in DOCUMENTS:
+        text = (ROOT / document).read_text()
+        found += [
+            Block(m.group(1), m.group(2), document, text[: m.start()].count("\n") + 1)
+            for m in _BLOCK.finditer(text)
+            if m.group(1) == kind
+        ]
+    return found
 
 
 def run_block(

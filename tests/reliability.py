@@ -1,4 +1,4 @@
-"""Figures that reliability tests report, for docs/reliability.md.
+"""Figures that reliability tests report, for docs/reports/reliability.md.
 
 A test calls record(name, **figures); when TASKSERVICE_RELIABILITY_OUT names a
 file, each record is appended there as one JSON line

@@ -28,7 +28,7 @@ def test_a_quick_run_writes_outside_the_tracked_docs_unless_asked(tmp_path: Path
     assert quick.is_dir() and not any(quick.iterdir())  # a new directory of its own
     quick.rmdir()
     assert output_dir(quick=True, out=str(tmp_path)) == tmp_path  # asked
-    assert output_dir(quick=False, out=None) == ROOT / "docs"
+    assert output_dir(quick=False, out=None) == ROOT / "docs" / "reports"
 
 
 def test_the_help_states_the_measured_times_and_where_a_quick_run_writes() -> None:
@@ -43,7 +43,7 @@ def test_the_help_states_the_measured_times_and_where_a_quick_run_writes() -> No
 def test_a_run_names_only_the_files_it_wrote(tmp_path: Path) -> None:
     """Without matplotlib there is no chart, and the run says so instead of
     claiming one."""
-    figures = ROOT / "docs" / "benchmarks.json"  # a real run's raw figures
+    figures = ROOT / "docs" / "reports" / "benchmarks.json"  # a real run's raw figures
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-c", _WITHOUT_MATPLOTLIB, str(figures), str(out)],

@@ -24,7 +24,7 @@ from taskservice.domain.limits import MAX_REQUEST_BYTES, MAX_TRANSPORT_MESSAGE_B
 from taskservice.domain.model import Task
 from taskservice.store.sqlite import SqliteStore
 from tests.h2client import unary_call
-from tests.helpers import create_request, expect_error
+from tests.helpers import create_request, eventually, expect_error
 from tests.test_telemetry import flush, telemetry_config
 
 GET = "tasks.v1.TaskService/GetTask"
@@ -66,10 +66,7 @@ def _access(captured: io.StringIO) -> list[dict[str, Any]]:
 async def _access_lines(captured: io.StringIO, n: int) -> list[dict[str, Any]]:
     """The first n access lines (a cancelled call's is written as its
     handler unwinds, just after the caller has its status)."""
-    for _ in range(200):
-        if len(_access(captured)) >= n:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(_access(captured)) >= n)
     return _access(captured)
 
 

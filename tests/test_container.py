@@ -205,7 +205,7 @@ def _readme_block_runs(
             timeout=600,
         )
         assert result.returncode == 0, (
-            f"README.md line {block.line} failed:\n{block.text}\n"
+            f"{block.where} failed:\n{block.text}\n"
             f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
         )
     finally:

@@ -184,16 +184,16 @@ def test_help_prints_the_usage_and_nothing_else() -> None:
 def test_the_capacity_model_is_what_its_generator_makes_of_the_measurements(
     tmp_path: Path,
 ) -> None:
-    """docs/capacity.md is computed from docs/benchmarks.json and
-    docs/workers.json: after a benchmark run, regenerate it (the test says so)."""
+    """docs/reports/capacity.md is computed from docs/reports/benchmarks.json and
+    docs/reports/workers.json: after a benchmark run, regenerate it (the test says so)."""
     out = tmp_path / "capacity.md"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "capacity_report.py"), str(out)],
         check=True,
         capture_output=True,
     )
-    assert out.read_text() == (ROOT / "docs" / "capacity.md").read_text(), (
-        "docs/capacity.md is stale: run python scripts/capacity_report.py"
+    assert out.read_text() == (ROOT / "docs" / "reports" / "capacity.md").read_text(), (
+        "docs/reports/capacity.md is stale: run python scripts/capacity_report.py"
     )
 
 
@@ -424,7 +424,7 @@ def test_a_real_run_executes_what_the_dry_run_printed_and_a_second_one_updates(
 def test_cpu_stays_allocated_between_requests(tmp_path: Path) -> None:
     """Access lines are written just after a response and OpenTelemetry exports
     on background threads: the manifest keeps CPU allocated between requests
-    (instance-based billing), the schema insists on it, and docs/capacity.md
+    (instance-based billing), the schema insists on it, and docs/reports/capacity.md
     states what it costs."""
     import yaml
 
@@ -444,7 +444,7 @@ def test_cpu_stays_allocated_between_requests(tmp_path: Path) -> None:
         text=True,
     )
     assert schema.returncode != 0 and "cpu-throttling" in schema.stdout
-    capacity = (ROOT / "docs" / "capacity.md").read_text()
+    capacity = (ROOT / "docs" / "reports" / "capacity.md").read_text()
     section = capacity.split("## CPU between requests", 1)[1].split("\n## ", 1)[0]
     assert "instance-based" in section and "per month" in section
     assert re.search(r"no request in flight", section)  # the measurement is in it

@@ -1,6 +1,6 @@
 """Faults: a frozen backend, SIGTERM under load, SIGKILL of the SQLite server.
 Each proves that calls answer within their deadline and that no acknowledged
-write is lost, with figures recorded for docs/reliability.md."""
+write is lost, with figures recorded for docs/reports/reliability.md."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def test_every_local_readme_example_works_as_written_twice(tmp_path: Path) -> No
             for block in readme_blocks("local"):
                 result = run_block(block, port=server.port, cwd=tmp_path)
                 assert result.returncode == 0, (
-                    f"README.md line {block.line} failed on its {attempt} run:\n{block.text}\n"
+                    f"{block.where} failed on its {attempt} run:\n{block.text}\n"
                     f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
                 )
                 outputs[-1].append(_normalized(result.stdout + result.stderr))
@@ -60,7 +60,7 @@ def test_every_local_readme_example_works_as_written_twice(tmp_path: Path) -> No
         code, err = server.stop()
     assert code == 0, err
     for block, first, second in zip(readme_blocks("local"), *outputs, strict=True):
-        assert first == second, f"README.md line {block.line} gave another result the second time"
+        assert first == second, f"{block.where} gave another result the second time"
     [watch] = [
         o
         for b, o in zip(readme_blocks("local"), outputs[0], strict=True)
@@ -101,7 +101,7 @@ def test_the_two_emulator_commands_serve_every_local_example(tmp_path: Path) -> 
         for example in readme_blocks("local"):
             result = run_block(example, port=port, cwd=tmp_path)
             assert result.returncode == 0, (
-                f"README.md line {example.line} failed against the emulator:\n{example.text}\n"
+                f"{example.where} failed against the emulator:\n{example.text}\n"
                 f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
             )
     finally:

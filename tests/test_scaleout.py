@@ -25,9 +25,8 @@ import os
 import random
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from harness import Emulator
 from harness.cluster import Cluster, Replacement
 from harness.frontend import NginxFrontEnd, nginx_binary
 from taskservice.client import TaskClient, connect, is_stream_reset
-from tests.helpers import create_request
+from tests.helpers import Ledger, create_request, everything, reconcile, stream_of
 from tests.reliability import record
 
 pytestmark = [pytest.mark.slow, pytest.mark.firestore]
@@ -57,28 +56,6 @@ EXPECTED_CODES = {"OK", "ABORTED", "NOT_FOUND", "UNAVAILABLE", "CANCELLED"}
 # every operation here is safe to repeat. Allowed in nginx mode only; an
 # INTERNAL that TaskService itself answers is never allowed.
 STREAM_RESET = "INTERNAL (stream reset by the proxy)"
-
-
-@dataclass
-class Ledger:
-    """What callers were told, to reconcile with the store afterwards."""
-
-    codes: Counter[str] = field(default_factory=Counter)
-    attempted_request_ids: set[str] = field(default_factory=set)
-    acked: dict[str, str] = field(default_factory=dict)  # name -> request_id
-    deleted: set[str] = field(default_factory=set)
-    titles: dict[str, str] = field(default_factory=dict)
-    uncertain_titles: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    etag_winners: Counter[str] = field(default_factory=Counter)
-    request_id_disagreements: int = 0
-    cross_instance_retries: int = 0
-    listings: int = 0
-    bad_listings: list[str] = field(default_factory=list)
-    gave_up: list[str] = field(default_factory=list)
-    ops: Counter[str] = field(default_factory=Counter)
-    # Failures other than the expected ones, as the caller saw them (the
-    # first few, to say in the assertion what went wrong).
-    surprises: list[str] = field(default_factory=list)
 
 
 class Callers:
@@ -297,19 +274,6 @@ async def _roll(cluster: Cluster, start: float, spacing: float) -> list[Replacem
     return done
 
 
-async def _everything(stub: Any) -> list[pb.Task]:
-    tasks: list[pb.Task] = []
-    token = ""
-    while True:
-        page = await stub.ListTasks(
-            pb.ListTasksRequest(page_size=200, page_token=token), timeout=30
-        )
-        tasks.extend(page.tasks)
-        token = page.next_page_token
-        if not token:
-            return tasks
-
-
 @pytest.mark.parametrize("mode", ["round_robin", "nginx"])
 async def test_many_instances_and_a_rolling_restart_lose_nothing(
     mode: str, emulator: Emulator, tmp_path: Path
@@ -330,7 +294,7 @@ async def test_many_instances_and_a_rolling_restart_lose_nothing(
         reference: set[str] = set()
         for start in range(0, REFERENCE_TASKS, 50):
             batch = await balanced.stub.BatchCreateTasks(
-                _stream(
+                stream_of(
                     [
                         create_request(f"ref {i}", tags=["reference"])
                         for i in range(start, start + 50)
@@ -344,7 +308,7 @@ async def test_many_instances_and_a_rolling_restart_lose_nothing(
             *(_caller(callers, hot, reference, seed, until) for seed in range(CALLERS))
         )
         replacements = await roll
-        stored = {t.name: t for t in await _everything(balanced.stub)}
+        stored = {t.name: t for t in await everything(balanced.stub)}
     finally:
         for client in (balanced, *direct):
             await client.close()
@@ -354,19 +318,7 @@ async def test_many_instances_and_a_rolling_restart_lose_nothing(
             front_log = front.error_log()[-3000:]
         codes = await asyncio.to_thread(cluster.stop)
 
-    own = {n: t for n, t in stored.items() if n not in hot and n not in reference}
-    lost = [n for n in ledger.acked if n not in ledger.deleted and n not in own]
-    lost += [n for n in ledger.deleted if n in own]
-    phantoms = [n for n, t in own.items() if t.description not in ledger.attempted_request_ids]
-    duplicates = [r for r, n in Counter(t.description for t in own.values()).items() if n > 1]
-    stale = [
-        n
-        for n, t in own.items()
-        if n in ledger.titles
-        and t.title != ledger.titles[n]
-        and t.title not in ledger.uncertain_titles.get(n, set())
-    ]
-    double_winners = [e for e, n in ledger.etag_winners.items() if n > 1]
+    found = reconcile(ledger, stored, not_the_callers={*hot, *reference})
     tracebacks = sum("Traceback" in out and "error_id" not in out for out in cluster.outputs)
     record(
         f"scaleout_{mode}",
@@ -384,21 +336,13 @@ async def test_many_instances_and_a_rolling_restart_lose_nothing(
         listings_across_instances=ledger.listings,
         listings_incomplete_or_repeating=len(ledger.bad_listings),
         etag_races_won=sum(ledger.etag_winners.values()),
-        etags_with_two_winners=len(double_winners),
-        lost_writes=len(lost),
-        duplicate_request_ids=len(duplicates),
-        phantom_writes=len(phantoms),
-        lost_updates=len(stale),
+        **found.figures(),
         calls_given_up=len(ledger.gave_up),
         exit_codes=codes,
     )
     assert [r.exit_code for r in replacements] == [0] * INSTANCES
     assert all(r.drained_s < 8 for r in replacements), replacements
-    assert not lost, lost[:5]
-    assert not duplicates, duplicates[:5]
-    assert not phantoms, phantoms[:5]
-    assert not stale, stale[:5]
-    assert not double_winners
+    found.assert_none()
     assert ledger.request_id_disagreements == 0
     assert not ledger.bad_listings, ledger.bad_listings[:3]
     assert not ledger.gave_up, Counter(ledger.gave_up)
@@ -415,8 +359,3 @@ async def test_many_instances_and_a_rolling_restart_lose_nothing(
     )
     assert ledger.codes["OK"] > 1000 and ledger.listings > 10
     assert codes == [0] * INSTANCES and tracebacks == 0
-
-
-async def _stream(requests: list[pb.CreateTaskRequest]) -> Any:
-    for r in requests:
-        yield r

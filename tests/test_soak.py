@@ -14,8 +14,6 @@ import random
 import statistics
 import time
 import uuid
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
 from harness import ServerProcess, wait_serving
-from tests.helpers import create_request
+from tests.helpers import Ledger, create_request, everything, reconcile
 from tests.reliability import record
 
 pytestmark = pytest.mark.slow
@@ -35,21 +33,6 @@ SECONDS = float(os.environ.get("TASKSERVICE_SOAK_SECONDS", "60"))
 CALLERS = 64
 HOT_TASKS = 4
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-@dataclass
-class Ledger:
-    """What the callers were told, to reconcile with the store afterwards."""
-
-    codes: Counter[str] = field(default_factory=Counter)
-    latencies: list[float] = field(default_factory=list)
-    attempted_request_ids: set[str] = field(default_factory=set)
-    acked: dict[str, str] = field(default_factory=dict)  # name -> request_id
-    deleted: set[str] = field(default_factory=set)
-    titles: dict[str, str] = field(default_factory=dict)  # last acknowledged title
-    uncertain_titles: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    etag_winners: Counter[str] = field(default_factory=Counter)
-    retries: int = 0
 
 
 async def _call(ledger: Ledger, rpc: Any, request: Any) -> Any:
@@ -171,19 +154,6 @@ async def _caller(ledger: Ledger, stub: Any, hot: list[str], seed: int, until: f
             pass  # counted by code; the checker decides what matters
 
 
-async def _everything(stub: Any) -> list[pb.Task]:
-    tasks: list[pb.Task] = []
-    token = ""
-    while True:
-        page = await stub.ListTasks(
-            pb.ListTasksRequest(page_size=200, page_token=token), timeout=30
-        )
-        tasks.extend(page.tasks)
-        token = page.next_page_token
-        if not token:
-            return tasks
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("store", ["sqlite", "firestore"])
 async def test_soak_then_reconcile(
@@ -223,25 +193,13 @@ async def test_soak_then_reconcile(
             *(_caller(ledger, stubs[seed % 8], hot, seed, until) for seed in range(CALLERS))
         )
         rss_end = server.rss_mb()
-        stored = {t.name: t for t in await _everything(stub)}
+        stored = {t.name: t for t in await everything(stub)}
     finally:
         for channel in channels:
             await channel.close()
         code, _ = server.stop()
 
-    own = {n: t for n, t in stored.items() if n not in hot}
-    lost = [n for n in ledger.acked if n not in ledger.deleted and n not in own]
-    lost += [n for n in ledger.deleted if n in own]  # an acknowledged delete undone
-    phantoms = [n for n, t in own.items() if t.description not in ledger.attempted_request_ids]
-    duplicates = [r for r, c in Counter(t.description for t in own.values()).items() if c > 1]
-    stale = [
-        n
-        for n, t in own.items()
-        if n in ledger.titles
-        and t.title != ledger.titles[n]
-        and t.title not in ledger.uncertain_titles.get(n, set())
-    ]
-    double_winners = [e for e, c in ledger.etag_winners.items() if c > 1]
+    found = reconcile(ledger, stored, not_the_callers=hot)
     p99 = statistics.quantiles(ledger.latencies, n=100)[98] * 1000
     record(
         f"soak_{store}" + (f"_{workers}_workers" if workers > 1 else ""),
@@ -255,18 +213,10 @@ async def test_soak_then_reconcile(
         acknowledged_creates=len(ledger.acked),
         acknowledged_deletes=len(ledger.deleted),
         etag_races_won=sum(ledger.etag_winners.values()),
-        lost_writes=len(lost),
-        phantom_writes=len(phantoms),
-        duplicate_request_ids=len(duplicates),
-        lost_updates=len(stale),
-        etags_with_two_winners=len(double_winners),
+        **found.figures(),
         server_exit=code,
     )
-    assert not lost, lost[:5]
-    assert not phantoms, phantoms[:5]
-    assert not duplicates, duplicates[:5]
-    assert not stale, stale[:5]
-    assert not double_winners
+    found.assert_none()
     assert set(ledger.codes) <= {"OK", "ABORTED", "NOT_FOUND"}, ledger.codes
     assert ledger.codes["OK"] > 100
     assert code == 0

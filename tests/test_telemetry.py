@@ -31,14 +31,13 @@ import pytest
 from tasks.v1 import task_service_pb2 as pb
 
 from harness import Running, free_port, start_server
-from harness.emulator import firestore_store
 from harness.otlp import Receiver, start_receiver
 from taskservice.config import Config
 from taskservice.domain.model import Task
 from taskservice.observe.telemetry import OncePerMinute, Telemetry
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
-from tests.helpers import create_request, expect_error, stream_of
+from tests.helpers import create_request, eventually, expect_error, stream_of
 
 GET = "tasks.v1.TaskService/GetTask"
 
@@ -152,16 +151,6 @@ async def test_calls_arrive_by_method_and_code_with_latency(
         await running.close()
 
 
-@pytest.fixture(params=["sqlite", "firestore"])
-async def traced_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskStore]:
-    made: TaskStore
-    if request.param == "sqlite":
-        made = SqliteStore(tmp_path / "tasks.db")
-    else:
-        made = firestore_store(request.getfixturevalue("emulator").host)
-    yield made
-
-
 def request_emulator_host(store: TaskStore) -> str:
     """host:port of the emulator a Firestore store calls (its channel's target)."""
     target = getattr(store, "target", "")
@@ -171,12 +160,10 @@ def request_emulator_host(store: TaskStore) -> str:
 
 @pytest.mark.parametrize("header", ["traceparent", "x-cloud-trace-context"])
 async def test_a_call_span_joins_the_callers_trace_with_store_children(
-    receiver: Receiver, traced_store: TaskStore, captured: io.StringIO, header: str
+    receiver: Receiver, store: TaskStore, captured: io.StringIO, header: str
 ) -> None:
     # The server names the project its log lines' traces are in.
-    running = await start_server(
-        traced_store, telemetry_config(receiver.endpoint, project="demo-proj")
-    )
+    running = await start_server(store, telemetry_config(receiver.endpoint, project="demo-proj"))
     try:
         task = await running.stub.CreateTask(create_request("traced"))
         trace_id = uuid.uuid4().hex
@@ -201,7 +188,7 @@ async def test_a_call_span_joins_the_callers_trace_with_store_children(
         assert server.parent_span_id.hex() == parent  # a child of the caller's span
         assert server.kind == server.SPAN_KIND_SERVER
         children = [s for s in spans if s.parent_span_id == server.span_id]
-        if traced_store.kind == "firestore":
+        if store.kind == "firestore":
             names = {s.name for s in children}
             assert "google.firestore.v1.Firestore/Commit" in names, names
             for child in children:
@@ -210,7 +197,7 @@ async def test_a_call_span_joins_the_callers_trace_with_store_children(
                 assert child.end_time_unix_nano <= server.end_time_unix_nano
             durations = receiver.latest("grpc.client.attempt.duration")
             # gRFC A66: client metrics carry the channel's canonical target.
-            target = "dns:///" + request_emulator_host(traced_store)
+            target = "dns:///" + request_emulator_host(store)
             assert (
                 ("grpc.method", "google.firestore.v1.Firestore/Commit"),
                 ("grpc.status", "OK"),
@@ -228,7 +215,6 @@ async def test_a_call_span_joins_the_callers_trace_with_store_children(
         assert access[0]["logging.googleapis.com/trace_sampled"] is True
     finally:
         await running.close()
-        await traced_store.close()
 
 
 async def test_an_unsampled_caller_is_not_traced_but_counted(
@@ -301,11 +287,14 @@ async def test_a_dead_collector_changes_no_outcome_or_latency(
         assert max(with_dead) < 1000
         telemetry = telemetry_of(on)
         # It did try, and failed (each export retries for up to 5 s first).
-        for _ in range(200):
-            if telemetry.metric_exporter.failures.count + telemetry.span_exporter.failures.count:
-                break
-            await asyncio.sleep(0.05)
-        assert telemetry.metric_exporter.failures.count + telemetry.span_exporter.failures.count
+        failed = await eventually(
+            lambda: (
+                telemetry.metric_exporter.failures.count + telemetry.span_exporter.failures.count
+            ),
+            timeout=10,
+            interval=0.05,
+        )
+        assert failed
     finally:
         started = time.perf_counter()
         await on.close()
