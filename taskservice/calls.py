@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
+# What a send to a client that went away raises (grpc.aio has no public name).
+from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-found]
 
 from taskservice.auth import IdTokenVerifier
 from taskservice.errors import (
@@ -698,7 +700,13 @@ async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyn
             except StopAsyncIteration:
                 return
             call.last_sent = message  # gRPC has it once the write starts
-            await call.context.write(message)
+            try:
+                await call.context.write(message)
+            except ExecuteBatchError:
+                # gRPC could not send it: the client reset the stream or went
+                # away while the message waited. The call is over, as if it
+                # were cancelled (and grpc.aio takes that quietly).
+                raise asyncio.CancelledError from None
             call.messages_out = (call.messages_out or 0) + 1
             call.response_bytes += _size(message)
             if stop.is_set():
