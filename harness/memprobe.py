@@ -23,6 +23,7 @@ import json
 import os
 import runpy
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -62,6 +63,75 @@ def _rss_mb() -> float:
     return 0.0
 
 
+_THREAD_HEAP = 64 << 20  # glibc's HEAP_MAX_SIZE: a thread arena's heaps are aligned to it
+
+
+def resident_by_kind() -> dict[str, float]:
+    """VmRSS split by what the mappings hold (MB): `heap` (glibc's main arena),
+    `thread_arenas` (glibc's other arenas: anonymous mappings aligned to 64
+    MiB), `small_anon` (anonymous mappings of at most 1 MiB: Python's object
+    arenas, thread stacks' guard neighbours), `other_anon` (larger anonymous
+    mappings: big allocations, thread stacks) and `files` (code and data of
+    the interpreter and the libraries)."""
+    kinds: dict[str, float] = dict.fromkeys(
+        ("heap", "thread_arenas", "small_anon", "other_anon", "files"), 0.0
+    )
+    kind = "files"
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            name = head[5] if len(head) > 5 else ""
+            if name == "[heap]":
+                kind = "heap"
+            elif name.startswith("/"):
+                kind = "files"
+            elif name:
+                kind = "other_anon"  # [stack], [vvar] and the like
+            elif start % _THREAD_HEAP == 0:
+                kind = "thread_arenas"
+            elif end - start <= 1 << 20:
+                kind = "small_anon"
+            else:
+                kind = "other_anon"
+        elif head[0] == "Rss:":
+            kinds[kind] += int(head[1]) / 1024
+    return {k: round(v, 1) for k, v in kinds.items()}
+
+
+def python_allocator() -> dict[str, float]:
+    """pymalloc's own account (sys._debugmallocstats, which prints to fd 2;
+    the log lines written meanwhile are passed on to the real stderr): its
+    arenas (MB resident at most), the bytes in objects, free inside them."""
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryFile() as capture:
+        saved = os.dup(2)
+        try:
+            sys.stderr.flush()
+            os.dup2(capture.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        for line in capture.read().decode(errors="replace").splitlines():
+            if line.startswith("{"):  # a log line written meanwhile
+                os.write(2, (line + "\n").encode())
+            key, _, value = line.partition("=")
+            number = value.strip().replace(",", "")
+            if not number.isdigit():
+                continue
+            if key.startswith("# arenas allocated current"):
+                figures["arenas_mb"] = int(number) * 1.0  # 1 MiB arenas
+            elif key.startswith("# arenas highwater mark"):
+                figures["arenas_highwater_mb"] = int(number) * 1.0
+            elif key.startswith("# bytes in allocated blocks"):
+                figures["in_objects_mb"] = round(int(number) / 2**20, 1)
+            elif key.startswith("# bytes in available blocks"):
+                figures["free_in_arenas_mb"] = round(int(number) / 2**20, 1)
+    return figures
+
+
 def measure(trim: bool) -> dict[str, Any]:
     """The process's memory as Python and glibc see it (trim: malloc_trim(0)
     first, with VmRSS on either side)."""
@@ -84,9 +154,13 @@ def measure(trim: bool) -> dict[str, Any]:
         found["malloc_in_use_mb"] = round((info.uordblks + info.hblkhd) / 2**20, 1)
         found["malloc_free_held_mb"] = round(info.fordblks / 2**20, 1)
         found["malloc_arena_mb"] = round(info.arena / 2**20, 1)
+    found["resident_mb"] = resident_by_kind()
+    if trim:  # at the end of a test: pymalloc's account prints to fd 2
+        found["pymalloc"] = python_allocator()
     if trim and libc is not None:
         libc.malloc_trim(0)
         found["rss_mb_after_trim"] = round(_rss_mb(), 1)
+        found["resident_mb_after_trim"] = resident_by_kind()
     return found
 
 
