@@ -698,7 +698,16 @@ async def _write_all(responses: Any, call: _Call, idle: float | None, stop: asyn
             except StopAsyncIteration:
                 return
             call.last_sent = message  # gRPC has it once the write starts
-            await call.context.write(message)
+            try:
+                await call.context.write(message)
+            except Exception as exc:
+                # A write that waited for a client which then went away
+                # (reset the stream, closed the connection) fails in gRPC
+                # (ExecuteBatchError) when grpc.aio has not cancelled the
+                # handler first: the caller's doing, as that cancel would be.
+                if type(exc).__name__ == "ExecuteBatchError":
+                    raise asyncio.CancelledError from None
+                raise
             call.messages_out = (call.messages_out or 0) + 1
             call.response_bytes += _size(message)
             if stop.is_set():
