@@ -101,7 +101,8 @@ def resident_by_kind() -> dict[str, float]:
 
 def python_allocator() -> dict[str, float]:
     """pymalloc's own account (sys._debugmallocstats, which prints to fd 2;
-    the log lines written meanwhile are passed on to the real stderr): its
+    the log lines written meanwhile are passed on to the real stderr, so ask
+    while no calls are being served, or lines may be cut): its
     arenas (MB resident at most), the bytes in objects, free inside them."""
     figures: dict[str, float] = {}
     with tempfile.TemporaryFile() as capture:
@@ -155,8 +156,7 @@ def measure(trim: bool) -> dict[str, Any]:
         found["malloc_free_held_mb"] = round(info.fordblks / 2**20, 1)
         found["malloc_arena_mb"] = round(info.arena / 2**20, 1)
     found["resident_mb"] = resident_by_kind()
-    if trim:  # at the end of a test: pymalloc's account prints to fd 2
-        found["pymalloc"] = python_allocator()
+    found["pymalloc"] = python_allocator()
     if trim and libc is not None:
         libc.malloc_trim(0)
         found["rss_mb_after_trim"] = round(_rss_mb(), 1)
