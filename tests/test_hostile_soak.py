@@ -28,7 +28,8 @@ allocated blocks, and RSS before and after malloc_trim); and whether every
 watcher slot comes back once the hostile callers stop.
 
 TASKSERVICE_HOSTILE_SOAK_SECONDS sets the hostile run's length (default 30);
-the quiet run is a sixth of it and the settle run a third, each at least 5 s.
+the quiet run is a sixth of it (at least 5 s), the settle run a third of it
+when it is over 60 s, else 5 s.
 """
 
 from __future__ import annotations
@@ -70,12 +71,17 @@ pytestmark = pytest.mark.slow
 
 SECONDS = float(os.environ.get("TASKSERVICE_HOSTILE_SOAK_SECONDS", "30"))
 QUIET_SECONDS = max(5.0, SECONDS / 6)
-SETTLE_SECONDS = max(5.0, SECONDS / 3)
+# The full run (180 s) settles for a minute, long enough to see whether RSS
+# comes down; CI's short one for 5 s.
+SETTLE_SECONDS = SECONDS / 3 if SECONDS > 60 else 5.0
 CALLERS = 8  # normal CRUD callers
 WATCHERS = 4  # normal watchers, reading everything
 MAX_WATCHERS = 60  # the server's bound: stalled watchers press against it
 WATCH_MEMORY_MB = 128  # as on deploy/service.yaml's 512 MiB instance
-RSS_CEILING_MB = 400
+RSS_CEILING_MB = 320  # peaks measured: 230-277 MB (30 s and 180 s runs)
+# What RSS may keep after the settle run, over what it was after the quiet
+# one: measured +50 to +84 MB, all of it allocator pages (see memory_after).
+RSS_KEPT_MB = 120
 # Junk-token callers: more lanes than the server lets wait for certificates
 # (taskservice.auth.MAX_AUTH_WAITING, 100), so that the bound is pressed;
 # each lane sends its next call JUNK_PAUSE seconds after an answer.
@@ -665,10 +671,10 @@ async def test_normal_callers_hold_up_among_hostile_ones(tmp_path: Path) -> None
     # cores: quiet 12-69 ms, hostile 57-177 ms.
     assert server_p99["hostile"] < max(10 * server_p99["quiet"], 250), server_p99
     # The normal callers ask as fast as they are answered, so what the
-    # hostile load costs them shows as fewer rounds: measured 17-25% of the
+    # hostile load costs them shows as fewer rounds: measured 12-25% of the
     # quiet run's rate (the server's one event loop serves both).
     quiet_rate = sum(quiet.codes.values()) / QUIET_SECONDS
-    assert sum(hostile.codes.values()) / SECONDS > 0.1 * quiet_rate, (quiet.codes, hostile.codes)
+    assert sum(hostile.codes.values()) / SECONDS > 0.05 * quiet_rate, (quiet.codes, hostile.codes)
     # Memory: what the program holds comes back (Python's objects, and
     # malloc's bytes in use: measured +3 MB and +6-9 MB, the same after 30 s
     # as after 180 s); what RSS keeps beyond that is allocator pages that
@@ -677,6 +683,10 @@ async def test_normal_callers_hold_up_among_hostile_ones(tmp_path: Path) -> None
         memory_after["pymalloc"]["in_objects_mb"] < memory_before["pymalloc"]["in_objects_mb"] + 10
     ), (memory_before, memory_after)
     assert memory_after["malloc_in_use_mb"] < memory_before["malloc_in_use_mb"] + 20, (
+        memory_before,
+        memory_after,
+    )
+    assert memory_after["rss_mb"] < memory_before["rss_mb"] + RSS_KEPT_MB, (
         memory_before,
         memory_after,
     )
