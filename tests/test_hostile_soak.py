@@ -13,11 +13,12 @@ certificate endpoint hangs.
 The certificate endpoint serves the test key's certificate with max-age=1
 until the hostile run starts, and hangs from then on. The normal callers'
 tokens were verified in the quiet run and stay cached (a caller reuses its ID
-token for its hour), so they need no certificate; every junk token names a
-key id the server does not hold, so each one finds the certificates stale and
-makes the server fetch them again, from the hanging endpoint: at most
-MAX_AUTH_WAITING such calls wait for that fetch (5 s), the rest are answered
-at once.
+token for its hour), so they need no certificate. The junk tokens are signed
+by a key whose id the server does not hold (one in nine is not a JWT at all):
+each finds the certificates stale and makes the server fetch them again, from
+the hanging endpoint (between failed fetches the server pauses 1 s, doubling
+to 60 s): at most MAX_AUTH_WAITING such calls wait for a fetch (5 s), the
+rest are answered at once from the certificates held, UNAUTHENTICATED.
 
 Reported, for each run: the normal callers' success rate and per-call p99 as
 the client sees it and as the server's access lines say (latency_ms), the
