@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
+
 # What a send to a client that went away raises (grpc.aio has no public name).
 from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-found]
 
