@@ -2,9 +2,13 @@
 
 Usage: python scripts/reliability_report.py [--soak-seconds 60] [--fuzz-examples 300]
                                           [--scaleout-seconds 90] [--hostile-soak-seconds 180]
+                                          [--only tests/test_x.py ...]
 
 Every figure in the report is what this run measured; a failing test makes
-the command fail (the report is still written, marked FAILED).
+the command fail (the report is still written, marked FAILED). --only runs
+just the named test files and replaces just the rows they record, in place,
+leaving the rest of the report as it was, with a line saying which rows came
+from which run.
 """
 
 from __future__ import annotations
@@ -69,10 +73,14 @@ WHAT = {
     "watch_memory_bound": "`watchers` raw HTTP/2 watchers grant no flow-control window after"
     " TYPE_CURRENT while a maximum-size task is updated `updates` times, server process with"
     " TASKSERVICE_WATCH_MEMORY_MB as on a 512 MiB instance; one more watcher reads everything",
-    "hostile_soak": "8 CRUD callers and 4 watchers alone (quiet), then for `seconds` among"
-    " hostile callers (watchers that grant no window while a maximum-size task is updated,"
-    " message-less calls, RST_STREAM storms, cancelled batches); per-call success and p99"
-    " of the normal callers, RSS (s, MB) over time, watcher slots free afterwards",
+    "hostile_soak": "auth on; 8 CRUD callers and 4 watchers alone (quiet), then for `seconds`"
+    " among hostile callers in a process of their own (watchers that grant no window while a"
+    " maximum-size task is updated, message-less calls, RST_STREAM storms, cancelled"
+    " batches, all with valid tokens; `junk_lanes` junk-token callers while the certificate"
+    " endpoint hangs), then alone again (settle); success, p99 per call client-side and from"
+    " the access lines (server), the server's CPU and run-queue wait and the machine's busy"
+    " share per run, RSS (s, MB) over time, memory by owner (memory_*: Python blocks, malloc"
+    " in use / free but held, RSS after malloc_trim), watcher slots free afterwards",
     "interop_grpc_js": "@grpc/grpc-js at default settings: every RPC, 500/501-item streams,"
     " paging, ABORTED/BadRequest details decoded, 1 ms deadline, 40 cancels mid-stream, a"
     " batch over the default 4 MiB; `written` counts what each check left stored",
@@ -92,12 +100,54 @@ def _figures(entry: dict[str, object]) -> str:
     return "; ".join(parts)
 
 
+def _row(entry: dict[str, object]) -> str:
+    name = str(entry["test"])
+    return f"| {name} | {WHAT.get(name, '')} | {_figures(entry)} |"
+
+
+def _replace_rows(
+    entries: list[dict[str, object]], tests: list[str], summary: str, returncode: int
+) -> int:
+    """Puts the rows of `entries` in place of the report's rows of the same
+    tests, and says so under the table."""
+    report = ROOT / "docs" / "reports" / "reliability.md"
+    names = {str(e["test"]) for e in entries}
+    new_rows = [_row(e) for e in entries]
+    said = f"Rows {', '.join(sorted(names)) or '(none)'} regenerated on "
+    lines: list[str] = []
+    for line in report.read_text().splitlines():
+        if line.startswith(said):  # an earlier run's note: this one replaces it
+            if lines and not lines[-1]:
+                lines.pop()
+            continue
+        name = line.split("|")[1].strip() if line.startswith("| ") else None
+        if name in names:
+            lines += new_rows  # where the first old row of these tests was
+            new_rows = []
+            continue
+        lines.append(line)
+    if new_rows:  # tests the report did not have yet: at the table's end
+        end = max(i for i, line in enumerate(lines) if line.startswith("| "))
+        lines[end + 1 : end + 1] = new_rows
+    end = max(i for i, line in enumerate(lines) if line.startswith("| "))
+    note = (
+        f"{said}{dt.date.today().isoformat()} by"
+        f" `python scripts/reliability_report.py --only {' '.join(tests)}`: `{summary}`"
+        + ("" if returncode == 0 else " — **FAILED**")
+    )
+    lines[end + 1 : end + 1] = ["", note]
+    report.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--soak-seconds", default="60")
     parser.add_argument("--fuzz-examples", default="300")
     parser.add_argument("--scaleout-seconds", default="90")
     parser.add_argument("--hostile-soak-seconds", default="180")
+    parser.add_argument("--only", nargs="+", metavar="TEST_FILE", choices=TESTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.jsonl"
@@ -111,7 +161,7 @@ def main() -> int:
             "TASKSERVICE_WATCH_MEMORY_FULL": "1",
         }
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(args.only or TESTS)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -121,6 +171,8 @@ def main() -> int:
         entries = (
             [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
         )
+    if args.only:
+        return _replace_rows(entries, args.only, summary, result.returncode)
     lines = [
         "# Reliability report",
         "",
@@ -134,9 +186,7 @@ def main() -> int:
         "| test | what it does | figures |",
         "| --- | --- | --- |",
     ]
-    for entry in entries:
-        name = str(entry["test"])
-        lines.append(f"| {name} | {WHAT.get(name, '')} | {_figures(entry)} |")
+    lines += [_row(entry) for entry in entries]
     lines += [
         "",
         "Reading the figures: `lost_writes`, `phantom_writes`, `duplicate_request_ids`,"

@@ -30,6 +30,7 @@ def cancelled_client_stream(
     reset_gap: float = 0.0,
     separate_end: bool = True,
     user_agent: str = "grpc-node-js/1.14.0",
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Sends a client stream, half-closes it and resets it with CANCEL.
 
@@ -38,7 +39,8 @@ def cancelled_client_stream(
     call.cancel() puts on the wire); False sets END_STREAM on the last DATA
     frame. reset_gap > 0 waits that long between the half-close and the reset.
     user_agent is grpc-js's by default: the server gives only callers on
-    Node's http2 a grace for a reset behind END_STREAM.
+    Node's http2 a grace for a reset behind END_STREAM. metadata: more headers
+    (an `authorization`, say).
     """
     sock = socket.create_connection((host, port), timeout=5)
     try:
@@ -56,6 +58,7 @@ def cancelled_client_stream(
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
                 ("user-agent", user_agent),
+                *metadata,
             ],
         )
         body = b"".join(grpc_frame(m) for m in messages)
@@ -201,14 +204,22 @@ def messageless_calls(
 class StalledStream:
     """A server-streaming call from a client that stops granting HTTP/2
     flow-control window: it sends no WINDOW_UPDATE until `resume()`, so the
-    server can send at most the initial 64 KiB windows."""
+    server can send at most the initial 64 KiB windows. metadata: more
+    headers (an `authorization`, say)."""
 
-    def __init__(self, host: str, port: int, path: str, request: Message) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        request: Message,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=5)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
         self.stream = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(self.stream, _headers(host, port, path, ()))
+        self.conn.send_headers(self.stream, _headers(host, port, path, metadata))
         self.conn.send_data(self.stream, grpc_frame(request), end_stream=True)
         self.sock.sendall(self.conn.data_to_send())
         self.body = b""

@@ -176,7 +176,7 @@ async def test_a_watcher_stalled_at_the_transport_frees_its_slot_when_ended(
         # The access line follows within the grace the message in flight gets.
         while not lines() and time.monotonic() < ended_by + 1.5:
             await asyncio.sleep(0.05)
-        assert lines() == ["/tasks.v1.TaskService/WatchTasks RESOURCE_EXHAUSTED"]
+        assert lines() == ["tasks.v1.TaskService/WatchTasks RESOURCE_EXHAUSTED"]
         # The slot is free: another watcher gets in.
         other = running.stub.WatchTasks(pb.WatchTasksRequest())
         assert (await asyncio.wait_for(other.read(), 5)).type == pb.WatchTasksResponse.TYPE_CURRENT

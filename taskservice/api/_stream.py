@@ -12,6 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+# What a send to a client that went away raises (grpc.aio has no public name).
+from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-found]
+
 from taskservice.api._access import CallRecord, deadline_passed, size_of
 from taskservice.domain.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from taskservice.domain.limits import MAX_REQUEST_BYTES
@@ -165,7 +168,13 @@ async def _write_all(
             except StopAsyncIteration:
                 return
             call.last_sent = message  # gRPC has it once the write starts
-            await call.context.write(message)
+            try:
+                await call.context.write(message)
+            except ExecuteBatchError:
+                # gRPC could not send it: the client reset the stream or went
+                # away while the message waited. The call is over, as if it
+                # were cancelled (and grpc.aio takes that quietly).
+                raise asyncio.CancelledError from None
             call.messages_out = (call.messages_out or 0) + 1
             call.response_bytes += size_of(message)
             if stop.is_set():
