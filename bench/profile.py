@@ -114,7 +114,7 @@ def write_markdown(found: dict[str, dict[str, Any]], out: Path) -> None:
         "py-spy cannot see into: grpc's Cython core (reading, parsing and writing HTTP/2",
         "frames, completing calls) and asyncio's C task steps. The echo pays that too;",
         "what a TaskService call adds on top is under `_unary.<locals>.handle`",
-        "(interceptors.py: decoding, the servicer, the access log).",
+        "(taskservice/api/calls.py: decoding, the servicer, the access line).",
         "",
         "Flame graphs: " + ", ".join(f"[{t}]({t}.svg)" for t in found) + ".",
     ]

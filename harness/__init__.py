@@ -17,10 +17,10 @@ from harness.servers import (
     ProcessRunning,
     Running,
     ServerProcess,
+    health_serving,
     server_env,
     start_process,
     start_server,
-    wait_serving,
 )
 
 __all__ = [
@@ -34,11 +34,11 @@ __all__ = [
     "emulator_jar",
     "firestore_store",
     "free_port",
+    "health_serving",
     "launch_emulator",
     "server_env",
     "start_emulator",
     "start_process",
     "start_server",
     "wait_for_port",
-    "wait_serving",
 ]

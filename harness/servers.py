@@ -250,7 +250,9 @@ async def start_process(env: Mapping[str, str], cwd: Path) -> ProcessRunning:
     )
 
 
-async def wait_serving(health: health_pb2_grpc.HealthStub, timeout: float = 10.0) -> None:
+async def health_serving(health: health_pb2_grpc.HealthStub, timeout: float = 10.0) -> None:
+    """Waits until the server behind `health` answers SERVING (a process's
+    own readiness: ServerProcess.wait_serving)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -277,5 +279,5 @@ async def start_server(
         health_pb2_grpc.HealthStub(channel),
     )
     if ready:
-        await wait_serving(running.health)
+        await health_serving(running.health)
     return running

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from harness import ServerProcess, free_port, wait_serving
+from harness import ServerProcess, free_port, health_serving
 from taskservice.config import Config
 from taskservice.runtime.server import TaskServer
 from taskservice.store.sqlite import SqliteStore
@@ -30,7 +30,7 @@ async def test_open_watch_and_reflection_streams_do_not_hold_the_drain(tmp_path:
     channel = grpc.aio.insecure_channel(server.target)
     try:
         health = health_pb2_grpc.HealthStub(channel)
-        await wait_serving(health)
+        await health_serving(health)
         watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(3)]
         for watch in watches:
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING

@@ -23,9 +23,9 @@ from harness import (
     ServerProcess,
     emulator_jar,
     free_port,
+    health_serving,
     launch_emulator,
     wait_for_port,
-    wait_serving,
 )
 from taskservice.config import Config
 from taskservice.runtime.server import TaskServer
@@ -58,7 +58,7 @@ async def test_frozen_backend_gives_fast_errors_and_recovers(tmp_path: Path) -> 
         await server.start()
         channel, stub = _stub(f"127.0.0.1:{server.port}")
         health = health_pb2_grpc.HealthStub(channel)
-        await wait_serving(health, timeout=30)
+        await health_serving(health, timeout=30)
         deadline = 2.0
         acked: list[pb.Task] = []
         codes: Counter[str] = Counter()
@@ -149,7 +149,7 @@ async def test_sigterm_under_load_loses_nothing(tmp_path: Path, descheduled_s: f
     }
     server = ServerProcess(env, tmp_path)
     channel, stub = _stub(server.target)
-    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    await health_serving(health_pb2_grpc.HealthStub(channel))
     owned = [await stub.CreateTask(create_request("0")) for _ in range(8)]
     acked_creates: list[str] = []
     acked_batches: list[int] = []
@@ -280,7 +280,7 @@ async def test_sqlite_survives_sigkill_with_exactly_the_acknowledged_writes(tmp_
     env = {"TASKSERVICE_STORE": "sqlite", "TASKSERVICE_SQLITE_PATH": str(db)}
     server = ServerProcess(env, tmp_path)
     channel, stub = _stub(server.target)
-    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    await health_serving(health_pb2_grpc.HealthStub(channel))
     acked: set[str] = set()
     attempted: set[str] = set()
     stop = False
@@ -308,7 +308,7 @@ async def test_sqlite_survives_sigkill_with_exactly_the_acknowledged_writes(tmp_
     restarted = ServerProcess(env, tmp_path)
     channel, stub = _stub(restarted.target)
     try:
-        await wait_serving(health_pb2_grpc.HealthStub(channel))
+        await health_serving(health_pb2_grpc.HealthStub(channel))
         stored: set[str] = set()
         token = ""
         while True:

@@ -16,10 +16,10 @@ from harness import (
     Running,
     emulator_jar,
     free_port,
+    health_serving,
     launch_emulator,
     start_server,
     wait_for_port,
-    wait_serving,
 )
 from taskservice.config import Config
 from taskservice.store.firestore import FirestoreStore
@@ -105,7 +105,7 @@ async def test_store_that_appears_later_turns_health_serving() -> None:
         process = launch_emulator(jar, port)
         try:
             assert await asyncio.to_thread(wait_for_port, "127.0.0.1", port, 60)
-            await wait_serving(running.health, timeout=30)
+            await health_serving(running.health, timeout=30)
         finally:
             process.terminate()
             process.wait(10)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from harness import Emulator, ServerProcess, free_port, server_env, wait_serving
+from harness import Emulator, ServerProcess, free_port, health_serving, server_env
 from tests.helpers import create_request, loud_skip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     channel_to.append(channel)
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
-    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    await health_serving(health_pb2_grpc.HealthStub(channel))
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     task = await stub.CreateTask(
         create_request("persisted", task_id="keep-me"),
@@ -95,7 +95,7 @@ async def test_sqlite_default_serves_keeps_data_and_stops_cleanly_on_sigterm(
     assert (tmp_path / "tasks.db").exists()
 
     p2 = _start(launch, env, tmp_path)
-    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    await health_serving(health_pb2_grpc.HealthStub(channel))
     assert await stub.GetTask(pb.GetTaskRequest(name="tasks/keep-me"), timeout=5) == task
     p2.proc.send_signal(signal.SIGINT)
     assert await asyncio.to_thread(_exit_code, p2, 10) == 0
@@ -113,7 +113,7 @@ async def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_calls(
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     channel_to.append(channel)
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
-    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    await health_serving(health_pb2_grpc.HealthStub(channel))
     sent = asyncio.Event()
 
     async def slow_stream() -> AsyncIterator[pb.CreateTaskRequest]:
@@ -257,7 +257,7 @@ async def test_flags_override_the_environment(
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     channel_to.append(channel)
-    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    await health_serving(health_pb2_grpc.HealthStub(channel))
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
     await stub.CreateTask(create_request("by flags"), timeout=5)
     p.proc.send_signal(signal.SIGTERM)
@@ -285,7 +285,7 @@ async def test_firestore_is_chosen_by_the_environment(
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     channel_to.append(channel)
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
-    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    await health_serving(health_pb2_grpc.HealthStub(channel))
     task = await stub.CreateTask(create_request("in firestore"), timeout=5)
     assert await stub.GetTask(pb.GetTaskRequest(name=task.name), timeout=5) == task
     p.proc.send_signal(signal.SIGTERM)
@@ -310,7 +310,7 @@ async def test_log_level_governs_diagnostics_and_access_lines_have_their_own_swi
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     channel_to.append(channel)
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
-    await wait_serving(health_pb2_grpc.HealthStub(channel))
+    await health_serving(health_pb2_grpc.HealthStub(channel))
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.GetTask(pb.GetTaskRequest(name="tasks/missing"), timeout=5)
     p.proc.send_signal(signal.SIGTERM)
@@ -322,7 +322,7 @@ async def test_log_level_governs_diagnostics_and_access_lines_have_their_own_swi
     get = ("tasks.v1.TaskService/GetTask", "NOT_FOUND", "caller")
     if access == "off":
         assert calls == []
-    elif access == "on":  # health checks (wait_serving) are not logged
+    elif access == "on":  # health checks (health_serving) are not logged
         assert calls == [get]
     else:
         assert calls[-1] == get and len(calls) >= 2

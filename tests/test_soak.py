@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
-from harness import ServerProcess, wait_serving
+from harness import ServerProcess, health_serving
 from tests.helpers import Ledger, create_request, everything, reconcile
 from tests.reliability import record
 
@@ -181,7 +181,7 @@ async def test_soak_then_reconcile(
     stubs = [task_service_pb2_grpc.TaskServiceStub(c) for c in channels]
     stub = stubs[0]
     try:
-        await wait_serving(health_pb2_grpc.HealthStub(channels[0]), timeout=30)
+        await health_serving(health_pb2_grpc.HealthStub(channels[0]), timeout=30)
         hot = [
             (await stub.CreateTask(create_request("hot", task_id=f"hot-{i}"))).name
             for i in range(HOT_TASKS)

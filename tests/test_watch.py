@@ -38,8 +38,8 @@ from harness import (
     Running,
     ServerProcess,
     firestore_store,
+    health_serving,
     start_server,
-    wait_serving,
 )
 from taskservice.client import TaskClient, open_channel
 from taskservice.config import Config
@@ -955,7 +955,7 @@ async def test_progress_events_carry_fresh_tokens_when_idle(store: TaskStore) ->
 async def test_health_reports_serving_with_watchers_open(served: Running) -> None:
     watch = Watch(served.stub, pb.WatchTasksRequest())
     await watch.until(lambda e: bool(e))
-    await wait_serving(served.health)
+    await health_serving(served.health)
     watch.close()
 
 

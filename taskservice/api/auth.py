@@ -49,7 +49,6 @@ from taskservice.domain.errors import (
 log = logging.getLogger("taskservice.auth")
 
 ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _MAX_CACHED_TOKENS = 4096
 _REFETCH_INTERVAL = 30.0
 _FETCH_TIMEOUT = 5.0  # a whole fetch: connect, each read, and the rest

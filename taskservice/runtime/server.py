@@ -101,7 +101,7 @@ class TaskServer:
         if config.worker is not None:  # one of several processes on this port
             options[0] = ("grpc.so_reuseport", 1)
             self.board = ReadinessBoard(config.worker.readiness_path, config.worker.count)
-        self.telemetry = start_telemetry(config) if config.telemetry != "off" else None
+        self.telemetry = _telemetry_for(config) if config.telemetry != "off" else None
         if self.telemetry is not None:
             self.store.use_telemetry(self.telemetry)
         self.server = grpc.aio.server(options=options)
@@ -251,7 +251,7 @@ def store_target(config: Config) -> str:
     return f"Firestore project {config.project}, database {config.firestore_database}, {where}"
 
 
-def start_telemetry(config: Config) -> Telemetry:
+def _telemetry_for(config: Config) -> Telemetry:
     """OpenTelemetry as configured (imported only when it is on)."""
     from taskservice.observe.telemetry import TelemetrySettings, start_telemetry
 
