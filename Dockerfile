@@ -13,9 +13,10 @@ RUN python -m venv /opt/taskservice
 COPY pyproject.toml README.md ./
 COPY generated/ generated/
 COPY taskservice/ taskservice/
-# Installs the server and its runtime dependencies only (no dev tools), then
+# Installs the server, its runtime dependencies and the gcp telemetry extra
+# (deploy.sh sets TASKSERVICE_TELEMETRY=gcp) only (no dev tools), then
 # byte-compiles everything so a cold start does not compile at import time.
-RUN /opt/taskservice/bin/pip install --no-cache-dir . \
+RUN /opt/taskservice/bin/pip install --no-cache-dir ".[gcp]" \
  && /opt/taskservice/bin/python -m compileall -q /opt/taskservice/lib
 
 FROM ${BASE_IMAGE}

@@ -243,6 +243,31 @@ def test_gcp_telemetry_without_credentials_says_what_to_do(tmp_path: Path) -> No
     assert "TASKSERVICE_TELEMETRY=off" in line
 
 
+@pytest.mark.parametrize("exporter", ["otlp", "gcp"])
+def test_telemetry_without_the_extra_installed_says_what_to_do(
+    tmp_path: Path, exporter: str
+) -> None:
+    """OpenTelemetry is an extra (taskservice[otlp], taskservice[gcp]); a
+    server asked for telemetry without it says which to install. The
+    interpreter is told opentelemetry is absent (sys.modules entry None, as
+    the import system reads it), since the test's own environment has it."""
+    absent = (
+        "import sys; sys.modules['opentelemetry'] = None;"
+        " from taskservice.__main__ import main; raise SystemExit(main([]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", absent],
+        env=_env(PORT=str(free_port()), TASKSERVICE_TELEMETRY=exporter),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    line = _one_line(result)
+    assert f"pip install 'taskservice[{exporter}]'" in line, line
+    assert "TASKSERVICE_TELEMETRY=off" in line
+
+
 async def test_flags_override_the_environment(
     launch: list[ServerProcess], tmp_path: Path, channel_to: list[grpc.aio.Channel]
 ) -> None:

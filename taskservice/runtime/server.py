@@ -252,20 +252,30 @@ def store_target(config: Config) -> str:
 
 
 def _telemetry_for(config: Config) -> Telemetry:
-    """OpenTelemetry as configured (imported only when it is on)."""
-    from taskservice.observe.telemetry import TelemetrySettings, start_telemetry
-
-    settings = TelemetrySettings(
-        exporter=config.telemetry,
-        otlp_endpoint=config.otlp_endpoint,
-        sample_ratio=config.trace_sample_ratio,
-        metrics_interval_seconds=config.metrics_interval_seconds,
-        service=config.service_name,
-        revision=config.revision,
-        project=config.project,
-    )
+    """OpenTelemetry as configured (imported only when it is on, and
+    installed only with the extra: taskservice[otlp] or taskservice[gcp])."""
     try:
+        from taskservice.observe.telemetry import TelemetrySettings, start_telemetry
+
+        settings = TelemetrySettings(
+            exporter=config.telemetry,
+            otlp_endpoint=config.otlp_endpoint,
+            sample_ratio=config.trace_sample_ratio,
+            metrics_interval_seconds=config.metrics_interval_seconds,
+            service=config.service_name,
+            revision=config.revision,
+            project=config.project,
+        )
         return start_telemetry(settings)
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("opentelemetry"):
+            raise
+        extra = "gcp" if config.telemetry == "gcp" else "otlp"
+        raise ConfigError(
+            f"TASKSERVICE_TELEMETRY={config.telemetry} needs OpenTelemetry, which is not"
+            f" installed ({err.name}): pip install 'taskservice[{extra}]', or turn it off"
+            " (TASKSERVICE_TELEMETRY=off)"
+        ) from None
     except Exception as err:
         if type(err).__name__ == "DefaultCredentialsError":  # google.auth, imported lazily
             raise ConfigError(
