@@ -195,3 +195,33 @@ def test_watch_memory_follows_the_container_memory_limit(tmp_path: Path) -> None
     assert load({"TASKSERVICE_WATCH_MEMORY_MB": "64"}).watch_memory_bytes() == 64 * 2**20
     with pytest.raises(ConfigError):
         load({"TASKSERVICE_WATCH_MEMORY_MB": "0"})
+
+
+def test_the_layers_settings_take_their_defaults_from_the_declarations() -> None:
+    """CallLimits, WatchSettings and TelemetrySettings hold no defaults of
+    their own: theirs are the declared settings'."""
+    from taskservice.api._admission import CallLimits
+    from taskservice.api.watching import WatchSettings
+    from taskservice.observe._export import TelemetrySettings
+
+    declared = Config()
+    limits = CallLimits()
+    assert (limits.max_calls, limits.max_watchers, limits.max_tool_streams) == (
+        declared.max_concurrent_rpcs,
+        declared.max_watchers,
+        declared.max_tool_streams,
+    )
+    assert limits.tool_stream_idle_seconds == declared.tool_stream_idle_seconds
+    watch = WatchSettings()
+    assert (watch.progress_seconds, watch.max_seconds, watch.buffer_events) == (
+        declared.watch_progress_seconds,
+        declared.watch_max_seconds,
+        declared.watch_buffer,
+    )
+    assert watch.memory_bytes == DEFAULT_WATCH_MEMORY_MB * 2**20
+    telemetry = TelemetrySettings("otlp")
+    assert (telemetry.otlp_endpoint, telemetry.sample_ratio, telemetry.service) == (
+        declared.otlp_endpoint,
+        declared.trace_sample_ratio,
+        declared.service_name,
+    )

@@ -9,7 +9,10 @@ import asyncio
 import enum
 from dataclasses import dataclass
 
+from taskservice.config import Config
 from taskservice.domain.errors import ResourceExhausted
+
+DEFAULTS = Config()  # each setting's declared default
 
 # When the server drains, how long a call still waiting for its request
 # message is given for it (one that has reached the server takes milliseconds).
@@ -49,10 +52,12 @@ def pool_of(method: str) -> Pool | None:
 
 @dataclass(frozen=True)
 class CallLimits:
-    max_calls: int = 1000  # TaskService calls in flight
-    max_watchers: int = 1000  # WatchTasks streams open
-    max_tool_streams: int = 100  # health Watch and reflection streams open
-    tool_stream_idle_seconds: float = 300.0
+    """The admission bounds; defaults are the settings' (taskservice.config)."""
+
+    max_calls: int = DEFAULTS.max_concurrent_rpcs  # TaskService calls in flight
+    max_watchers: int = DEFAULTS.max_watchers  # WatchTasks streams open
+    max_tool_streams: int = DEFAULTS.max_tool_streams  # health Watch and reflection streams
+    tool_stream_idle_seconds: float = DEFAULTS.tool_stream_idle_seconds
 
 
 class CallGate:

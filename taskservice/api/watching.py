@@ -33,8 +33,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from taskservice.config import DEFAULT_WATCH_MEMORY_MB, Config
 from taskservice.domain.changes import WatchEvent, WatchQuery
 from taskservice.domain.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from taskservice.domain.limits import WATCH_BUFFER_BYTES
 from taskservice.domain.model import TaskFilter
 from taskservice.domain.tokens import TokenProblem, seal, unseal
 
@@ -46,14 +48,17 @@ _KEY = b"taskservice.v1.resume-token"
 MAX_RESUME_TOKEN_LENGTH = 512
 
 
+_DEFAULTS = Config()  # each setting's declared default
+
+
 @dataclass(frozen=True, slots=True)
 class WatchSettings:
-    progress_seconds: float = 30.0
-    max_seconds: float = 3300.0
-    buffer_events: int = 1000
-    buffer_bytes: int = 4 * 1024 * 1024
+    progress_seconds: float = _DEFAULTS.watch_progress_seconds
+    max_seconds: float = _DEFAULTS.watch_max_seconds
+    buffer_events: int = _DEFAULTS.watch_buffer
+    buffer_bytes: int = WATCH_BUFFER_BYTES
     # What all streams of the process together may buffer (WatchMemory).
-    memory_bytes: int = 256 * 1024 * 1024
+    memory_bytes: int = DEFAULT_WATCH_MEMORY_MB * 2**20
 
 
 # What a buffered message is counted as in WatchMemory: twice its encoded

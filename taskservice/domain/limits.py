@@ -66,6 +66,11 @@ MAX_BATCH_RESPONSE_BYTES = 3 * 1024 * 1024
 # latency (no CPU): the price of their cancelled batch not being written.
 BATCH_CANCEL_GRACE_SECONDS = 0.2
 
+# What one WatchTasks stream may hold for a reader behind, besides its count
+# of events (TASKSERVICE_WATCH_BUFFER): a stream past it is ended
+# (WATCHER_TOO_SLOW) with its resume token.
+WATCH_BUFFER_BYTES = 4 * 1024 * 1024
+
 # -- time ---------------------------------------------------------------------
 # A call of a method that takes one request message is ended (DEADLINE_EXCEEDED,
 # REQUEST_IDLE) when the message has not come this long after its headers:

@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from taskservice import __version__
+from taskservice.config import Config
 
 # The logger keeps the name log queries know, whichever module logs.
 log = logging.getLogger("taskservice.telemetry")
@@ -57,15 +58,18 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+_DEFAULTS = Config()  # each setting's declared default
+
+
 @dataclass(frozen=True)
 class TelemetrySettings:
     exporter: str  # "otlp" or "gcp"
-    otlp_endpoint: str = "http://localhost:4317"
-    sample_ratio: float = 0.01
-    metrics_interval_seconds: float = 60.0
-    service: str = "taskservice"
-    revision: str = ""
-    project: str = ""
+    otlp_endpoint: str = _DEFAULTS.otlp_endpoint
+    sample_ratio: float = _DEFAULTS.trace_sample_ratio
+    metrics_interval_seconds: float = _DEFAULTS.metrics_interval_seconds
+    service: str = _DEFAULTS.service_name
+    revision: str = _DEFAULTS.revision
+    project: str = _DEFAULTS.project
 
 
 # -- export that never fails a call -------------------------------------------
