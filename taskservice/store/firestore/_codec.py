@@ -6,7 +6,8 @@ build their requests with it."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from google.cloud.firestore_v1.types import common as _common
 from google.cloud.firestore_v1.types import document as _document
@@ -17,25 +18,52 @@ from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from taskservice.domain.model import PRIORITIES, STATES, ListQuery, Task, TaskContent, TaskFilter
 
-Document: Any = _document.Document.pb()
-Value: Any = _document.Value.pb()
-ArrayValue: Any = _document.ArrayValue.pb()
-Write: Any = _write.Write.pb()
-FieldTransform: Any = _write.DocumentTransform.FieldTransform.pb()
-Precondition: Any = _common.Precondition.pb()
-CommitRequest: Any = _firestore.CommitRequest.pb()
-CommitResponse: Any = _firestore.CommitResponse.pb()
-GetDocumentRequest: Any = _firestore.GetDocumentRequest.pb()
-BatchGetDocumentsRequest: Any = _firestore.BatchGetDocumentsRequest.pb()
-BatchGetDocumentsResponse: Any = _firestore.BatchGetDocumentsResponse.pb()
-RunQueryRequest: Any = _firestore.RunQueryRequest.pb()
-RunQueryResponse: Any = _firestore.RunQueryResponse.pb()
-ListenRequest: Any = _firestore.ListenRequest.pb()
-ListenResponse: Any = _firestore.ListenResponse.pb()
-TargetChange: Any = _firestore.TargetChange.pb()
-Target: Any = _firestore.Target.pb()
-StructuredQuery: Any = _query.StructuredQuery.pb()
-QueryCursor: Any = _query.Cursor.pb()
+if TYPE_CHECKING:
+    # proto-plus builds these raw protobuf classes at runtime (Message.pb()) and
+    # nothing ships stubs for them, so mypy cannot type them (_RawMessage). One alias
+    # names each message so that signatures say which one they take or return.
+    _RawMessage: TypeAlias = Any
+    Document: TypeAlias = _RawMessage
+    Value: TypeAlias = _RawMessage
+    ArrayValue: TypeAlias = _RawMessage
+    Write: TypeAlias = _RawMessage
+    FieldTransform: TypeAlias = _RawMessage
+    Precondition: TypeAlias = _RawMessage
+    CommitRequest: TypeAlias = _RawMessage
+    CommitResponse: TypeAlias = _RawMessage
+    GetDocumentRequest: TypeAlias = _RawMessage
+    BatchGetDocumentsRequest: TypeAlias = _RawMessage
+    BatchGetDocumentsResponse: TypeAlias = _RawMessage
+    RunQueryRequest: TypeAlias = _RawMessage
+    RunQueryResponse: TypeAlias = _RawMessage
+    ListenRequest: TypeAlias = _RawMessage
+    ListenResponse: TypeAlias = _RawMessage
+    TargetChange: TypeAlias = _RawMessage
+    Target: TypeAlias = _RawMessage
+    StructuredQuery: TypeAlias = _RawMessage
+    QueryCursor: TypeAlias = _RawMessage
+    QueryFilter: TypeAlias = _RawMessage
+else:
+    Document = _document.Document.pb()
+    Value = _document.Value.pb()
+    ArrayValue = _document.ArrayValue.pb()
+    Write = _write.Write.pb()
+    FieldTransform = _write.DocumentTransform.FieldTransform.pb()
+    Precondition = _common.Precondition.pb()
+    CommitRequest = _firestore.CommitRequest.pb()
+    CommitResponse = _firestore.CommitResponse.pb()
+    GetDocumentRequest = _firestore.GetDocumentRequest.pb()
+    BatchGetDocumentsRequest = _firestore.BatchGetDocumentsRequest.pb()
+    BatchGetDocumentsResponse = _firestore.BatchGetDocumentsResponse.pb()
+    RunQueryRequest = _firestore.RunQueryRequest.pb()
+    RunQueryResponse = _firestore.RunQueryResponse.pb()
+    ListenRequest = _firestore.ListenRequest.pb()
+    ListenResponse = _firestore.ListenResponse.pb()
+    TargetChange = _firestore.TargetChange.pb()
+    Target = _firestore.Target.pb()
+    StructuredQuery = _query.StructuredQuery.pb()
+    QueryCursor = _query.Cursor.pb()
+    QueryFilter = _query.StructuredQuery.Filter.pb()
 REQUEST_TIME = FieldTransform.REQUEST_TIME
 
 
@@ -45,7 +73,7 @@ def timestamp_from_ns(ns: int) -> timestamp_pb2.Timestamp:
     return timestamp
 
 
-def encode_content(content: TaskContent) -> dict[str, Any]:
+def encode_content(content: TaskContent) -> dict[str, Value]:
     """A task's content as the fields of its document."""
     return {
         "title": Value(string_value=content.title),
@@ -57,7 +85,7 @@ def encode_content(content: TaskContent) -> dict[str, Any]:
     }
 
 
-def decode_content(fields: Any) -> TaskContent:
+def decode_content(fields: Mapping[str, Value]) -> TaskContent:
     return TaskContent(
         title=fields["title"].string_value,
         description=fields["description"].string_value,
@@ -68,7 +96,7 @@ def decode_content(fields: Any) -> TaskContent:
     )
 
 
-def decode_task(doc: Any) -> Task:
+def decode_task(doc: Document) -> Task:
     """The task a document holds; its version is the document's update_time."""
     fields = doc.fields
     return Task(
@@ -99,7 +127,7 @@ class Collection:
     def request(self, request_id: str) -> str:
         return self.request_prefix + request_id
 
-    def query(self, query: ListQuery) -> Any:
+    def query(self, query: ListQuery) -> StructuredQuery:
         """The StructuredQuery for one list page (limit + 1: one look-ahead)."""
         sq = StructuredQuery()
         sq.from_.add(collection_id=self.collection)
@@ -132,18 +160,18 @@ class Collection:
         sq.limit.CopyFrom(wrappers_pb2.Int32Value(value=query.limit + 1))
         return sq
 
-    def view_query(self, task_filter: TaskFilter) -> Any:
+    def view_query(self, task_filter: TaskFilter) -> StructuredQuery:
         """The StructuredQuery of every task matching task_filter (no limit)."""
         query = self.query(ListQuery(filter=task_filter))
         query.ClearField("limit")
         return query
 
 
-def _filters(f: TaskFilter) -> list[Any]:
+def _filters(f: TaskFilter) -> list[QueryFilter]:
     FieldFilter = StructuredQuery.FieldFilter
-    out: list[Any] = []
+    out: list[QueryFilter] = []
 
-    def add(field: str, op: int, value: Any) -> None:
+    def add(field: str, op: int, value: Value) -> None:
         filt = StructuredQuery.Filter()
         filt.field_filter.CopyFrom(
             FieldFilter(field=StructuredQuery.FieldReference(field_path=field), op=op, value=value)

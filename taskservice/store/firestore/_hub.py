@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeAlias, cast
 
 import grpc
 
@@ -45,6 +45,8 @@ from taskservice.store.firestore._codec import (
     Document,
     FieldTransform,
     ListenRequest,
+    ListenResponse,
+    StructuredQuery,
     Target,
     TargetChange,
     Write,
@@ -62,6 +64,7 @@ HEARTBEAT_MIN_SECONDS = 5.0  # at most one heartbeat write per process this ofte
 TARGET_LINGER_SECONDS = 30.0  # a target with no watcher left is kept this long
 _RECONNECT = Backoff(first=0.1, maximum=5.0)  # no bound: as long as the hub runs
 DELETED = object()  # a removal hint: Listen said the document was deleted
+_Hint: TypeAlias = Task | object  # a Task, or DELETED
 
 
 class _Corrupt(Exception):
@@ -89,20 +92,20 @@ class _Queued:
     read_ns: int
     reset: bool
     pending: dict[str, Task | None]
-    hints: dict[str, Any]
+    hints: dict[str, _Hint]
 
 
 @dataclass(eq=False)
 class _Target:
     target_id: int
     filter: TaskFilter
-    query: Any  # StructuredQuery
+    query: StructuredQuery
     watchers: int = 0
     current: bool = False
     reset: bool = True  # pending holds the whole matching set (a new target, a RESET)
     resume_token: bytes = b""
     pending: dict[str, Task | None] = field(default_factory=dict)
-    hints: dict[str, Any] = field(default_factory=dict)  # task id -> Task or DELETED
+    hints: dict[str, _Hint] = field(default_factory=dict)  # task id -> Task or DELETED
     latest: Snapshot | None = None
     first: asyncio.Future[Snapshot] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -154,7 +157,7 @@ class ListenHub:
         self._targets: dict[int, _Target] = {}
         self._by_filter: dict[TaskFilter, _Target] = {}
         self._next_id = _HEARTBEAT_TARGET + 1
-        self._outbox: asyncio.Queue[Any] | None = None
+        self._outbox: asyncio.Queue[ListenRequest] | None = None
         self._snapshots: asyncio.Queue[_Target] = asyncio.Queue()
         self._heartbeat_name = (
             f"{self.names.documents}/{self.names.collection}-watch/"
@@ -236,7 +239,7 @@ class ListenHub:
             return  # sent when the stream (re)connects
         self._outbox.put_nowait(self._add_request(target))
 
-    def _add_request(self, target: _Target) -> Any:
+    def _add_request(self, target: _Target) -> ListenRequest:
         spec = Target(target_id=target.target_id)
         spec.query.parent = self.names.documents
         spec.query.structured_query.CopyFrom(target.query)
@@ -244,7 +247,7 @@ class ListenHub:
             spec.resume_token = target.resume_token
         return ListenRequest(database=self.names.database, add_target=spec)
 
-    def _heartbeat_request(self) -> Any:
+    def _heartbeat_request(self) -> ListenRequest:
         spec = Target(target_id=_HEARTBEAT_TARGET)
         spec.documents.documents.append(self._heartbeat_name)
         return ListenRequest(database=self.names.database, add_target=spec)
@@ -270,14 +273,16 @@ class ListenHub:
     async def _run(self) -> None:
         pauses = _RECONNECT.pauses()
         while True:
-            outbox: asyncio.Queue[Any] = asyncio.Queue()
+            outbox: asyncio.Queue[ListenRequest] = asyncio.Queue()
             outbox.put_nowait(self._heartbeat_request())
             for target in self._targets.values():
                 target.current = False
                 outbox.put_nowait(self._add_request(target))
             self._outbox = outbox
 
-            async def requests(box: asyncio.Queue[Any] = outbox) -> AsyncIterator[Any]:
+            async def requests(
+                box: asyncio.Queue[ListenRequest] = outbox,
+            ) -> AsyncIterator[ListenRequest]:
                 while True:
                     yield await box.get()
 
@@ -311,7 +316,7 @@ class ListenHub:
             self._report(f"the Firestore Listen stream ended ({code.name}); reconnecting")
             await asyncio.sleep(next(pauses))
 
-    def _on_response(self, response: Any) -> None:
+    def _on_response(self, response: ListenResponse) -> None:
         kind = response.WhichOneof("response_type")
         if kind == "target_change":
             self._on_target_change(response.target_change)
@@ -365,7 +370,7 @@ class ListenHub:
         self._targets[target.target_id] = target
         self._send_add(target)
 
-    def _on_target_change(self, change: Any) -> None:
+    def _on_target_change(self, change: TargetChange) -> None:
         ids = list(change.target_ids)
         targets = [self._targets[i] for i in ids if i in self._targets] if ids else []
         kind = change.target_change_type
@@ -448,7 +453,7 @@ class ListenHub:
         read_ns: int,
         reset: bool,
         pending: dict[str, Task | None],
-        hints: dict[str, Any],
+        hints: dict[str, _Hint],
     ) -> Snapshot:
         old: Mapping[str, Task] = (target.latest.view or {}) if target.latest is not None else {}
         base_ns = target.latest.at_ns if target.latest is not None else 0
@@ -482,7 +487,7 @@ class ListenHub:
             if hint is DELETED:
                 removed_as[task_id] = None
             elif hint is not None:
-                removed_as[task_id] = hint
+                removed_as[task_id] = cast(Task, hint)
         changes = diff(old, new, removed_as=removed_as, snapshot_ns=read_ns)
         return Snapshot(base_ns, read_ns, new, changes)
 

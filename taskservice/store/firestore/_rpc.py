@@ -6,10 +6,11 @@ make. The store and the Listen hub share one of these."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import quote
 
 import grpc
+from google.protobuf.message import Message
 
 from taskservice.domain.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from taskservice.domain.model import Task, TaskFilter
@@ -26,6 +27,7 @@ from taskservice.store.firestore._codec import (
     ListenResponse,
     RunQueryRequest,
     RunQueryResponse,
+    Write,
     decode_task,
     timestamp_from_ns,
 )
@@ -35,6 +37,11 @@ if TYPE_CHECKING:
     from taskservice.observe.telemetry import Telemetry
 
 T = TypeVar("T")
+
+# A Firestore RPC: a message and call options in, a call object out (awaited
+# for a unary RPC, iterated for a streaming one). Its messages are the raw
+# classes _codec names, which mypy cannot type; so the calls are untyped too.
+_Rpc: TypeAlias = Callable[..., Any]
 
 # The largest Commit request Firestore accepts (10 MiB; the emulator keeps
 # gRPC's default 4 MiB receive limit). TaskService's own limits keep every
@@ -80,14 +87,14 @@ class FirestoreRpc:
         )
         self.telemetry: Telemetry | None = None
 
-        def method(kind: str, name: str, request: Any, response: Any) -> Any:
+        def method(kind: str, name: str, request: type[Message], response: type[Message]) -> _Rpc:
             rpc = getattr(channel, kind)(
                 _SERVICE + name,
                 request_serializer=request.SerializeToString,
                 response_deserializer=response.FromString,
             )
 
-            def call(*args: Any, **kwargs: Any) -> Any:
+            def call(*args: object, **kwargs: object) -> object:
                 telemetry = self.telemetry
                 if telemetry is None:
                     return rpc(*args, **kwargs)
@@ -131,10 +138,10 @@ class FirestoreRpc:
             timeout=timeout,
         )
 
-    async def get_doc(self, name: str, timeout: float) -> Any | None:
+    async def get_doc(self, name: str, timeout: float) -> Document | None:
         """The document named name, or None where there is none (one GetDocument)."""
 
-        async def call(t: float) -> Any:
+        async def call(t: float) -> Document:
             return await self.get_document(
                 GetDocumentRequest(name=name), timeout=t, metadata=self.metadata
             )
@@ -146,11 +153,11 @@ class FirestoreRpc:
                 return None
             raise store_error(exc) from None
 
-    async def get_docs(self, names: Sequence[str], timeout: float) -> dict[str, Any]:
+    async def get_docs(self, names: Sequence[str], timeout: float) -> dict[str, Document]:
         """The documents that exist among names, by name (one BatchGetDocuments)."""
 
-        async def call(t: float) -> dict[str, Any]:
-            found: dict[str, Any] = {}
+        async def call(t: float) -> dict[str, Document]:
+            found: dict[str, Document] = {}
             request = BatchGetDocumentsRequest(
                 database=self.collection.database, documents=list(names)
             )
@@ -164,7 +171,7 @@ class FirestoreRpc:
         except grpc.aio.AioRpcError as exc:
             raise store_error(exc) from None
 
-    async def commit_writes(self, writes: list[Any], timeout: float) -> Any:
+    async def commit_writes(self, writes: list[Write], timeout: float) -> CommitResponse:
         """One Commit; an over-large one of more than two writes is refused
         before it is sent. Raises Firestore's own error."""
         request = CommitRequest(database=self.collection.database, writes=writes)

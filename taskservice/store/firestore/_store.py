@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -51,6 +51,7 @@ from taskservice.store.firestore._codec import (
     FieldTransform,
     Precondition,
     RunQueryRequest,
+    StructuredQuery,
     Value,
     Write,
     decode_task,
@@ -139,7 +140,7 @@ class FirestoreStore:
             pending = [(i, item) for i, item in enumerate(items) if i not in resolved]
             if not pending:
                 return [resolved[i] for i in range(len(items))]
-            writes: list[Any] = []
+            writes: list[Write] = []
             for _i, item in pending:
                 writes.append(self._create_write(item))
                 if item.request_id is not None:
@@ -177,7 +178,7 @@ class FirestoreStore:
             return [resolved[i] for i in range(len(items))]
         raise Conflict("the tasks are being created by many callers at once; retry")
 
-    def _create_write(self, item: NewTask) -> Any:
+    def _create_write(self, item: NewTask) -> Write:
         return Write(
             update=Document(name=self._name(item.task_id), fields=encode_content(item.content)),
             current_document=Precondition(exists=False),
@@ -187,7 +188,7 @@ class FirestoreStore:
             ],
         )
 
-    def _request_write(self, request_id: str, task_id: str) -> Any:
+    def _request_write(self, request_id: str, task_id: str) -> Write:
         """The marker that remembers which task request_id created."""
         expire = timestamp_from_ns(time.time_ns() + REQUEST_ID_TTL_NS)
         return Write(
@@ -324,7 +325,7 @@ class FirestoreStore:
                 raise stale_etag(task_id) from None
             raise store_error(exc) from None
 
-    def build_query(self, query: ListQuery) -> Any:
+    def build_query(self, query: ListQuery) -> StructuredQuery:
         """The StructuredQuery for one list page (public so tests can derive
         the query shapes that firestore.indexes.json must cover)."""
         return self.names.query(query)
@@ -332,8 +333,8 @@ class FirestoreStore:
     async def list(self, query: ListQuery, timeout: float) -> ListResult:
         request = RunQueryRequest(parent=self.documents, structured_query=self.build_query(query))
 
-        async def call(t: float) -> list[Any]:
-            docs: list[Any] = []
+        async def call(t: float) -> list[Document]:
+            docs: list[Document] = []
             async for response in self.rpc.run_query(
                 request, timeout=t, metadata=self.rpc.metadata
             ):
