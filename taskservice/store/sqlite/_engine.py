@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar, cast
 
 from taskservice.domain.errors import DeadlineExceeded, Unavailable
 from taskservice.domain.model import VERSION_STEP_NS
@@ -72,22 +72,26 @@ _TRIM_BATCH = 10_000  # log entries deleted per transaction
 
 @dataclass(slots=True)
 class _WriteOp:
-    fn: Callable[[sqlite3.Connection], Any]
+    fn: Callable[[sqlite3.Connection], object]
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
+    future: asyncio.Future[object]
     # The group commit that carried it (started_ns, ended_ns, writes, ok),
     # set by the writer when telemetry is on.
     commit: tuple[int, int, int, bool] | None = None
 
 
-def _settle_all(results: list[tuple[_WriteOp, bool, Any]]) -> None:
+# A write's outcome: (op, True, fn's result) or (op, False, the exception).
+_Outcome: TypeAlias = tuple[_WriteOp, bool, object]
+
+
+def _settle_all(results: list[_Outcome]) -> None:
     for op, ok, value in results:
         if op.future.done():  # the caller gave up
             continue
         if ok:
             op.future.set_result(value)
         else:
-            op.future.set_exception(value)
+            op.future.set_exception(cast(BaseException, value))
 
 
 def now_version() -> int:
@@ -164,12 +168,12 @@ class SqliteEngine:
             )
             self._writer.start()
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[object] = loop.create_future()
         op = _WriteOp(fn, loop, future)
         self._writes.put(op)
         try:
             async with asyncio.timeout(timeout):
-                result: T = await future
+                result = cast(T, await future)  # fn's result
                 return result
         except TimeoutError:
             raise DeadlineExceeded("the store did not answer in time") from None
@@ -194,7 +198,7 @@ class SqliteEngine:
                     self._writes.put(None)  # stop after this group
                     break
                 group.append(more)
-            outcomes: list[tuple[_WriteOp, bool, Any]] = []
+            outcomes: list[_Outcome] = []
             started_ns = time.time_ns()
             committed = False
             try:
@@ -229,7 +233,7 @@ class SqliteEngine:
                 telemetry.sqlite_group(len(group), (ended_ns - started_ns) / 1e9, committed)
                 for op in group:
                     op.commit = (started_ns, ended_ns, len(group), committed)
-            settled: dict[asyncio.AbstractEventLoop, list[tuple[_WriteOp, bool, Any]]] = {}
+            settled: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
             for op, ok, value in outcomes:
                 if not ok and isinstance(value, sqlite3.Error):
                     unavailable = Unavailable("the task database is unavailable")

@@ -14,9 +14,9 @@ import sqlite3
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeAlias
 
 from taskservice.domain.changes import ChangeType, WatchEvent, WatchQuery, event_for, matches
 from taskservice.domain.errors import InvalidArgument, OutOfRange
@@ -31,6 +31,8 @@ from taskservice.store.sqlite._rows import (
 )
 
 _CHANGE_COLUMNS = "seq, task_id, commit_ns, before, after"
+# A row of those columns (before and after as task_json images, None where absent).
+ChangeRow: TypeAlias = tuple[int, str, int, str | None, str | None]
 # The head of the log: AUTOINCREMENT never reuses a number, even once trimmed.
 _HEAD = "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0)"
 # How often a watching process looks for commits by other processes on the
@@ -71,7 +73,7 @@ class LoggedChange:
     after: Task | None
 
 
-def _logged(row: Sequence[Any]) -> LoggedChange:
+def _logged(row: ChangeRow) -> LoggedChange:
     seq, task_id, commit_ns, before, after = row
     return LoggedChange(
         seq,
@@ -152,7 +154,7 @@ class ChangeFeed:
                 continue
 
     async def _read_new(self) -> None:
-        def read(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
+        def read(conn: sqlite3.Connection) -> tuple[int, list[ChangeRow]]:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             if version == self._data_version:
                 return version, []

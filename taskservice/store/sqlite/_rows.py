@@ -4,15 +4,16 @@ keeps, and a list filter as SQL conditions."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+from typing import TypeAlias
 
 from taskservice.domain.model import PRIORITIES, STATES, Task, TaskContent, TaskFilter
 
 COLUMNS = "task_id, title, description, priority, state, assignee, tags, create_ns, update_ns"
+# A row of those columns (tags as a JSON array).
+TaskRow: TypeAlias = tuple[str, str, str, int, int, str, str, int, int]
 
 
-def row_to_task(row: Sequence[Any]) -> Task:
+def row_to_task(row: TaskRow) -> Task:
     return Task(
         task_id=row[0],
         content=TaskContent(
@@ -57,10 +58,10 @@ def task_from_json(task_id: str, text: str) -> Task:
     )
 
 
-def where_of(f: TaskFilter) -> tuple[list[str], list[Any]]:
+def where_of(f: TaskFilter) -> tuple[list[str], list[int | str]]:
     """The SQL conditions (on table `tasks`) of a filter, and their arguments."""
     where: list[str] = []
-    args: list[Any] = []
+    args: list[int | str] = []
     if f.state is not None:
         where.append("state = ?")
         args.append(int(f.state))
