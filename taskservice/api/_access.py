@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
+from google.protobuf.message import Message
 
 from taskservice.api._admission import SERVER_REASONS, TOOL_PREFIXES, Pool
 from taskservice.domain.errors import SERVER_CODES
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     from taskservice.observe.telemetry import CallSpan
 
 log = logging.getLogger("taskservice.access")
+# A call's context as the pipeline registers its handlers: they read the raw
+# request bytes (the pipeline decodes them) and answer protobuf messages.
+Context: TypeAlias = grpc.aio.ServicerContext[bytes, Message]
 # A cancel with at most this much of the server's deadline left is the
 # caller's deadline passing (deadline_passed).
 DEADLINE_SLACK_SECONDS = 0.1
@@ -54,7 +58,7 @@ class CallRecord:
         "waiting_on_caller",
     )
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def __init__(self, method: str, context: Context) -> None:
         self.method = method
         self.context = context
         self.started = time.perf_counter()
@@ -68,17 +72,17 @@ class CallRecord:
         self.response_bytes = 0
         self.messages_in: int | None = None
         self.messages_out: int | None = None
-        self.last_sent: Any = None
+        self.last_sent: Message | None = None
         self.left = False
         self.span: CallSpan | None = None
 
 
-def size_of(message: Any) -> int:
+def size_of(message: object) -> int:
     size = getattr(message, "ByteSize", None)
     return int(size()) if size is not None else 0
 
 
-def deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+def deadline_passed(context: Context) -> bool:
     """Whether the caller's deadline has passed, or is about to pass on the
     server's clock: the caller's deadline runs from when it sent the call,
     the server's from when the call arrived, so the caller's cancel at its
@@ -112,7 +116,7 @@ def access_line(call: CallRecord) -> None:
     if not log.isEnabledFor(level):
         return
     name = metric_name(call.method)
-    fields: dict[str, Any] = {
+    fields: dict[str, object] = {
         "grpc.method": name,
         "grpc.code": code,
         "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeAlias
+
+from google.protobuf.message import Message
 
 # What a send to a client that went away raises (grpc.aio has no public name).
 from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-found]
@@ -22,6 +24,10 @@ from taskservice.domain.limits import MAX_REQUEST_BYTES
 # When the server drains, how long a stream's message in flight may take to
 # reach its client before the stream is cut.
 DRAIN_WRITE_GRACE_SECONDS = 1.0
+# A method's request decoder (None: the method takes the raw bytes), and what
+# a handler is given: its request message, or those bytes.
+Decode: TypeAlias = Callable[[bytes], Message] | None
+Request: TypeAlias = Message | bytes
 
 
 @dataclass
@@ -39,7 +45,7 @@ class StreamControl:
     grace_seconds: float = 1.0
     # ErrorInfo metadata for the status the stream ends with (drain, end()),
     # given the last message sent: WatchTasks puts its resume token there.
-    status_metadata: Callable[[Any], dict[str, str]] = lambda last_sent: {}
+    status_metadata: Callable[[Message | None], dict[str, str]] = lambda last_sent: {}
 
     def end(self, error: ServiceError) -> None:
         if not self.ended.done():
@@ -51,7 +57,7 @@ current_stream: contextvars.ContextVar[StreamControl | None] = contextvars.Conte
 )
 
 
-def decode_message(decode: Callable[[bytes], Any] | None, raw: bytes, field: str) -> Any:
+def decode_message(decode: Decode, raw: bytes, field: str) -> Request:
     if len(raw) > MAX_REQUEST_BYTES:
         raise ResourceExhausted(
             f"{field} is {len(raw)} bytes, over the limit of {MAX_REQUEST_BYTES} for one message",
@@ -70,8 +76,8 @@ def decode_message(decode: Callable[[bytes], Any] | None, raw: bytes, field: str
 
 
 async def decoded(
-    raw_requests: AsyncIterator[bytes], decode: Any, call: CallRecord
-) -> AsyncIterator[Any]:
+    raw_requests: AsyncIterator[bytes], decode: Decode, call: CallRecord
+) -> AsyncIterator[Request]:
     iterator = aiter(raw_requests)
     while True:
         # Left set if the call is cancelled meanwhile: its deadline then
@@ -92,7 +98,7 @@ async def decoded(
 
 
 async def pump(
-    responses: Any,
+    responses: AsyncIterable[Message],
     call: CallRecord,
     idle: float | None,
     control: StreamControl,
@@ -139,13 +145,13 @@ async def pump(
 
 
 async def _write_all(
-    responses: Any, call: CallRecord, idle: float | None, stop: asyncio.Event
+    responses: AsyncIterable[Message], call: CallRecord, idle: float | None, stop: asyncio.Event
 ) -> None:
     """Writes until the stream ends or `stop` is set (then after the write in
     flight, if any)."""
     iterator = aiter(responses)
     stopped = asyncio.ensure_future(stop.wait())
-    following: asyncio.Future[Any] | None = None
+    following: asyncio.Future[Message] | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(iterator))

@@ -62,14 +62,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn, TypeAlias, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 
 from taskservice.api._access import (
     UNKNOWN_METHOD,
     CallRecord,
+    Context,
     access_line,
     deadline_passed,
     fault,
@@ -83,7 +85,15 @@ from taskservice.api._admission import (
     Pool,
     pool_of,
 )
-from taskservice.api._stream import StreamControl, current_stream, decode_message, decoded, pump
+from taskservice.api._stream import (
+    Decode,
+    Request,
+    StreamControl,
+    current_stream,
+    decode_message,
+    decoded,
+    pump,
+)
 from taskservice.api.auth import IdTokenVerifier
 from taskservice.api.status import abort, as_service_error
 from taskservice.domain.errors import (
@@ -119,9 +129,20 @@ __all__ = [
 # window); then it leaves the status to gRPC core.
 STATUS_SEND_SECONDS = 5.0
 T = TypeVar("T")
+# The method handlers the pipeline wraps (grpc's stubs type a handler's
+# behaviour as the sync API's; grpc.aio's are coroutine functions and async
+# generators, taking the request message and the call's context).
+Handler: TypeAlias = "grpc.RpcMethodHandler[Message, Message]"  # not generic at runtime
+UnaryBehavior: TypeAlias = Callable[[Request, Context], Awaitable[Message]]
+ClientStreamBehavior: TypeAlias = Callable[[AsyncIterator[Request], Context], Awaitable[Message]]
+ServerStreamBehavior: TypeAlias = Callable[[Request, Context], AsyncIterable[Message]]
+BidiStreamBehavior: TypeAlias = Callable[[AsyncIterator[Request], Context], AsyncIterable[Message]]
+# The handlers the pipeline registers in their place: they read the raw requests.
+_UnaryRequestHandler: TypeAlias = Callable[[AsyncIterator[bytes], Context], Awaitable[Message]]
+_StreamHandler: TypeAlias = Callable[[AsyncIterator[bytes], Context], Awaitable[None]]
 
 
-def _abort_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def _abort_code(context: Context) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
@@ -130,7 +151,7 @@ def _abort_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return "UNKNOWN"
 
 
-def time_left(context: grpc.aio.ServicerContext[Any, Any]) -> float:
+def time_left(context: Context) -> float:
     """Seconds left of the caller's deadline, at most MAX_STORE_CALL_SECONDS."""
     remaining = context.time_remaining()
     if remaining is None:
@@ -151,9 +172,7 @@ class CallPipeline:
         self.verifier = verifier
         self.telemetry = telemetry
 
-    def wrap(
-        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         decode = handler.request_deserializer
         encode = handler.response_serializer
         pool = pool_of(method)
@@ -168,20 +187,27 @@ class CallPipeline:
         # missing message for a cancel; grpc 1.85).
         if handler.unary_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, decode, method, pool), response_serializer=encode
+                self._unary(cast(UnaryBehavior, handler.unary_unary), decode, method, pool),
+                response_serializer=encode,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._client_stream(handler.stream_unary, decode, method, pool),
+                self._client_stream(
+                    cast(ClientStreamBehavior, handler.stream_unary), decode, method, pool
+                ),
                 response_serializer=encode,
             )
         if handler.unary_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._server_stream(handler.unary_stream, decode, method, pool, False),
+                self._server_stream(
+                    cast(ServerStreamBehavior, handler.unary_stream), decode, method, pool, False
+                ),
                 response_serializer=encode,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._server_stream(handler.stream_stream, decode, method, pool, True),
+            self._server_stream(
+                cast(BidiStreamBehavior, handler.stream_stream), decode, method, pool, True
+            ),
             response_serializer=encode,
         )
 
@@ -290,7 +316,8 @@ class CallPipeline:
                     timeout.reschedule(loop.time() + DRAIN_REQUEST_GRACE_SECONDS)
                 self.gate.reading.add(timeout)
                 try:
-                    raw = await call.context.read()
+                    # bytes, or grpc.aio.EOF (which grpc's stubs leave out of read()'s type)
+                    raw: object = await call.context.read()
                 finally:
                     self.gate.reading.discard(timeout)
         except TimeoutError:
@@ -308,8 +335,9 @@ class CallPipeline:
                 [("request", "is missing: the call ended without a request message")],
                 reason="MISSING_REQUEST",
             )
-        call.request_bytes = len(raw)
-        return bytes(raw)
+        request = cast(bytes, raw)
+        call.request_bytes = len(request)
+        return bytes(request)
 
     async def _serve(
         self,
@@ -341,8 +369,8 @@ class CallPipeline:
         through the pipeline (the request is never read)."""
         return _UnknownMethods(self)
 
-    def _unknown(self, requested: str) -> grpc.RpcMethodHandler[Any, Any]:
-        async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _unknown(self, requested: str) -> Handler:
+        async def handle(requests: AsyncIterator[bytes], context: Context) -> None:
             call = CallRecord("/" + UNKNOWN_METHOD, context)
             call.requested = requested[:200]
 
@@ -357,11 +385,13 @@ class CallPipeline:
 
     # -- the four kinds of call --------------------------------------------------
 
-    def _unary(self, behavior: Any, decode: Any, method: str, pool: Pool | None) -> Any:
-        async def handle(_: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    def _unary(
+        self, behavior: UnaryBehavior, decode: Decode, method: str, pool: Pool | None
+    ) -> _UnaryRequestHandler:
+        async def handle(_: AsyncIterator[bytes], context: Context) -> Message:
             call = CallRecord(method, context)
 
-            async def body() -> Any:
+            async def body() -> Message:
                 response = await behavior(decode_message(decode, call.request, "request"), context)
                 call.response_bytes = size_of(response)
                 return response
@@ -370,14 +400,14 @@ class CallPipeline:
 
         return handle
 
-    def _client_stream(self, behavior: Any, decode: Any, method: str, pool: Pool | None) -> Any:
-        async def handle(
-            raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> Any:
+    def _client_stream(
+        self, behavior: ClientStreamBehavior, decode: Decode, method: str, pool: Pool | None
+    ) -> _UnaryRequestHandler:
+        async def handle(raw_requests: AsyncIterator[bytes], context: Context) -> Message:
             call = CallRecord(method, context)
             call.messages_in = 0
 
-            async def body() -> Any:
+            async def body() -> Message:
                 response = await behavior(decoded(raw_requests, decode, call), context)
                 call.response_bytes = size_of(response)
                 return response
@@ -387,11 +417,16 @@ class CallPipeline:
         return handle
 
     def _server_stream(
-        self, behavior: Any, decode: Any, method: str, pool: Pool | None, client_streams: bool
-    ) -> Any:
+        self,
+        behavior: ServerStreamBehavior | BidiStreamBehavior,
+        decode: Decode,
+        method: str,
+        pool: Pool | None,
+        client_streams: bool,
+    ) -> _StreamHandler:
         idle = self.gate.limits.tool_stream_idle_seconds if pool is Pool.TOOL_STREAMS else None
 
-        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async def handle(request: AsyncIterator[bytes], context: Context) -> None:
             call = CallRecord(method, context)
             call.messages_out = 0
 
@@ -401,11 +436,11 @@ class CallPipeline:
                 try:
                     if client_streams:
                         call.messages_in = 0
-                        responses = behavior(decoded(request, decode, call), context)
+                        bidi = cast(BidiStreamBehavior, behavior)  # as client_streams says
+                        responses = bidi(decoded(request, decode, call), context)
                     else:
-                        responses = behavior(
-                            decode_message(decode, call.request, "request"), context
-                        )
+                        one = cast(ServerStreamBehavior, behavior)  # as client_streams says
+                        responses = one(decode_message(decode, call.request, "request"), context)
                     await pump(
                         responses,
                         call,
@@ -426,9 +461,7 @@ class _UnknownMethods(grpc.GenericRpcHandler):
     def __init__(self, pipeline: CallPipeline) -> None:
         self._pipeline = pipeline
 
-    def service(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         method = handler_call_details.method
         return self._pipeline._unknown(method if isinstance(method, str) else repr(method))
 
@@ -443,12 +476,10 @@ class PipelineRegistrar:
         self._server = server
         self._pipeline = pipeline
 
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         pass  # the same methods arrive through add_registered_method_handlers
 
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
         wrapped = {
             name: self._pipeline.wrap(h, f"/{service}/{name}") for name, h in handlers.items()
         }

@@ -10,28 +10,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TypeAlias
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from taskservice.api._access import Context
 from taskservice.domain.errors import NotFound
 
 SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+ServingStatus: TypeAlias = health_pb2.HealthCheckResponse.ServingStatus.ValueType
 
 
 class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     """The serving status of each service name ("" is the whole server)."""
 
     def __init__(self, services: tuple[str, ...]) -> None:
-        self._status: dict[str, Any] = dict.fromkeys(("", *services), NOT_SERVING)
+        self._status: dict[str, ServingStatus] = dict.fromkeys(("", *services), NOT_SERVING)
         self._changed = asyncio.Event()
         self._final = False
 
-    def set_all(self, status: Any, *, final: bool = False) -> None:
+    def set_all(self, status: ServingStatus, *, final: bool = False) -> None:
         """Sets every service's status; after final=True nothing changes it."""
         if self._final:
             return
@@ -41,11 +42,11 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def status(self, service: str = "") -> Any:
+    def status(self, service: str = "") -> ServingStatus:
         return self._status.get(service, SERVICE_UNKNOWN)
 
     async def Check(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> health_pb2.HealthCheckResponse:
         status = self._status.get(request.service)
         if status is None:
@@ -53,7 +54,7 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         last = None
         while True:

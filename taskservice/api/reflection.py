@@ -21,12 +21,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+
+from taskservice.api._access import Context
 
 V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
 V1 = "grpc.reflection.v1.ServerReflection"
@@ -34,8 +36,15 @@ _V1_FILE = "grpc/reflection/v1/reflection.proto"
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
-Request: Any = reflection_pb2.ServerReflectionRequest
-Response: Any = reflection_pb2.ServerReflectionResponse
+if TYPE_CHECKING:
+    # grpc_reflection ships reflection_pb2.pyi but no py.typed marker, so mypy
+    # cannot read its messages' types (_Untyped).
+    _Untyped: TypeAlias = Any
+    Request: TypeAlias = _Untyped
+    Response: TypeAlias = _Untyped
+else:
+    Request = reflection_pb2.ServerReflectionRequest
+    Response = reflection_pb2.ServerReflectionResponse
 FileProto = descriptor_pb2.FileDescriptorProto
 # Files no service names but every error carries (google.rpc.Status details).
 ERROR_MODEL_FILES = (status_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR)
@@ -113,7 +122,9 @@ class DescriptorIndex:
             for method in service.method:
                 self._add(f"{name}.{method.name}", file.name)
 
-    def _index_message(self, scope: str, message: Any, file: str) -> None:
+    def _index_message(
+        self, scope: str, message: descriptor_pb2.DescriptorProto, file: str
+    ) -> None:
         name = scope + message.name
         self._add(name, file)
         self.extension_numbers.setdefault(name, [])
@@ -128,14 +139,16 @@ class DescriptorIndex:
         for extension in message.extension:
             self._index_extension(f"{name}.", extension, file)
 
-    def _index_enum(self, scope: str, enum: Any, file: str) -> None:
+    def _index_enum(self, scope: str, enum: descriptor_pb2.EnumDescriptorProto, file: str) -> None:
         name = scope + enum.name
         self._add(name, file)
         for value in enum.value:
             self._add(scope + value.name, file)  # protobuf scopes values beside the enum
             self._add(f"{name}.{value.name}", file)
 
-    def _index_extension(self, scope: str, extension: Any, file: str) -> None:
+    def _index_extension(
+        self, scope: str, extension: descriptor_pb2.FieldDescriptorProto, file: str
+    ) -> None:
         self._add(scope + extension.name, file)
         extendee = extension.extendee.lstrip(".")
         self.extensions[(extendee, extension.number)] = file
@@ -174,12 +187,12 @@ class ReflectionService:
         self.index = DescriptorIndex(roots)
 
     async def ServerReflectionInfo(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
+        self, requests: AsyncIterator[Request], context: Context
+    ) -> AsyncIterator[Response]:
         async for request in requests:
             yield self.answer(request)
 
-    def answer(self, request: Any) -> Any:
+    def answer(self, request: Request) -> Response:
         response = Response(valid_host=request.host, original_request=request)
         kind = request.WhichOneof("message_request")
         index = self.index
@@ -213,13 +226,15 @@ class ReflectionService:
         return response
 
     @staticmethod
-    def _error(response: Any, code: int, message: str) -> Any:
+    def _error(response: Response, code: int, message: str) -> Response:
         response.error_response.error_code = code
         response.error_response.error_message = message
         return response
 
 
-def method_handlers(service: ReflectionService) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+def method_handlers(
+    service: ReflectionService,
+) -> dict[str, grpc.RpcMethodHandler[Request, Response]]:
     """ServerReflectionInfo's handler, the same for both service names."""
     return {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(

@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
-import grpc
 from google.protobuf import empty_pb2
 from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc as pb_grpc
 
 from taskservice.api import convert
+from taskservice.api._access import Context
 from taskservice.api.calls import StreamControl, current_stream, time_left
 from taskservice.api.watching import WatchMemory, WatchSettings, serve_watch
 from taskservice.domain.errors import (
@@ -39,8 +38,6 @@ from taskservice.domain.errors import (
 from taskservice.domain.limits import BATCH_CANCEL_GRACE_SECONDS, MAX_BATCH
 from taskservice.domain.model import NewTask
 from taskservice.store import TaskStore
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 async def _idle_limited(

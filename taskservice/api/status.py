@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -96,7 +96,11 @@ def as_service_error(exc: Exception, where: str) -> ServiceError:
     return Internal(f"internal error (error_id={error_id})")
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], err: ServiceError) -> NoReturn:
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+async def abort(context: grpc.aio.ServicerContext[_Req, _Resp], err: ServiceError) -> NoReturn:
     """Ends the call with err's status (raises grpc.aio.AbortError)."""
     status = to_status(err)
     await context.abort(status.code, status.details, status.trailing_metadata)

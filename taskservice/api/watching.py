@@ -31,7 +31,7 @@ import hashlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from taskservice.config import DEFAULT_WATCH_MEMORY_MB, Config
 from taskservice.domain.changes import WatchEvent, WatchQuery
@@ -41,6 +41,8 @@ from taskservice.domain.model import TaskFilter
 from taskservice.domain.tokens import TokenProblem, seal, unseal
 
 if TYPE_CHECKING:
+    from tasks.v1.task_service_pb2 import WatchTasksResponse
+
     from taskservice.api.calls import StreamControl
 
 _VERSION = 1
@@ -147,7 +149,7 @@ class _Buffer:
         self.max_bytes = max_bytes
         self.memory = memory
         self.over_memory = over_memory  # ends the stream, clearing the buffer
-        self.messages: deque[tuple[Any, int]] = deque()
+        self.messages: deque[tuple[WatchTasksResponse, int]] = deque()
         self.bytes = 0  # encoded
         self.cost = 0  # counted in WatchMemory
         self.finished = False
@@ -161,7 +163,7 @@ class _Buffer:
             len(self.messages) < self.max_messages and self.bytes + size <= self.max_bytes
         )
 
-    def _append(self, message: Any, size: int) -> None:
+    def _append(self, message: WatchTasksResponse, size: int) -> None:
         if self.finished:
             return
         self.messages.append((message, size))
@@ -171,7 +173,7 @@ class _Buffer:
         self.cost += cost
         self.memory.grow(cost)
 
-    def put_nowait(self, message: Any) -> bool:
+    def put_nowait(self, message: WatchTasksResponse) -> bool:
         """False when the message does not fit: the reader is too slow."""
         size = message.ByteSize()
         if not self._fits(size):
@@ -179,7 +181,7 @@ class _Buffer:
         self._append(message, size)
         return True
 
-    async def put(self, message: Any) -> None:
+    async def put(self, message: WatchTasksResponse) -> None:
         """Waits for room, then adds the message."""
         size = message.ByteSize()
         while not self._fits(size):
@@ -202,7 +204,7 @@ class _Buffer:
         self._ready.set()
         self._room.set()
 
-    async def get(self) -> Any | None:
+    async def get(self) -> WatchTasksResponse | None:
         """The next message; None at the end; raises the producer's error."""
         while not self.messages:
             if self.finished:
@@ -224,17 +226,17 @@ class _Buffer:
 async def serve_watch(
     events: AsyncIterator[WatchEvent],
     query: WatchQuery,
-    to_message: Callable[[WatchEvent, str], Any],
+    to_message: Callable[[WatchEvent, str], WatchTasksResponse],
     settings: WatchSettings,
     control: StreamControl,
     memory: WatchMemory,
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[WatchTasksResponse]:
     """The messages of one WatchTasks stream (see the module docstring).
     `events` is the store's watch of `query`; to_message turns an event and
     its resume token into a WatchTasksResponse."""
     fingerprint = filter_fingerprint(query.filter)
     control.status_metadata = lambda last: (
-        {} if last is None else {"resume_token": last.resume_token}
+        {} if last is None else {"resume_token": cast("WatchTasksResponse", last).resume_token}
     )
 
     def end(error: ServiceError) -> None:
