@@ -30,9 +30,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeAlias, TypedDict, TypeVar, Unpack, cast
 from urllib.parse import urlsplit
 
 import grpc
@@ -85,7 +85,9 @@ SERVICE_CONFIG = {
         }
     ]
 }
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+# A gRPC channel argument: its name and an integer or string value.
+ChannelOption: TypeAlias = tuple[str, int | str]
+CHANNEL_OPTIONS: list[ChannelOption] = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
     ("grpc.keepalive_time_ms", 30_000),
@@ -134,13 +136,14 @@ def parse_target(target: str) -> Target:
     return Target(f"{shown}:{port}", secure, audience)
 
 
-def _idempotent(method: str, request: Any) -> bool:
+def _idempotent(method: str, request: object) -> bool:
+    # Each method's request message, as its name says.
     if method.endswith("/CreateTask"):
-        return bool(request.request_id)
+        return bool(cast(pb.CreateTaskRequest, request).request_id)
     if method.endswith("/UpdateTask"):
-        return bool(request.task.etag)
+        return bool(cast(pb.UpdateTaskRequest, request).task.etag)
     if method.endswith("/DeleteTask"):
-        return bool(request.etag)
+        return bool(cast(pb.DeleteTaskRequest, request).etag)
     return False  # Get/List retry by service config; others never
 
 
@@ -212,11 +215,15 @@ def _worth_retrying(err: grpc.aio.AioRpcError) -> bool:
     return is_stream_reset(err)
 
 
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
 class _WorthRetrying(Exception):
     """An attempt failed in a way worth retrying (_worth_retrying); carries
     the call to return if it was the last one."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: grpc.aio.Call) -> None:
         self.call = call
 
 
@@ -224,13 +231,20 @@ class _DefaultsAndRetries(grpc.aio.UnaryUnaryClientInterceptor):
     """A default deadline, and retries (_worth_retrying) for requests that say
     they are safe to repeat (request_id / etag), within the call's deadline."""
 
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, _Req], Awaitable[grpc.aio.UnaryUnaryCall[_Req, _Resp]]
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request: _Req,
+    ) -> _Resp | grpc.aio.UnaryUnaryCall[_Req, _Resp]:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         timeout = DEFAULT_TIMEOUT if details.timeout is None else details.timeout
         if not _idempotent(method, request):
             return await continuation(_with_timeout(details, timeout), request)
 
-        async def attempt(remaining: float) -> Any:
+        async def attempt(remaining: float) -> grpc.aio.UnaryUnaryCall[_Req, _Resp]:
             call = await continuation(_with_timeout(details, max(remaining, 0.001)), request)
             try:
                 await call
@@ -247,10 +261,12 @@ class _DefaultsAndRetries(grpc.aio.UnaryUnaryClientInterceptor):
                 timeout=timeout,
             )
         except _WorthRetrying as last:
-            return last.call
+            return cast("grpc.aio.UnaryUnaryCall[_Req, _Resp]", last.call)  # attempt's call
 
 
-def _with_timeout(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
+def _with_timeout(
+    details: grpc.aio.ClientCallDetails, timeout: float
+) -> grpc.aio.ClientCallDetails:
     return grpc.aio.ClientCallDetails(
         details.method, timeout, details.metadata, details.credentials, details.wait_for_ready
     )
@@ -258,8 +274,14 @@ def _with_timeout(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
 
 class _StreamDefaults(grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, AsyncIterable[_Req] | Iterable[_Req]],
+            Awaitable[grpc.aio.StreamUnaryCall[_Req, _Resp]],
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request_iterator: AsyncIterable[_Req] | Iterable[_Req],
+    ) -> _Resp | grpc.aio.StreamUnaryCall[_Req, _Resp]:
         if details.timeout is None:
             details = _with_timeout(details, STREAM_TIMEOUT)
         return await continuation(details, request_iterator)
@@ -289,7 +311,7 @@ def open_channel(
     call_credentials: grpc.CallCredentials | None = None,
     root_certificates: bytes | None = None,
     server_name: str | None = None,
-    extra_options: Sequence[tuple[str, Any]] = (),
+    extra_options: Sequence[ChannelOption] = (),
 ) -> grpc.aio.Channel:
     """A channel to TaskService at `target` (see the module docstring).
 
@@ -436,5 +458,14 @@ class TaskClient:
         await self.close()
 
 
-def connect(target: str, **kwargs: Any) -> TaskClient:
+class ChannelArgs(TypedDict, total=False):
+    """open_channel's keyword arguments."""
+
+    call_credentials: grpc.CallCredentials | None
+    root_certificates: bytes | None
+    server_name: str | None
+    extra_options: Sequence[ChannelOption]
+
+
+def connect(target: str, **kwargs: Unpack[ChannelArgs]) -> TaskClient:
     return TaskClient(open_channel(target, **kwargs), target)
