@@ -28,7 +28,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
 # gRPC core reads its log level once, when it loads: keep its INFO lines out
 # of taskctl's output (a TLS handshake failure logs one per connection
@@ -75,7 +75,7 @@ def _global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser holds the defaults, the subcommands add them with SUPPRESS so that
     a value given before the subcommand is not reset."""
 
-    def default(value: Any) -> Any:
+    def default(value: object) -> object:
         return value if top else argparse.SUPPRESS
 
     parser.add_argument(

@@ -12,7 +12,7 @@ import shlex
 import signal
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -32,6 +32,10 @@ from taskservice.cli._output import (
 from taskservice.client import (
     TaskClient,
 )
+
+if TYPE_CHECKING:
+    # Only in the generated stubs: what TaskServiceStub(channel) is on a grpc.aio channel.
+    from tasks.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 
 async def create(
@@ -169,7 +173,7 @@ async def watch(
 
 
 async def _pages(
-    stub: Any, args: argparse.Namespace, page_size: int, timeout: float
+    stub: TaskServiceAsyncStub, args: argparse.Namespace, page_size: int, timeout: float
 ) -> AsyncIterator[pb.ListTasksResponse]:
     token = ""
     while True:

@@ -17,7 +17,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format
@@ -32,6 +32,10 @@ from taskservice.cli._output import (
 from taskservice.client import (
     error_details,
 )
+
+if TYPE_CHECKING:
+    # Only in the generated stubs: what TaskServiceStub(channel) is on a grpc.aio channel.
+    from tasks.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 CHUNK = 500
 LOOKUPS_IN_FLIGHT = 32
@@ -107,7 +111,7 @@ def _progress(done: int, total: int, stream: TextIO) -> None:
 class Importer:
     """Creates what is missing, chunk by chunk, and restores exported states."""
 
-    def __init__(self, stub: Any, timeout: float, output: Output) -> None:
+    def __init__(self, stub: TaskServiceAsyncStub, timeout: float, output: Output) -> None:
         self.stub = stub
         self.timeout = timeout
         self.output = output
@@ -214,7 +218,12 @@ def _lines_named(err: grpc.aio.AioRpcError, items: Sequence[ImportItem]) -> str:
 
 
 async def import_file(
-    stub: Any, path: str, output: Output, errors: TextIO, timeout: float, chunk_size: int = CHUNK
+    stub: TaskServiceAsyncStub,
+    path: str,
+    output: Output,
+    errors: TextIO,
+    timeout: float,
+    chunk_size: int = CHUNK,
 ) -> ImportReport:
     if path == "-":  # stdin: `taskctl export | taskctl --target other import -`
         raw = await asyncio.to_thread(sys.stdin.buffer.read)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from tasks.v1 import task_service_pb2 as pb
 
 from taskservice.client import (
@@ -30,7 +31,9 @@ STATES = {
 }
 
 
-def _enum_flag(values: Mapping[str, int], prefix: str, what: str, example: str) -> Any:
+def _enum_flag(
+    values: Mapping[str, int], prefix: str, what: str, example: str
+) -> Callable[[str], str]:
     """An argparse type that takes every unambiguous spelling of an enum value
     (done, DONE, STATE_DONE, in-progress) and gives its short name."""
 
@@ -63,8 +66,8 @@ def task_name(task: str) -> str:
     return task if task.startswith("tasks/") else f"tasks/{task}"
 
 
-def to_dict(message: Any) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(
+def to_dict(message: Message) -> dict[str, object]:
+    result: dict[str, object] = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
     return result
@@ -128,5 +131,5 @@ class Output:
         else:
             print_table(tasks, self.out)
 
-    def message(self, message: Any) -> None:
+    def message(self, message: Message) -> None:
         self.out.write(json.dumps(to_dict(message), ensure_ascii=False) + "\n")
