@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,10 +190,12 @@ class LatencyHistograms:
         self.name = name
         self.description = description
         self.started_ns = time.time_ns()
-        self._series: dict[Any, list[Any]] = {}  # key -> [attributes, counts, sum, min, max]
+        # key -> [attributes, counts, sum, min, max]: a record of mixed types
+        # updated in place on the hot path, so a list of Any.
+        self._series: dict[Hashable, list[Any]] = {}
         self._lock = threading.Lock()
 
-    def record(self, key: Any, attributes: dict[str, str], seconds: float) -> None:
+    def record(self, key: Hashable, attributes: dict[str, str], seconds: float) -> None:
         i = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         with self._lock:
             series = self._series.get(key)
@@ -272,7 +274,7 @@ class GuardedMetricExporter(MetricExporter):
         return MetricsData(resource_metrics=[merged, *rest])
 
     def export(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: object
     ) -> MetricExportResult:
         try:
             metrics_data = self._with_extra(metrics_data)
@@ -290,7 +292,7 @@ class GuardedMetricExporter(MetricExporter):
         except Exception:
             return False
 
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: object) -> None:
         with contextlib.suppress(Exception):
             self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 

@@ -19,7 +19,6 @@ import logging
 import select
 import sys
 import time
-from typing import Any
 
 from taskservice.observe.tracing import current_trace
 
@@ -58,10 +57,10 @@ def _rfc3339(created: float) -> str:
 
 
 def json_line(
-    levelno: int, message: str, created: float, logger: str, fields: dict[str, Any] | None
+    levelno: int, message: str, created: float, logger: str, fields: dict[str, object] | None
 ) -> str:
     """One log entry as a JSON object, with the trace of the call being served."""
-    entry: dict[str, Any] = {
+    entry: dict[str, object] = {
         "severity": _SEVERITY.get(levelno, "DEFAULT"),
         "message": message,
         "time": _rfc3339(created),
@@ -210,7 +209,9 @@ def configure(level: str = "INFO", access: str = "on") -> None:
 _handler: JsonLinesHandler | None = None  # the handler configure() installed
 
 
-def log_fields(logger: logging.Logger, levelno: int, message: str, fields: dict[str, Any]) -> None:
+def log_fields(
+    logger: logging.Logger, levelno: int, message: str, fields: dict[str, object]
+) -> None:
     """logger.log(levelno, message, extra={"fields": fields}), taking a short
     cut on the hot path: when the process logs through configure()'s handler
     alone, the line is built and written without a LogRecord or the handler

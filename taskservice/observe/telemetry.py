@@ -60,8 +60,9 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from contextvars import Token
+from typing import TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -115,12 +116,21 @@ COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000, 100000)
 SERVER_ERROR_CODES = ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN")
 
 
+_R = TypeVar("_R")  # a Firestore RPC's response
+
+
 class CallSpan:
     """One call's span and in-flight count, from start_call to end_call."""
 
     __slots__ = ("attributes", "log_trace", "method", "span", "token")
 
-    def __init__(self, span: Any, token: Any, attributes: dict[str, str], log_trace: Any) -> None:
+    def __init__(
+        self,
+        span: trace.Span | None,
+        token: Token[otel_context.Context] | None,
+        attributes: dict[str, str],
+        log_trace: CallTrace | None,
+    ) -> None:
         self.method = "/" + attributes["grpc.method"]
         self.span = span
         self.token = token
@@ -315,7 +325,7 @@ class Telemetry:
 
     # -- Firestore RPCs ----------------------------------------------------------
 
-    async def firestore_unary(self, method: str, call: Awaitable[Any]) -> Any:
+    async def firestore_unary(self, method: str, call: Awaitable[_R]) -> _R:
         """Awaits one unary Firestore RPC inside its span, recording its code."""
         span, started = self._firestore_start(method)
         code = "UNKNOWN"
@@ -329,7 +339,7 @@ class Telemetry:
         finally:
             self._firestore_end(method, span, started, code)
 
-    async def firestore_stream(self, method: str, call: Any) -> AsyncIterator[Any]:
+    async def firestore_stream(self, method: str, call: AsyncIterable[_R]) -> AsyncIterator[_R]:
         """Yields one server-streaming Firestore RPC's responses inside its span."""
         span, started = self._firestore_start(method)
         code = "UNKNOWN"
@@ -343,7 +353,7 @@ class Telemetry:
         finally:
             self._firestore_end(method, span, started, code)
 
-    def _firestore_start(self, method: str) -> tuple[Any, float]:
+    def _firestore_start(self, method: str) -> tuple[trace.Span | None, float]:
         """A CLIENT span when a sampled call is being served (never a root)."""
         span = None
         if trace.get_current_span().is_recording():
@@ -357,7 +367,9 @@ class Telemetry:
             )
         return span, time.perf_counter()
 
-    def _firestore_end(self, method: str, span: Any, started: float, code: str) -> None:
+    def _firestore_end(
+        self, method: str, span: trace.Span | None, started: float, code: str
+    ) -> None:
         full = f"/{FIRESTORE_SERVICE}/{method}"
         target = self.firestore_target
         seconds = time.perf_counter() - started

@@ -13,7 +13,6 @@ import contextvars
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 # The span id is a decimal uint64: at most 20 digits (a longer run of digits
@@ -35,7 +34,7 @@ current_trace: contextvars.ContextVar[CallTrace | None] = contextvars.ContextVar
 )
 
 
-def parse_trace(metadata: Iterable[tuple[str, Any]] | None) -> CallTrace | None:
+def parse_trace(metadata: Iterable[tuple[str, str | bytes]] | None) -> CallTrace | None:
     """The caller's trace, or None (no header, or none that is well formed)."""
     traceparent = cloud = None
     for key, value in metadata or ():
