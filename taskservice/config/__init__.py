@@ -348,6 +348,8 @@ def load(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> 
     env = {**env, **(overrides or {})}
     if not env.get("GOOGLE_CLOUD_PROJECT", "").strip() and env.get("GCP_PROJECT", "").strip():
         env["GOOGLE_CLOUD_PROJECT"] = env["GCP_PROJECT"]  # the older name
+    # Config's keyword arguments, each setting its own type, which a dict
+    # cannot say (each came from that setting's parser): Config(**values).
     values: dict[str, Any] = {}
     for s in SETTINGS:
         raw = env.get(s.env)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
-Parse = Callable[[str, str], Any]  # (variable, raw value) -> value; raises ConfigError
+Parse = Callable[[str, str], object]  # (variable, raw value) -> value; raises ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +18,7 @@ class Setting:
 
     env: str
     attribute: str
-    default: Any
+    default: object
     parse: Parse
     meaning: str
     shown_default: str  # as --help and the docs show the default
