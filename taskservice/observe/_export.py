@@ -191,7 +191,7 @@ class LatencyHistograms:
         self.description = description
         self.started_ns = time.time_ns()
         # key -> [attributes, counts, sum, min, max]: a record of mixed types
-        # updated in place on the hot path, so a list of Any.
+        # updated in place on the hot path, so its items are left untyped.
         self._series: dict[Hashable, list[Any]] = {}
         self._lock = threading.Lock()
 
