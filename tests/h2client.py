@@ -49,17 +49,7 @@ def cancelled_client_stream(
         sock.sendall(conn.data_to_send())
         stream = conn.get_next_available_stream_id()
         conn.send_headers(
-            stream,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", path),
-                (":authority", f"{host}:{port}"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-                ("user-agent", user_agent),
-                *metadata,
-            ],
+            stream, _headers(host, port, path, [("user-agent", user_agent), *metadata])
         )
         body = b"".join(grpc_frame(m) for m in messages)
         conn.send_data(stream, body, end_stream=not separate_end)
@@ -85,17 +75,7 @@ def unary_call(host: str, port: int, path: str, body: bytes) -> dict[str, str]:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
         stream = conn.get_next_available_stream_id()
-        conn.send_headers(
-            stream,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", path),
-                (":authority", f"{host}:{port}"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ],
-        )
+        conn.send_headers(stream, _headers(host, port, path, ()))
         conn.send_data(stream, b"\x00" + struct.pack(">I", len(body)) + body, end_stream=True)
         sock.sendall(conn.data_to_send())
         answer: dict[str, str] = {}
