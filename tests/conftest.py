@@ -32,6 +32,7 @@ from harness import (
     start_process,
     start_server,
 )
+from harness.otlp import Receiver, start_receiver
 from taskservice.observe import jsonlog
 from taskservice.store import TaskStore
 from taskservice.store.sqlite import SqliteStore
@@ -107,3 +108,12 @@ async def running(
     process = await start_process(env, tmp_path)
     yield process  # type: ignore[misc]
     await process.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A local OTLP receiver (harness.otlp), stopped after the test."""
+    started = await start_receiver()
+    yield started
+    assert started.server is not None
+    await started.server.stop(0)

@@ -19,7 +19,7 @@ import pytest
 from tasks.v1 import task_service_pb2 as pb
 
 from harness import Running, start_server
-from harness.otlp import Receiver, start_receiver
+from harness.otlp import Receiver
 from taskservice.domain.limits import MAX_REQUEST_BYTES, MAX_TRANSPORT_MESSAGE_BYTES
 from taskservice.domain.model import Task
 from taskservice.store.sqlite import SqliteStore
@@ -38,14 +38,6 @@ class HangingGetStore(SqliteStore):
         if task_id == "hang":
             await asyncio.Event().wait()
         return await super().get(task_id, timeout)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    started = await start_receiver()
-    yield started
-    assert started.server is not None
-    await started.server.stop(0)
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ import pytest
 from tasks.v1 import task_service_pb2 as pb
 
 from harness import emulator_jar, firestore_store, start_emulator, start_server
-from harness.otlp import Receiver, start_receiver
+from harness.otlp import Receiver
 from harness.promql import Series, access_line_series, evaluate, otel_histogram_series
 from tests.helpers import create_request, loud_skip
 from tests.test_telemetry import flush, telemetry_config
@@ -85,14 +85,6 @@ def _render(out: Path) -> tuple[dict[str, list[str]], dict[str, list[str]], Path
 
 def _reads(queries: list[str], prefixes: tuple[str, ...]) -> bool:
     return any(p in q for q in queries for p in prefixes)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    started = await start_receiver()
-    yield started
-    assert started.server is not None
-    await started.server.stop(0)
 
 
 def _time(line: dict[str, Any]) -> float:

@@ -21,7 +21,6 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -73,14 +72,6 @@ def telemetry_of(running: Running) -> Telemetry:
 async def flush(running: Running) -> None:
     """Exports now (the SDK's threads call the receiver, which this loop serves)."""
     await asyncio.to_thread(telemetry_of(running).flush)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    started = await start_receiver()
-    yield started
-    assert started.server is not None
-    await started.server.stop(0)
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, object]]:
