@@ -198,21 +198,26 @@ async def test_a_watcher_stalled_at_the_transport_frees_its_slot_when_ended(
         assert info.metadata["resume_token"] == last.resume_token
         stalled.close()
 
+        async def stalled_behind_updates(prefix: str) -> StalledStream:
+            """A watcher that reads a little, then grants no more window while
+            60 updates commit."""
+            stalled = await asyncio.to_thread(
+                StalledStream,
+                "127.0.0.1",
+                running.server.port,
+                "/tasks.v1.TaskService/WatchTasks",
+                pb.WatchTasksRequest(),
+            )
+            await asyncio.to_thread(stalled.read_without_granting, 0.5)
+            for i in range(60):
+                change = pb.Task(name=task.name, title=f"{prefix}{i}")
+                await running.stub.UpdateTask(pb.UpdateTaskRequest(task=change, update_mask=mask))
+            return stalled
+
         # One that never grants window again: the server gives up on its
         # status after STATUS_SEND_SECONDS, quietly, and its socket closing
         # later logs nothing either.
-        stalled = await asyncio.to_thread(
-            StalledStream,
-            "127.0.0.1",
-            running.server.port,
-            "/tasks.v1.TaskService/WatchTasks",
-            pb.WatchTasksRequest(),
-        )
-        await asyncio.to_thread(stalled.read_without_granting, 0.5)
-        for i in range(60):
-            await running.stub.UpdateTask(
-                pb.UpdateTaskRequest(task=pb.Task(name=task.name, title=f"w{i}"), update_mask=mask)
-            )
+        stalled = await stalled_behind_updates("w")
         await asyncio.sleep(0.5)
         assert running.server.gate.in_flight[Pool.WATCHERS] == 0
         await asyncio.to_thread(stalled.read_without_granting, STATUS_SEND_SECONDS + 1)
@@ -221,18 +226,7 @@ async def test_a_watcher_stalled_at_the_transport_frees_its_slot_when_ended(
 
         # One that goes away while its status waits: nothing logged either
         # (grpc.aio logged an ExecuteBatchError traceback).
-        stalled = await asyncio.to_thread(
-            StalledStream,
-            "127.0.0.1",
-            running.server.port,
-            "/tasks.v1.TaskService/WatchTasks",
-            pb.WatchTasksRequest(),
-        )
-        await asyncio.to_thread(stalled.read_without_granting, 0.5)
-        for i in range(60):
-            await running.stub.UpdateTask(
-                pb.UpdateTaskRequest(task=pb.Task(name=task.name, title=f"x{i}"), update_mask=mask)
-            )
+        stalled = await stalled_behind_updates("x")
         await asyncio.sleep(1.5)
         stalled.close()
         await asyncio.sleep(1.0)
