@@ -429,7 +429,7 @@ async def test_calls_waiting_for_certificates_are_bounded_and_answered(
     MAX_AUTH_WAITING of them wait for the one fetch; the rest are refused at
     once with UNAVAILABLE; every call ends UNAVAILABLE (AUTH_UNAVAILABLE,
     never DEADLINE_EXCEEDED), each with an access line; memory returns."""
-    from taskservice.api.auth import MAX_AUTH_WAITING
+    from taskservice.domain.limits import MAX_AUTH_WAITING
 
     endpoint = CertEndpoint("hang")
     process = ServerProcess(

@@ -84,7 +84,7 @@ RSS_CEILING_MB = 320  # peaks measured: 230-277 MB (30 s and 180 s runs)
 # one: measured +50 to +84 MB, all of it allocator pages (see memory_after).
 RSS_KEPT_MB = 120
 # Junk-token callers: more lanes than the server lets wait for certificates
-# (taskservice.api.auth.MAX_AUTH_WAITING, 100), so that the bound is pressed;
+# (taskservice.domain.limits.MAX_AUTH_WAITING, 100), so that the bound is pressed;
 # each lane sends its next call JUNK_PAUSE seconds after an answer.
 JUNK_LANES = 120
 JUNK_PAUSE = 0.1
@@ -519,7 +519,7 @@ async def _slots_recover(target: str, token: str) -> int:
 
 
 async def test_normal_callers_hold_up_among_hostile_ones(tmp_path: Path) -> None:
-    from taskservice.api.auth import MAX_AUTH_WAITING
+    from taskservice.domain.limits import MAX_AUTH_WAITING
 
     signer = Signer()
     token = signer.token()

@@ -14,7 +14,7 @@ Certificates are fetched off the event loop, in a thread of the verifier's
 own, by one fetch at a time that every waiting caller shares; a fetch that
 has not finished in _FETCH_TIMEOUT seconds (a hanging endpoint, a slow DNS
 answer) has failed. Each caller waits at most until its own deadline, and at
-most MAX_AUTH_WAITING callers wait at all: beyond them a call is refused at
+most limits.MAX_AUTH_WAITING callers wait at all: beyond them a call is refused at
 once, so a flood of tokens during a hanging fetch holds no more memory than
 that. A fetch that fails, or callers beyond the bound, get UNAVAILABLE
 (AUTH_UNAVAILABLE); only a caller whose own deadline passes first gets
@@ -44,6 +44,7 @@ from taskservice.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
+from taskservice.domain.limits import MAX_AUTH_WAITING
 
 # The logger keeps the name log queries know, whichever module logs.
 log = logging.getLogger("taskservice.auth")
@@ -52,8 +53,6 @@ ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
 _MAX_CACHED_TOKENS = 4096
 _REFETCH_INTERVAL = 30.0
 _FETCH_TIMEOUT = 5.0  # a whole fetch: connect, each read, and the rest
-# Calls that may wait for certificates at once; more are refused at once.
-MAX_AUTH_WAITING = 100
 _RETRY_FIRST = 1.0
 _RETRY_MAX = 60.0
 _CLOCK_SKEW = 30

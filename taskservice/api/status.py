@@ -2,10 +2,9 @@
 
 A ServiceError becomes a gRPC status whose trailers carry a google.rpc.Status
 with an ErrorInfo (always) and, for INVALID_ARGUMENT, a BadRequest naming each
-field. Whatever the input, the status stays small: the message at most
-MAX_MESSAGE_BYTES, each field path and description at most MAX_TEXT
-characters, and at most errors.VIOLATIONS_SHOWN violations (the rest counted
-in ErrorInfo.metadata["violation_count"]), so a default client (8 KiB of
+field. Whatever the input, the status stays within the bounds of
+taskservice.domain.limits (MAX_MESSAGE_BYTES, VIOLATIONS_SHOWN, MAX_TEXT,
+MAX_METADATA_ENTRIES, MAX_METADATA_KEY), so a default client (8 KiB of
 metadata) always receives it. Anything that is not a ServiceError becomes a
 generic INTERNAL whose error id is logged beside the stack trace.
 """
@@ -29,12 +28,15 @@ from taskservice.domain.errors import (
     ServiceError,
     clip,
 )
+from taskservice.domain.limits import (
+    MAX_MESSAGE_BYTES,
+    MAX_METADATA_ENTRIES,
+    MAX_METADATA_KEY,
+    MAX_TEXT,
+)
 
 # The logger keeps the name log queries know, whichever module logs.
 log = logging.getLogger("taskservice.status")
-
-MAX_MESSAGE_BYTES = 1024
-MAX_TEXT = 200
 
 
 def _message(err: ServiceError) -> str:
@@ -57,7 +59,10 @@ def to_status(err: ServiceError) -> grpc.Status:
         error_details_pb2.ErrorInfo(
             reason=err.reason,
             domain=DOMAIN,
-            metadata={clip(k, 64): clip(v) for k, v in list(err.metadata.items())[:16]},
+            metadata={
+                clip(k, MAX_METADATA_KEY): clip(v, MAX_TEXT)
+                for k, v in list(err.metadata.items())[:MAX_METADATA_ENTRIES]
+            },
         )
     )
     details = [info]
@@ -66,7 +71,9 @@ def to_status(err: ServiceError) -> grpc.Status:
         bad.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=clip(f), description=clip(d))
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=clip(f, MAX_TEXT), description=clip(d, MAX_TEXT)
+                    )
                     for f, d in err.violations
                 ]
             )

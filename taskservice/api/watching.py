@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, cast
 from taskservice.config import DEFAULT_WATCH_MEMORY_MB, Config
 from taskservice.domain.changes import WatchEvent, WatchQuery
 from taskservice.domain.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
-from taskservice.domain.limits import WATCH_BUFFER_BYTES
+from taskservice.domain.limits import MAX_RESUME_TOKEN_LENGTH, WATCH_BUFFER_BYTES
 from taskservice.domain.model import TaskFilter
 from taskservice.domain.tokens import TokenProblem, seal, unseal
 
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 _VERSION = 1
 _KEY = b"taskservice.v1.resume-token"
-MAX_RESUME_TOKEN_LENGTH = 512
 
 
 _DEFAULTS = Config()  # each setting's declared default

@@ -12,15 +12,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 
+from taskservice.domain.limits import VIOLATIONS_SHOWN
+
 DOMAIN = "taskservice"
-# How many violations an InvalidArgument spells out; the rest are counted.
-# Keeps the work and the status of a request with thousands of bad fields small.
-VIOLATIONS_SHOWN = 10
 
 Violation = tuple[str, str]  # (field path, what is wrong with it)
 
 
-def clip(text: str, limit: int = 200) -> str:
+def clip(text: str, limit: int) -> str:
     """text, cut to `limit` characters: for echoing caller input in a message."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -1,16 +1,20 @@
-"""Every limit of the contract and the server, in one place.
+"""Every limit a caller can meet, in one place: what a request, a task, a
+stream or an error status may hold, and how long the server waits.
 
-The servicer, the validation, and both stores import from here (nothing here
-imports them). Where a limit follows from another system's, the comment says
-which.
+Every other module imports its limits from here, and this module imports
+nothing of the service's at load time (InvalidArgument only when the batch
+size check raises it). Where a limit follows from another system's, the
+comment says which. Tuning that a caller never meets (poll intervals,
+backoffs, cache sizes) stays beside the code it tunes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from taskservice.domain.errors import InvalidArgument
-from taskservice.domain.model import TaskContent
+if TYPE_CHECKING:
+    from taskservice.domain.model import TaskContent
 
 # -- a task's fields (characters, i.e. code points) --------------------------
 TITLE_MAX = 200
@@ -38,6 +42,9 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_TRANSPORT_MESSAGE_BYTES = 1024 * 1024
 MAX_FILTER_LENGTH = 1024
 MAX_PAGE_TOKEN_LENGTH = 512
+# The longest WatchTasksRequest.resume_token decoded; a longer one is refused
+# (INVALID_RESUME_TOKEN) unread.
+MAX_RESUME_TOKEN_LENGTH = 512
 # An update mask names at most the six mutable fields, the four output-only
 # ones and "*"; a longer mask is refused before any path is looked at.
 MAX_MASK_PATHS = 16
@@ -65,11 +72,38 @@ MAX_BATCH_RESPONSE_BYTES = 3 * 1024 * 1024
 # callers whose cancel sends END_STREAM first (Node's http2: grpc-js) pay this
 # latency (no CPU): the price of their cancelled batch not being written.
 BATCH_CANCEL_GRACE_SECONDS = 0.2
+# The largest Commit request sent to Firestore (which accepts 10 MiB) and to
+# its emulator (which keeps gRPC's default 4 MiB receive limit), each less
+# 64 KiB. TaskService's own limits keep every commit well under both; a batch
+# whose commit is over it is refused (INVALID_ARGUMENT, BATCH_COMMIT_TOO_LARGE)
+# before it is sent.
+MAX_COMMIT_BYTES = 10 * 1024 * 1024 - 64 * 1024
+EMULATOR_MAX_COMMIT_BYTES = 4 * 1024 * 1024 - 64 * 1024
 
 # What one WatchTasks stream may hold for a reader behind, besides its count
 # of events (TASKSERVICE_WATCH_BUFFER): a stream past it is ended
 # (WATCHER_TOO_SLOW) with its resume token.
 WATCH_BUFFER_BYTES = 4 * 1024 * 1024
+
+# -- error statuses -----------------------------------------------------------
+# Whatever the input, a status stays small enough for a default client (8 KiB
+# of metadata) to receive it: a message of at most MAX_MESSAGE_BYTES (UTF-8,
+# cut with "…"), at most VIOLATIONS_SHOWN field violations (the rest counted in
+# ErrorInfo.metadata["violation_count"]; this also keeps the work for a request
+# with thousands of bad fields small), each field path and description and
+# each metadata value at most MAX_TEXT characters, and at most
+# MAX_METADATA_ENTRIES metadata entries with keys of at most MAX_METADATA_KEY.
+MAX_MESSAGE_BYTES = 1024
+VIOLATIONS_SHOWN = 10
+MAX_TEXT = 200
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_KEY = 64
+
+# -- authentication (TASKSERVICE_AUTH=google-id-token) --------------------------
+# Calls that may wait for Google's certificates at once; more are refused at
+# once (UNAVAILABLE, AUTH_UNAVAILABLE), so a flood of tokens during a hanging
+# fetch holds no more memory than this many calls.
+MAX_AUTH_WAITING = 100
 
 # -- time ---------------------------------------------------------------------
 # A call of a method that takes one request message is ended (DEADLINE_EXCEEDED,
@@ -137,6 +171,9 @@ def check_batch_response_size(tasks: Iterable[tuple[str, TaskContent]]) -> None:
     written) when the tasks a batch would return exceed MAX_BATCH_RESPONSE_BYTES."""
     size = repeated_tasks_size(tasks)
     if size > MAX_BATCH_RESPONSE_BYTES:
+        # Imported here: errors imports this module's VIOLATIONS_SHOWN.
+        from taskservice.domain.errors import InvalidArgument
+
         raise InvalidArgument(
             [
                 (

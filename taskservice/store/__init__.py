@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from taskservice.domain.changes import WatchEvent, WatchQuery
+from taskservice.domain.limits import MAX_COMMIT_BYTES
 from taskservice.domain.model import ListQuery, ListResult, NewTask, Task, TaskPatch
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def open_store(config: Config) -> TaskStore:
             canonical_target,
             firestore_channel,
         )
-        from taskservice.store.firestore import MAX_COMMIT_BYTES, FirestoreStore
+        from taskservice.store.firestore import FirestoreStore
 
         if not config.project:
             raise ValueError("the Firestore store needs config.project")

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 import grpc
 
 from taskservice.config import Config, ConfigError
+from taskservice.domain.limits import EMULATOR_MAX_COMMIT_BYTES
 
 FIRESTORE_HOST = "firestore.googleapis.com:443"
 SCOPES = ("https://www.googleapis.com/auth/datastore",)
-# The emulator keeps gRPC's default 4 MiB receive limit (Firestore's own
-# request limit is 10 MiB).
-EMULATOR_MAX_COMMIT_BYTES = 4 * 1024 * 1024 - 64 * 1024
 # After a lost connection gRPC waits 1 s, then 1.6x longer each failed
 # attempt, up to 120 s, before connecting again: a store back after a
 # minute's outage could stay unreached for two more. Reconnect after 250 ms,

@@ -5,7 +5,6 @@ in rather than reached for: the codec (message classes, field encoding,
 query building), the error mapping, and the RPC layer (channels, metadata,
 the RPCs with their telemetry, reads at a past read time)."""
 
-from taskservice.store.firestore._rpc import MAX_COMMIT_BYTES
 from taskservice.store.firestore._store import FirestoreStore
 
-__all__ = ["MAX_COMMIT_BYTES", "FirestoreStore"]
+__all__ = ["FirestoreStore"]

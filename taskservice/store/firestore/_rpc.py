@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message import Message
 
 from taskservice.domain.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from taskservice.domain.limits import MAX_COMMIT_BYTES
 from taskservice.domain.model import Task, TaskFilter
 from taskservice.domain.retry import Backoff, retrying
 from taskservice.store.firestore._codec import (
@@ -43,10 +44,6 @@ T = TypeVar("T")
 # classes _codec names, which mypy cannot type; so the calls are untyped too.
 _Rpc: TypeAlias = Callable[..., Any]
 
-# The largest Commit request Firestore accepts (10 MiB; the emulator keeps
-# gRPC's default 4 MiB receive limit). TaskService's own limits keep every
-# commit well under both; this is the last check before the wire.
-MAX_COMMIT_BYTES = 10 * 1024 * 1024 - 64 * 1024
 _SERVICE = "/google.firestore.v1.Firestore/"
 # An idempotent read that fails transiently is tried three times in all.
 _READ_BACKOFF = Backoff(attempts=3, first=0.05, maximum=1.0)

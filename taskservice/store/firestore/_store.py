@@ -34,7 +34,11 @@ import grpc
 
 from taskservice.domain.changes import WatchEvent, WatchQuery
 from taskservice.domain.errors import Conflict
-from taskservice.domain.limits import REQUEST_ID_TTL_NS, check_batch_response_size
+from taskservice.domain.limits import (
+    MAX_COMMIT_BYTES,
+    REQUEST_ID_TTL_NS,
+    check_batch_response_size,
+)
 from taskservice.domain.model import ListQuery, ListResult, NewTask, Task, TaskPatch
 from taskservice.domain.retry import Backoff, retrying
 from taskservice.store._common import (
@@ -59,7 +63,7 @@ from taskservice.store.firestore._codec import (
     timestamp_from_ns,
 )
 from taskservice.store.firestore._errors import store_error
-from taskservice.store.firestore._rpc import MAX_COMMIT_BYTES, FirestoreRpc
+from taskservice.store.firestore._rpc import FirestoreRpc
 from taskservice.store.firestore._watch import FirestoreWatcher
 
 if TYPE_CHECKING:
