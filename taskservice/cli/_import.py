@@ -32,12 +32,13 @@ from taskservice.cli._output import (
 from taskservice.client import (
     error_details,
 )
+from taskservice.domain.limits import MAX_BATCH
 
 if TYPE_CHECKING:
     # Only in the generated stubs: what TaskServiceStub(channel) is on a grpc.aio channel.
     from tasks.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
-CHUNK = 500
+CHUNK = MAX_BATCH  # tasks per BatchCreateTasks call, by default and at most
 LOOKUPS_IN_FLIGHT = 32
 _IMPORT_NAMESPACE = uuid.UUID("6f1d7f7e-7c47-4a53-9b5e-2b8f3c1d9a10")
 

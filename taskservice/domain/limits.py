@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from taskservice.domain.model import TaskContent
 
 # -- a task's fields (characters, i.e. code points) --------------------------
+# A task id is at most 63 characters of [a-z0-9-] (one DNS label).
+TASK_ID_MAX = 63
 TITLE_MAX = 200
 DESCRIPTION_MAX = 2000
 ASSIGNEE_MAX = 256
@@ -54,6 +56,7 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 
 # -- BatchCreateTasks ------------------------------------------------------------
+# Tasks in one call (taskctl import sends at most this many per call too).
 MAX_BATCH = 500
 # The response must reach a client with default settings (4 MiB receive
 # limit), and the commit must fit a Firestore request (10 MiB; 4 MiB on the

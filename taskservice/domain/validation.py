@@ -25,6 +25,7 @@ from taskservice.domain.limits import (
     MAX_PAGE_SIZE,
     TAG_MAX,
     TAGS_MAX,
+    TASK_ID_MAX,
     TITLE_MAX,
 )
 from taskservice.domain.model import (
@@ -36,7 +37,7 @@ from taskservice.domain.model import (
     version_of,
 )
 
-TASK_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+TASK_ID = re.compile(rf"[a-z0-9](?:[a-z0-9-]{{0,{TASK_ID_MAX - 2}}}[a-z0-9])?")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CONTROL_EXCEPT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -74,7 +75,7 @@ def task_id_from_name(name: str, field: str) -> str:
     collection, slash, task_id = name.partition("/")
     if collection != "tasks" or not slash or TASK_ID.fullmatch(task_id) is None:
         raise InvalidArgument(
-            [(field, "must be tasks/{task_id}, task_id being 1-63 of [a-z0-9-]")],
+            [(field, f"must be tasks/{{task_id}}, task_id being 1-{TASK_ID_MAX} of [a-z0-9-]")],
             reason="INVALID_NAME",
         )
     return task_id
@@ -82,7 +83,8 @@ def task_id_from_name(name: str, field: str) -> str:
 
 def check_task_id(value: str, path: str, out: list[Violation]) -> None:
     if TASK_ID.fullmatch(value) is None:
-        out.append((path, "must match ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ (1-63 characters)"))
+        inner = f"[a-z0-9-]{{0,{TASK_ID_MAX - 2}}}"
+        out.append((path, f"must match ^[a-z0-9]({inner}[a-z0-9])?$ (1-{TASK_ID_MAX} characters)"))
 
 
 def request_id(value: str, path: str, out: list[Violation]) -> str | None:
