@@ -66,14 +66,13 @@ MAX_BATCH = 500
 MAX_BATCH_RESPONSE_BYTES = 3 * 1024 * 1024
 # After a client stream ends, how long the server waits for a reset that may
 # follow (grpc-js's cancel() sends END_STREAM, then RST_STREAM once the first
-# write has gone out) before it commits. Measured here with the interop suite
-# and the server sharing 2 cores: the reset trailed END_STREAM by 0.7 ms at
-# the median, 17 ms at p99 and 30 ms at most (325 cancels) on a quiet
-# machine; with two busy loops on the same cores, 25 ms at the 90th
-# percentile and 97, 102 and 135 ms for the slowest three of ~45 (a 50 ms
-# grace let 1 of 40 cancelled batches through in a loaded CI run). Only
-# callers whose cancel sends END_STREAM first (Node's http2: grpc-js) pay this
-# latency (no CPU): the price of their cancelled batch not being written.
+# write has gone out) before it commits. It covers the slowest reset on a
+# loaded machine: with the interop suite and the server sharing 2 cores, the
+# reset trails END_STREAM by 0.7 ms at the median and 30 ms at most on a quiet
+# machine, and by up to 135 ms with two busy loops on the same cores, where
+# 50 ms lets about 1 cancelled batch in 40 be written. Only callers whose
+# cancel sends END_STREAM first (Node's http2: grpc-js) pay this latency (no
+# CPU): the price of their cancelled batch not being written.
 BATCH_CANCEL_GRACE_SECONDS = 0.2
 # The largest Commit request sent to Firestore (which accepts 10 MiB) and to
 # its emulator (which keeps gRPC's default 4 MiB receive limit), each less

@@ -6,8 +6,9 @@ retrying() serves the Firestore store (transient read failures; a
 read-modify-write that lost a race) and taskservice.client (UNAVAILABLE on a
 call that is safe to repeat); the reconnect loops of taskservice.client's
 watch and the Firestore Listen hub draw their pauses from the same sequence.
-google.api_core's AsyncRetry was the other candidate; it has no cap on
-attempts and cannot hand the interceptor back the failed call it must return.
+None of them uses google.api_core's AsyncRetry: it has no cap on attempts, and
+cannot hand taskservice.client's interceptor back the failed call it must
+return.
 """
 
 from __future__ import annotations

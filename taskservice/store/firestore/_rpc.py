@@ -51,8 +51,9 @@ _READ_BACKOFF = Backoff(attempts=3, first=0.05, maximum=1.0)
 # waiting on a deadline: they wait for the channel to reconnect
 # (wait_for_ready) and retry a call the network cut, for up to 30 s, so that
 # a short outage delays a resume instead of ending it; after that the stream
-# ends UNAVAILABLE with its resume token. (Three quick attempts ended resumes
-# with UNAVAILABLE when the emulator reset the connection under 64 writers.)
+# ends UNAVAILABLE with its resume token. (Three quick attempts, as for other
+# reads, end resumes with UNAVAILABLE when the emulator resets the connection
+# under 64 writers.)
 _CATCH_UP_BACKOFF = Backoff(attempts=8, first=0.1, maximum=2.0)
 _CATCH_UP_SECONDS = 30.0
 

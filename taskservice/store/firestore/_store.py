@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
 # A guarded read-modify-write that loses a race retries after a random pause
 # of up to 5, 10, 20, ... 200 ms: 32 writers at once on one document all
-# succeed on the emulator (8 immediate retries left about a third ABORTED).
+# succeed on the emulator, where 8 immediate retries leave about a third ABORTED.
 _UPDATE_BACKOFF = Backoff(attempts=24, first=0.005, maximum=0.2)
 # A create commit refused for a reason the follow-up read does not explain
 # (a racing delete, say) is sent again, at most this many times.
