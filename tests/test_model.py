@@ -14,11 +14,13 @@ from taskservice.domain.limits import (
     MAX_PAGE_SIZE,
     TAG_MAX,
     TAGS_MAX,
+)
+from taskservice.domain.model import MUTABLE_FIELDS, Priority, State, Task, TaskContent, TaskPatch
+from taskservice.domain.sizes import (
     check_batch_response_size,
     repeated_tasks_size,
     task_size_bound,
 )
-from taskservice.domain.model import MUTABLE_FIELDS, Priority, State, Task, TaskContent, TaskPatch
 
 
 def test_the_enums_mirror_the_proto() -> None:

@@ -20,7 +20,7 @@ from taskservice.domain import validation
 from taskservice.domain.changes import WatchEvent, WatchQuery
 from taskservice.domain.errors import InvalidArgument, Violation
 from taskservice.domain.filtering import parse_filter
-from taskservice.domain.limits import MAX_BATCH, check_batch_response_size
+from taskservice.domain.limits import MAX_BATCH
 from taskservice.domain.model import (
     Cursor,
     ListQuery,
@@ -33,6 +33,7 @@ from taskservice.domain.model import (
     TaskPatch,
     sort_time,
 )
+from taskservice.domain.sizes import check_batch_response_size
 from taskservice.domain.tokens import decode_token, encode_token, fingerprint
 
 
@@ -193,7 +194,7 @@ def list_response(result: ListResult, request: ListRequest) -> pb.ListTasksRespo
 async def read_batch(messages: AsyncIterator[pb.CreateTaskRequest]) -> list[NewTask]:
     """A BatchCreateTasks stream as NewTasks, naming requests[i] in errors:
     at most MAX_BATCH items, no task_id or request_id twice, and a response
-    that a default client can receive (limits.check_batch_response_size)."""
+    that a default client can receive (sizes.check_batch_response_size)."""
     items: list[NewTask] = []
     task_ids: dict[str, int] = {}
     request_ids: dict[str, int] = {}

@@ -34,13 +34,10 @@ import grpc
 
 from taskservice.domain.changes import WatchEvent, WatchQuery
 from taskservice.domain.errors import Conflict
-from taskservice.domain.limits import (
-    MAX_COMMIT_BYTES,
-    REQUEST_ID_TTL_NS,
-    check_batch_response_size,
-)
+from taskservice.domain.limits import MAX_COMMIT_BYTES, REQUEST_ID_TTL_NS
 from taskservice.domain.model import ListQuery, ListResult, NewTask, Task, TaskPatch
 from taskservice.domain.retry import Backoff, retrying
+from taskservice.domain.sizes import check_batch_response_size
 from taskservice.store._common import (
     not_found,
     patched,

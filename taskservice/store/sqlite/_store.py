@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from taskservice.domain.changes import WatchEvent, WatchQuery
-from taskservice.domain.limits import REQUEST_ID_TTL_NS, check_batch_response_size
+from taskservice.domain.limits import REQUEST_ID_TTL_NS
 from taskservice.domain.model import (
     ListQuery,
     ListResult,
@@ -19,6 +19,7 @@ from taskservice.domain.model import (
     Task,
     TaskPatch,
 )
+from taskservice.domain.sizes import check_batch_response_size
 from taskservice.store._common import (
     not_found,
     patched,
