@@ -6,9 +6,8 @@ connections, so a long batch commit does not stall reads and nothing blocks
 the event loop (the engine: _engine.py). Every write stamps the row with a
 version time, in whole microseconds like Firestore's, that is strictly
 greater than the previous one; it is both the task's update_time and its
-etag. Databases written before versions were whole microseconds are moved
-forward to the next microsecond once, when the file is opened (schema
-version 1). Every write also appends to a change log that WatchTasks reads
+etag. A schema-0 file (versions in nanoseconds) is moved forward to whole
+microseconds once, when it is opened (schema version 1). Every write also appends to a change log that WatchTasks reads
 (_feed.py). `unusable_reason` (_files.py) tells, before a server starts, why
 a path cannot hold the database.
 """

@@ -37,10 +37,9 @@ ChangeRow: TypeAlias = tuple[int, str, int, str | None, str | None]
 _HEAD = "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0)"
 # How often a watching process looks for commits by other processes on the
 # same file (PRAGMA data_version); its own commits wake its watchers at once.
-# 20 ms keeps the README's 50 ms at p99 (a 50 ms poll put 7% of another
-# worker's events past it); a poll is one PRAGMA, and runs only while the
-# process has a watcher: an idle process with one watcher used 1.0% of a core
-# (0.6% with 50 ms).
+# 20 ms keeps another worker's events within the README's 50 ms at p99 (a
+# 50 ms poll misses it for 7% of them); a poll is one PRAGMA, run only while
+# the process has a watcher: 1.0% of a core for an idle process with one.
 _POLL_SECONDS = 0.02
 _FEED_KEEP = 4096  # recent log entries kept in memory for the watchers
 _LOG_PAGE = 500  # log entries a watcher behind the kept ones reads at a time
