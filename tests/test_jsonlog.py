@@ -50,3 +50,25 @@ def test_a_line_is_one_json_object_in_cloud_loggings_shape() -> None:
     assert "\n" not in line
     handler = jsonlog.JsonLinesHandler(io.StringIO())
     assert isinstance(handler, logging.Handler)
+
+
+def test_fields_orjson_refuses_still_make_one_json_line() -> None:
+    """An int beyond 64 bits, a lone surrogate, a key that is not a string, an
+    object JSON has no type for: each still gives one line of valid JSON."""
+    big = 1 << 70
+
+    class Thing:
+        def __str__(self) -> str:
+            return "a thing"
+
+    cases: list[tuple[dict[str, object], dict[str, object]]] = [
+        ({"n": big}, {"n": big}),
+        ({"s": "bad \ud800 text"}, {"s": "bad \ud800 text"}),
+        ({"d": {1: "one"}}, {"d": {"1": "one"}}),
+        ({"o": Thing(), "é": "ü"}, {"o": "a thing", "é": "ü"}),
+    ]
+    for fields, expected in cases:
+        line = jsonlog.json_line(logging.INFO, "m", 1_700_000_000.0, "x", fields)
+        assert "\n" not in line
+        entry = json.loads(line)
+        assert {k: entry[k] for k in expected} == expected

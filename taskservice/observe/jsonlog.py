@@ -20,6 +20,8 @@ import select
 import sys
 import time
 
+import orjson
+
 from taskservice.observe.tracing import current_trace
 
 _SEVERITY = {
@@ -40,8 +42,21 @@ def set_project(project: str) -> None:
     _project = project
 
 
-# One encoder for every line: json.dumps with options builds a new one per call.
-_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+# What orjson cannot encode (an int beyond 64 bits, a lone surrogate, a key
+# that is not a string) is encoded by the standard library's encoder instead.
+_encode_any = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
+def _encode(entry: dict[str, object]) -> str:
+    """One JSON object, compact, non-ASCII as is. orjson takes about a
+    twentieth of the standard encoder's time, and every call's access line
+    goes through here."""
+    try:
+        return orjson.dumps(entry, default=str).decode()
+    except orjson.JSONEncodeError:
+        return _encode_any(entry)
+
+
 _second = -1
 _second_text = ""
 
@@ -146,7 +161,7 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         chunk: list[str] = []
         size = 0
         for line in self._held:
-            length = len(line.encode())
+            length = len(line) if line.isascii() else len(line.encode())
             if chunk and size + length > ATOMIC_WRITE:
                 self.stream.write("".join(chunk))
                 self.stream.flush()
