@@ -3,7 +3,6 @@ transaction that also appends to the change log."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from taskservice.store._common import (
 )
 from taskservice.store.sqlite._engine import SqliteEngine, next_version, now_version
 from taskservice.store.sqlite._feed import ChangeLog, log_change
-from taskservice.store.sqlite._rows import COLUMNS, row_to_task, where_of
+from taskservice.store.sqlite._rows import COLUMNS, row_to_task, tags_json, where_of
 
 if TYPE_CHECKING:
     from taskservice.observe.telemetry import Telemetry
@@ -84,7 +83,7 @@ class SqliteStore:
                             int(c.priority),
                             int(c.state),
                             c.assignee,
-                            json.dumps(c.tags),
+                            tags_json(c.tags),
                             now,
                             now,
                         ),
@@ -137,7 +136,7 @@ class SqliteStore:
                     int(content.priority),
                     int(content.state),
                     content.assignee,
-                    json.dumps(content.tags),
+                    tags_json(content.tags),
                     version,
                     task_id,
                 ),
