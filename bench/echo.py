@@ -2,14 +2,18 @@
 canned Task of the same size as TaskService's, with the same server options,
 one process, no store, no interceptors.
 
-    python -m bench.echo PORT
+    python -m bench.echo PORT [--read]
+
+With --read, GetTask is registered as TaskService registers its one-message
+methods: client-streaming, the handler reading its one message itself
+(taskservice.api.calls says why). bench.stages compares the two.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -37,12 +41,27 @@ class Echo(task_service_pb2_grpc.TaskServiceServicer):
         return TASK
 
 
-async def serve(port: int) -> None:
+async def get_reading(
+    requests: object, context: grpc.aio.ServicerContext[bytes, pb.Task]
+) -> pb.Task:
+    pb.GetTaskRequest.FromString(cast(bytes, await context.read()))
+    return TASK
+
+
+async def serve(port: int, read: bool) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    # Only GetTask is served; the other methods keep the base class's
-    # UNIMPLEMENTED (the typed stubs declare them abstract).
-    echo = Echo()  # type: ignore[abstract]
-    task_service_pb2_grpc.add_TaskServiceServicer_to_server(echo, server)
+    if read:
+        handlers = {
+            "GetTask": grpc.stream_unary_rpc_method_handler(
+                get_reading, response_serializer=pb.Task.SerializeToString
+            )
+        }
+        server.add_registered_method_handlers("tasks.v1.TaskService", handlers)
+    else:
+        # Only GetTask is served; the other methods keep the base class's
+        # UNIMPLEMENTED (the typed stubs declare them abstract).
+        echo = Echo()  # type: ignore[abstract]
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(echo, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await wait_for_stop_signal()
@@ -50,4 +69,4 @@ async def serve(port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1])))
+    asyncio.run(serve(int(sys.argv[1]), "--read" in sys.argv[2:]))
