@@ -72,3 +72,37 @@ def test_fields_orjson_refuses_still_make_one_json_line() -> None:
         assert "\n" not in line
         entry = json.loads(line)
         assert {k: entry[k] for k in expected} == expected
+
+
+async def test_held_lines_keep_their_trace_and_order() -> None:
+    """log_fields holds a line to render later, on the event loop: it still
+    carries the trace of the call that logged it, and a warning logged after
+    it is written after it."""
+    from taskservice.observe.tracing import CallTrace, current_trace
+
+    stream = io.StringIO()
+    handler = jsonlog.JsonLinesHandler(stream)
+    handler.setFormatter(jsonlog.JsonFormatter())
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, jsonlog._handler)
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    jsonlog._handler = handler
+    logger = logging.getLogger("jsonlog-held")
+    try:
+        token = current_trace.set(
+            CallTrace("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", True)
+        )
+        jsonlog.log_fields(logger, logging.INFO, "first", {"n": 1})
+        current_trace.reset(token)
+        assert stream.getvalue() == ""  # held
+        logger.warning("second")
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [line["message"] for line in lines] == ["first", "second"]
+        assert lines[0]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+        assert lines[0]["logging.googleapis.com/spanId"] == "00f067aa0ba902b7"
+        assert lines[0]["n"] == 1
+        assert "trace_id" not in lines[1]
+    finally:
+        root.handlers[:], level, jsonlog._handler = saved
+        root.setLevel(level)

@@ -19,10 +19,11 @@ import logging
 import select
 import sys
 import time
+from typing import TypeAlias
 
 import orjson
 
-from taskservice.observe.tracing import current_trace
+from taskservice.observe.tracing import CallTrace, current_trace
 
 _SEVERITY = {
     logging.DEBUG: "DEBUG",
@@ -75,13 +76,24 @@ def json_line(
     levelno: int, message: str, created: float, logger: str, fields: dict[str, object] | None
 ) -> str:
     """One log entry as a JSON object, with the trace of the call being served."""
+    return render(levelno, message, created, logger, fields, current_trace.get())
+
+
+def render(
+    levelno: int,
+    message: str,
+    created: float,
+    logger: str,
+    fields: dict[str, object] | None,
+    trace: CallTrace | None,
+) -> str:
+    """One log entry as a JSON object, with the given call's trace."""
     entry: dict[str, object] = {
         "severity": _SEVERITY.get(levelno, "DEFAULT"),
         "message": message,
         "time": _rfc3339(created),
         "logger": logger,
     }
-    trace = current_trace.get()
     if trace is not None:
         if _project:
             entry["logging.googleapis.com/trace"] = f"projects/{_project}/traces/{trace.trace_id}"
@@ -93,6 +105,12 @@ def json_line(
     if fields:
         entry.update(fields)
     return _encode(entry)
+
+
+# A line not yet rendered: render()'s arguments, taken when it was logged.
+Entry: TypeAlias = tuple[int, str, float, str, "dict[str, object] | None", "CallTrace | None"]
+# What a held entry counts for toward _MAX_PENDING (an access line's size).
+_ENTRY_BYTES = 320
 
 
 class JsonFormatter(logging.Formatter):
@@ -124,12 +142,14 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     are written on an event loop (the access lines of a busy server) are held
     and written together FLUSH_SECONDS later, a few writes for many calls
     instead of one per call; anything else, and everything written off the
-    loop, goes out at once. logging.shutdown() (at exit) flushes what is left."""
+    loop, goes out at once, behind what was held. logging.shutdown() (at
+    exit) flushes what is left. Entries held by log_fields are rendered when
+    they are written: many at a time, off the call's own path."""
 
     def __init__(self, stream: io.TextIOBase) -> None:
         super().__init__(stream)
         self._flush_pending = False
-        self._held: list[str] = []
+        self._held: list[str | Entry] = []
         self._held_size = 0
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -141,9 +161,16 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
     def write_line(self, line: str, levelno: int) -> None:
+        self._hold(line, len(line), levelno)
+
+    def hold(self, entry: Entry) -> None:
+        """Holds a line to render when it is written (entry[0] is its level)."""
+        self._hold(entry, _ENTRY_BYTES, entry[0])
+
+    def _hold(self, item: str | Entry, size: int, levelno: int) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._held.append(line + "\n")
-            self._held_size += len(line) + 1
+            self._held.append(item)
+            self._held_size += size + 1
             if levelno >= logging.WARNING or self._held_size >= _MAX_PENDING:
                 self._write_held()
                 return
@@ -160,7 +187,8 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """The held lines, in writes of whole lines of at most ATOMIC_WRITE bytes."""
         chunk: list[str] = []
         size = 0
-        for line in self._held:
+        for item in self._held:
+            line = (item if isinstance(item, str) else render(*item)) + "\n"
             length = len(line) if line.isascii() else len(line.encode())
             if chunk and size + length > ATOMIC_WRITE:
                 self.stream.write("".join(chunk))
@@ -229,15 +257,16 @@ def log_fields(
 ) -> None:
     """logger.log(levelno, message, extra={"fields": fields}), taking a short
     cut on the hot path: when the process logs through configure()'s handler
-    alone, the line is built and written without a LogRecord or the handler
-    chain (one access line per RPC costs a busy server ~100 µs per call that
-    way). Any other logging setup (tests adding handlers, say) gets the
+    alone, the line is held without a LogRecord or the handler chain (one
+    access line per RPC costs a busy server ~100 µs per call that way), and
+    rendered with the others when they are written. fields must not change
+    after the call. Any other logging setup (tests adding handlers, say) gets the
     record through the normal path."""
     if not logger.isEnabledFor(levelno):
         return
     handler = _handler
     if handler is not None and _only_handler(logger, handler) and levelno >= handler.level:
-        handler.write_line(json_line(levelno, message, time.time(), logger.name, fields), levelno)
+        handler.hold((levelno, message, time.time(), logger.name, fields, current_trace.get()))
     else:
         logger.log(levelno, "%s", message, extra={"fields": fields})
 
