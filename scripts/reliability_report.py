@@ -70,6 +70,9 @@ WHAT = {
     " lines cut by the other worker's writes",
     "messageless_calls": "5,000 calls of HEADERS with END_STREAM and no DATA frame (GetTask,"
     " CreateTask, WatchTasks), raw HTTP/2, against a server process: RSS before and after",
+    "unread_connections_at_sigterm": "SIGTERM while a batch stream sends, with two"
+    " message-less WatchTasks whose raw HTTP/2 clients stop reading (at once, or at the"
+    " GOAWAY) and keep their connections open: the process's exit after the batch's response",
     "watch_memory_bound": "`watchers` raw HTTP/2 watchers grant no flow-control window after"
     " TYPE_CURRENT while a maximum-size task is updated `updates` times, server process with"
     " TASKSERVICE_WATCH_MEMORY_MB as on a 512 MiB instance; one more watcher reads everything",

@@ -268,3 +268,74 @@ class StalledStream:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+class UnreadCall:
+    """A call half-closed without a message (HEADERS with END_STREAM; with
+    empty_data, HEADERS and then an empty DATA frame with END_STREAM) from a
+    client that then stops reading: it reads nothing, or, with
+    read_until_goaway(), every frame up to the server's first GOAWAY and
+    nothing after. Its connection stays open until close()."""
+
+    def __init__(self, host: str, port: int, path: str, *, empty_data: bool = False) -> None:
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.stream = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(
+            self.stream, _headers(host, port, path, ()), end_stream=not empty_data
+        )
+        if empty_data:
+            self.conn.send_data(self.stream, b"", end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        self.status: str | None = None  # the call's grpc-status, once read
+        self.goaway = False
+        self._unread = b""
+
+    def read_until_goaway(self, timeout: float) -> None:
+        """Reads and answers frames (SETTINGS, PING) until the first GOAWAY;
+        the frames behind it stay unread, and the GOAWAY's PING unanswered."""
+        deadline = time.monotonic() + timeout
+        while not self.goaway and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return
+            if not data:
+                return
+            self._unread += data
+            while len(self._unread) >= 9 and not self.goaway:
+                size = 9 + int.from_bytes(self._unread[:3], "big")
+                if len(self._unread) < size:
+                    break
+                frame, self._unread = self._unread[:size], self._unread[size:]
+                if frame[3] == 0x7:
+                    self.goaway = True
+                else:
+                    self._take(self.conn.receive_data(frame))
+            if not self.goaway:
+                self.sock.sendall(self.conn.data_to_send())
+
+    def read_to_end(self, timeout: float) -> None:
+        """Reads, answering nothing, until the server closes the connection."""
+        deadline = time.monotonic() + timeout
+        data, self._unread = self._unread, b""
+        while True:
+            self._take(_events(self.conn, data))
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return
+            if not data:
+                return
+
+    def _take(self, events: list[h2.events.Event]) -> None:
+        for event in events:
+            if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                found = {_text(k): _text(v) for k, v in event.headers}
+                self.status = found.get("grpc-status", self.status)
+
+    def close(self) -> None:
+        self.sock.close()

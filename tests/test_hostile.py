@@ -26,6 +26,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tasks.v1 import task_service_pb2 as pb
+from tasks.v1 import task_service_pb2_grpc
 
 from harness import Running, ServerProcess, start_server
 from taskservice.config import Config
@@ -33,7 +34,7 @@ from taskservice.domain.model import Cursor, OrderField, Ordering, TaskFilter
 from taskservice.domain.tokens import encode_token, fingerprint
 from taskservice.observe import jsonlog
 from taskservice.store.sqlite import SqliteStore
-from tests.h2client import cancelled_client_stream, messageless_calls
+from tests.h2client import UnreadCall, cancelled_client_stream, messageless_calls
 from tests.helpers import create_request, details_of, expect_error, stream_of
 from tests.reliability import record
 
@@ -625,6 +626,78 @@ def test_messageless_calls_return_their_memory_and_do_not_hold_sigterm(tmp_path:
         ), held
         assert "Traceback" not in output, output[-3000:]
     finally:
+        process.kill()
+
+
+@pytest.mark.parametrize("until_goaway", [False, True], ids=["reads-nothing", "stops-at-goaway"])
+def test_clients_that_stop_reading_do_not_hold_sigterm_once_no_call_is_left(
+    tmp_path: Path, until_goaway: bool
+) -> None:
+    """Two message-less WatchTasks (HEADERS with END_STREAM; HEADERS and an
+    empty DATA frame with END_STREAM) from clients that then stop reading, at
+    once or at the server's GOAWAY, their connections left open; then
+    SIGTERM while a BatchCreateTasks is still sending. The batch keeps the
+    grace and finishes; the process exits within 1.5 s of it (the idle
+    connections held it for the whole grace, 8 s), and each idle caller's
+    answer had gone out before its connection was closed."""
+    env = {"TASKSERVICE_STORE": "sqlite", "TASKSERVICE_SQLITE_PATH": str(tmp_path / "t.db")}
+    process = ServerProcess(env)
+    idle: list[UnreadCall] = []
+    try:
+        process.wait_serving()
+        for empty_data in (False, True):
+            idle.append(
+                UnreadCall(
+                    "127.0.0.1",
+                    process.port,
+                    "/tasks.v1.TaskService/WatchTasks",
+                    empty_data=empty_data,
+                )
+            )
+        readers = [
+            threading.Thread(target=call.read_until_goaway, args=(15,))
+            for call in idle
+            if until_goaway
+        ]
+        for t in readers:
+            t.start()
+        sent = threading.Event()
+
+        def slow_batch() -> Iterator[pb.CreateTaskRequest]:
+            for i in range(10):
+                yield create_request(f"t{i}")
+                if i == 2:
+                    sent.set()
+                time.sleep(0.1)
+
+        with grpc.insecure_channel(process.target) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            batch = stub.BatchCreateTasks.future(slow_batch(), timeout=10)
+            assert sent.wait(5)
+            started = time.monotonic()
+            process.signal(signal.SIGTERM)
+            assert len(batch.result().tasks) == 10  # in flight at SIGTERM: finished
+            finished = time.monotonic()
+            code, output = process.finish(timeout=15)
+            exited = time.monotonic()
+        for t in readers:
+            t.join(5)
+        for call in idle:
+            call.read_to_end(5)
+        record(
+            "unread_connections_at_sigterm",
+            until_goaway=until_goaway,
+            batch_s=round(finished - started, 2),
+            exit_after_batch_s=round(exited - finished, 2),
+        )
+        assert code == 0, output[-2000:]
+        assert exited - finished < 1.5, (finished - started, exited - finished)
+        assert [call.goaway for call in idle] == [until_goaway] * 2
+        assert [call.status for call in idle] == [str(IA.value[0])] * 2
+        assert "Traceback" not in output, output[-3000:]
+    finally:
+        for call in idle:
+            call.close()
         process.kill()
 
 

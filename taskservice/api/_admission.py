@@ -1,7 +1,8 @@
 """Admission: which pool a call counts against (TaskService calls, WatchTasks
-streams, health Watch and reflection streams), the bound of each, and the
-drain signal every call of one server shares. Beyond its bound a pool
-refuses at once (RESOURCE_EXHAUSTED); health Check is never refused."""
+streams, health Watch and reflection streams), the bound of each, the calls
+still running, and the drain signal every call of one server shares. Beyond
+its bound a pool refuses at once (RESOURCE_EXHAUSTED); health Check is never
+refused."""
 
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ class CallGate:
         }
         self.in_flight = dict.fromkeys(Pool, 0)
         self.started = 0  # calls the pipeline has picked up, ever
+        # Calls the pipeline has picked up whose gRPC call has not finished:
+        # every call, counted or not, until its status is sent or given up.
+        self.running = 0
         self.draining = asyncio.Event()
         # The timeouts of calls waiting for their request message.
         self.reading: set[asyncio.Timeout] = set()

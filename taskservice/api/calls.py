@@ -350,6 +350,9 @@ class CallPipeline:
         the method takes one, auth, admission, and whatever happens, its
         status and access line."""
         token = current_trace.set(None)
+        self.gate.running += 1
+        # grpc's stubs type the callback as a class of their own, not a callable.
+        call.context.add_done_callback(self._finished)  # type: ignore[arg-type]
         try:
             await self._enter(call, pool, one_request)
             result = await body()
@@ -363,6 +366,10 @@ class CallPipeline:
         finally:
             self._leave(call)
             current_trace.reset(token)
+
+    def _finished(self, _: Context) -> None:
+        """grpc.aio's call is over: its status was sent, or given up."""
+        self.gate.running -= 1
 
     def unknown_methods(self) -> grpc.GenericRpcHandler:
         """A catch-all for methods the server does not have: UNIMPLEMENTED,

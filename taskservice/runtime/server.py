@@ -5,11 +5,12 @@ server reflection (v1 and v1alpha) behind the call pipeline
 (taskservice.api.calls); reports NOT_SERVING until the store answers a first
 probe and from the moment shutdown starts; and on stop ends every open health
 Watch and reflection stream at once, refuses new calls, gives in-flight calls
-a grace period, then closes the store. As one of several workers
-(TASKSERVICE_WORKERS, taskservice.runtime.supervisor) it binds the port with
-SO_REUSEPORT and is SERVING only while every worker is ready. With
-TASKSERVICE_TELEMETRY set it starts OpenTelemetry (taskservice.observe.telemetry)
-for the pipeline and the store, and gives it a last export at the end.
+a grace period (which ends once none is left), then closes the store. As one
+of several workers (TASKSERVICE_WORKERS, taskservice.runtime.supervisor) it
+binds the port with SO_REUSEPORT and is SERVING only while every worker is
+ready. With TASKSERVICE_TELEMETRY set it starts OpenTelemetry
+(taskservice.observe.telemetry) for the pipeline and the store, and gives it a
+last export at the end.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ SIBLING_POLL = 0.2
 # PICKUP_MAX_SECONDS (see TaskServer._pick_up_arrived_calls).
 PICKUP_QUIET_SECONDS = 0.01
 PICKUP_MAX_SECONDS = 0.1
+# Once shutdown has started, the grace ends when no call has been running
+# for this long (see TaskServer._end_grace_when_no_call_is_left): time for a
+# call gRPC has already handed over to reach the pipeline, and for the last
+# status to be written out.
+IDLE_QUIET_SECONDS = 0.25
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # 1 for the workers of TASKSERVICE_WORKERS
     # The pipeline refuses messages over limits.MAX_REQUEST_BYTES itself.
@@ -202,7 +208,8 @@ class TaskServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, end the long-lived streams, refuse new calls,
-        let in-flight ones finish within `grace` seconds, then close the store."""
+        let in-flight ones finish within `grace` seconds (no longer once none
+        is left), then close the store."""
         if self._stopping:
             return
         self._stopping = True
@@ -215,7 +222,11 @@ class TaskServer:
         await asyncio.sleep(0)  # let open Watch streams send NOT_SERVING first
         self.gate.drain()
         await self._pick_up_arrived_calls()
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        stopping = asyncio.ensure_future(
+            self.server.stop(self.config.grace_seconds if grace is None else grace)
+        )
+        await self._end_grace_when_no_call_is_left(stopping)
+        await stopping
         await self.store.close()
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.shutdown)
@@ -237,6 +248,21 @@ class TaskServer:
         while self.gate.started != seen and loop.time() < deadline:
             seen = self.gate.started
             await asyncio.sleep(PICKUP_QUIET_SECONDS)
+
+    async def _end_grace_when_no_call_is_left(self, stopping: asyncio.Future[None]) -> None:
+        """A graceful stop also waits for every connection to close, and a
+        client that stops reading (it never acknowledges the GOAWAY) holds
+        its connection for the whole grace. Once no call has been running for
+        IDLE_QUIET_SECONDS, the stop is made immediate: there is no call left
+        for it to end, and it closes the connections left. After the GOAWAY
+        no call starts; a call still running keeps the grace."""
+        idle_at = -1  # calls started when the gate was last seen idle
+        while not stopping.done():
+            if self.gate.running == 0 and self.gate.started == idle_at:
+                await self.server.stop(0)
+                return
+            idle_at = self.gate.started if self.gate.running == 0 else -1
+            await asyncio.wait((stopping,), timeout=IDLE_QUIET_SECONDS)
 
 
 def store_target(config: Config) -> str:
