@@ -461,8 +461,9 @@ def _list_ceiling_section(r: dict[str, Any]) -> list[str]:
         " echo at the same number in flight.",
         "",
         "| in flight | calls | direct calls/s | direct p50 ms | ListTasks calls/s"
-        " | ListTasks p50 ms | ListTasks / direct | combined ceiling | ListTasks / combined |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " | ListTasks p50 ms | ListTasks gRPC OK | ListTasks / direct | combined ceiling"
+        " | ListTasks / combined |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for inflight, d in ceiling.items():
         row = firestore["rpcs"]["ListTasks"][inflight]
@@ -470,7 +471,7 @@ def _list_ceiling_section(r: dict[str, Any]) -> list[str]:
         combined = _combined(d["calls_per_s"], echo["calls_per_s"]) if echo else None
         lines.append(
             f"| {inflight} | {d['calls']} | {d['calls_per_s']:.1f} | {d['p50_ms']:.1f} |"
-            f" {row['calls_per_s']:.1f} | {row['p50_ms']:.1f} |"
+            f" {row['calls_per_s']:.1f} | {row['p50_ms']:.1f} | {_ok(row)} |"
             f" {row['calls_per_s'] / d['calls_per_s']:.0%} |"
             + (
                 f" {combined:.1f} | {row['calls_per_s'] / combined:.0%} |"
