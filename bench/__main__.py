@@ -6,9 +6,13 @@ Starts everything itself on loopback (the Firestore emulator, an echo server,
 TaskService on each store), then measures:
 - ceilings: the bare grpc.aio echo server (same options, a Task-sized reply)
   and the emulator driven directly by google-cloud-firestore's AsyncClient;
-- TaskService Get/Create/Update/List (h2load, 1/16/64 in flight), Delete and
-  BatchCreateTasks (grpc.aio client) on both stores: calls/s, p50/p99, server
-  CPU µs per call (/proc), RSS;
+- TaskService Get/Create/List (h2load, 1/16/64 in flight); Update (each call
+  its own task of 1,000, and all on one hot task), Delete and BatchCreateTasks
+  (grpc.aio client) on both stores: calls/s, p50/p99, server CPU µs per call
+  (/proc), RSS; CreateTask from the same grpc.aio client, for reference;
+- on the emulator, ListTasks beside the direct client running the same query
+  on the same 10,000-task collection, at the same calls in flight;
+- BatchCreateTasks of 10 against single CreateTasks, one call at a time;
 - Firestore RPCs and billed documents per call (counted on the store's channel);
 - GetTask p99 while 500-task batches commit (does SQLite stall the loop?);
 - cold start (launch to SERVING, median of 5) and import time.
@@ -53,6 +57,13 @@ from harness import (
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVICE = "/tasks.v1.TaskService/"
+# TaskService's Firestore collection in the runs (direct_list queries it too).
+COLLECTION = "tasks"
+# The emulator keeps every document in its heap, and a run leaves some 100,000
+# there (the warm-up, the ceilings) before 64 queries over 10,000 tasks each
+# sort the whole collection at once: in 512 MB it then spends its time
+# collecting garbage, and calls time out.
+EMULATOR_HEAP = "2g"
 
 
 # -- processes ----------------------------------------------------------------
@@ -64,11 +75,15 @@ def start_taskservice(
     emulator: str | None,
     workers: int = 1,
     extra_env: dict[str, str] | None = None,
+    project: str | None = None,
 ) -> ServerProcess:
-    """TaskService as in production: its own process, access lines at INFO."""
+    """TaskService as in production: its own process, access lines at INFO,
+    telemetry off (the defaults). On Firestore, project names its database
+    (a new one unless given)."""
     env = {
         "LOG_LEVEL": "INFO",
         "TASKSERVICE_ACCESS_LOG": "on",
+        "TASKSERVICE_TELEMETRY": "off",
         "TASKSERVICE_WORKERS": str(workers),
         "TASKSERVICE_STORE": store,
         "TASKSERVICE_SQLITE_PATH": str(workdir / f"bench-{uuid.uuid4().hex[:6]}.db"),
@@ -78,7 +93,8 @@ def start_taskservice(
         assert emulator
         env.update(
             FIRESTORE_EMULATOR_HOST=emulator,
-            GOOGLE_CLOUD_PROJECT=f"demo-bench-{uuid.uuid4().hex[:8]}",
+            TASKSERVICE_COLLECTION=COLLECTION,
+            GOOGLE_CLOUD_PROJECT=project or f"demo-bench-{uuid.uuid4().hex[:8]}",
         )
     server = ServerProcess(env, workdir, wait=False, keep_output=False)
     server.wait_serving(30)
@@ -192,20 +208,34 @@ def h2load(
 
 
 async def python_load(
-    server: ServerProcess, make_call: Any, inflight: int, calls: int
+    server: ServerProcess,
+    make_call: Any,
+    inflight: int,
+    calls: int,
+    tolerate: tuple[grpc.StatusCode, ...] = (),
 ) -> dict[str, Any]:
-    """Calls from a grpc.aio client (for streams and per-call distinct requests)."""
+    """Calls from a grpc.aio client (for streams and per-call distinct requests),
+    one channel. A call that fails ends the run, unless its code is one of
+    tolerate: then it is counted (and timed) like the rest, and the row's
+    grpc_ok is the share that succeeded."""
     channel = grpc.aio.insecure_channel(server.target)
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
     latencies: list[float] = []
+    failed = 0
     counter = iter(range(calls))
     cpu0 = server.cpu_s()
     started = time.monotonic()
 
     async def worker() -> None:
+        nonlocal failed
         for i in counter:
             t0 = time.perf_counter()
-            await make_call(stub, i)
+            try:
+                await make_call(stub, i)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in tolerate:
+                    raise
+                failed += 1
             latencies.append(time.perf_counter() - t0)
 
     await asyncio.gather(*(worker() for _ in range(inflight)))
@@ -220,6 +250,7 @@ async def python_load(
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3),
         "server_cpu_us_per_call": round(cpu / len(latencies) * 1e6, 1),
         "rss_mb": round(server.rss_mb(), 1),
+        **({"grpc_ok": round(1 - failed / len(latencies), 3)} if tolerate else {}),
     }
 
 
@@ -240,10 +271,62 @@ def _batch(n: int, prefix: str) -> list[pb.CreateTaskRequest]:
 # -- the run --------------------------------------------------------------------
 
 
+async def small_batches(target: str, pairs: int) -> dict[str, Any]:
+    """BatchCreateTasks of 10 against a single CreateTask, one call at a time
+    on one grpc.aio channel: pairs of (a stream of 10, one CreateTask), which
+    goes first alternating, after 10 pairs unrecorded. Every task, in a batch
+    or alone, is the same shape. (The server waits after a stream's
+    END_STREAM only for callers on Node's http2; this client pays no wait.)"""
+    channel = grpc.aio.insecure_channel(target)
+    stub = task_service_pb2_grpc.TaskServiceStub(channel)
+    batch_s: list[float] = []
+    single_s: list[float] = []
+
+    async def batch(i: int) -> float:
+        t0 = time.perf_counter()
+        response = await stub.BatchCreateTasks(_stream(_batch(10, f"ten {i}")), timeout=30)
+        elapsed = time.perf_counter() - t0
+        assert len(response.tasks) == 10
+        return elapsed
+
+    async def single(i: int) -> float:
+        request = pb.CreateTaskRequest(task=pb.Task(title=f"one {i}", tags=["bench"]))
+        t0 = time.perf_counter()
+        await stub.CreateTask(request, timeout=30)
+        return time.perf_counter() - t0
+
+    try:
+        for i in range(-10, pairs):
+            if i % 2:
+                b, s = await batch(i), await single(i)
+            else:
+                s, b = await single(i), await batch(i)
+            if i >= 0:
+                batch_s.append(b)
+                single_s.append(s)
+    finally:
+        await channel.close()
+    batch_s.sort()
+    single_s.sort()
+
+    def pct(values: list[float], q: float) -> float:
+        return round(values[int(len(values) * q)] * 1000, 3)
+
+    return {
+        "pairs": pairs,
+        "batch_p50_ms": pct(batch_s, 0.5),
+        "batch_p99_ms": pct(batch_s, 0.99),
+        "create_p50_ms": pct(single_s, 0.5),
+        "create_p99_ms": pct(single_s, 0.99),
+        "p50_ratio": round(pct(batch_s, 0.5) / pct(single_s, 0.5), 2),
+    }
+
+
 async def bench_store(
     store: str, workdir: Path, emulator: str | None, quick: bool
 ) -> dict[str, Any]:
-    server = start_taskservice(store, workdir, emulator)
+    project = f"demo-bench-{uuid.uuid4().hex[:8]}" if store == "firestore" else None
+    server = start_taskservice(store, workdir, emulator, project=project)
     out: dict[str, Any] = {"rpcs": {}}
     n_unary = 1500 if quick else 6000
     n_single = 200 if quick else 600
@@ -253,32 +336,93 @@ async def bench_store(
         for _ in range(20):  # 10,000 tasks for ListTasks
             await stub.BatchCreateTasks(_stream(_batch(500, "seed")), timeout=120)
         get_task = await asyncio.to_thread(create_get_target, server, "bench-get")
-        await stub.CreateTask(pb.CreateTaskRequest(task=pb.Task(title="u"), task_id="bench-upd"))
         unary = {
             # First, while the collection holds the 10,000 seeded tasks.
             "ListTasks": pb.ListTasksRequest(page_size=20),
             "GetTask": pb.GetTaskRequest(name=get_task.name),
             "CreateTask": CREATE,
-            "UpdateTask": pb.UpdateTaskRequest(task=pb.Task(name="tasks/bench-upd", title="v")),
         }
         sizes = {}
         for method, request in unary.items():  # each body must really succeed
             sizes[method] = len(grpc_frame(await getattr(stub, method)(request, timeout=30)))
+        if emulator is not None and project is not None:
+            # The emulator's JIT has not yet seen a query over 10,000 documents:
+            # its first ~50 run several times slower.
+            for _ in range(2):
+                await asyncio.to_thread(direct_list, emulator, project, 16, 24)
+                h2load(server, "ListTasks", unary["ListTasks"], 16, 24)
+            out["list_ceiling"] = {}
+
+        def direct(inflight: int, n: int) -> None:
+            assert emulator is not None and project is not None
+            row = direct_list(emulator, project, inflight, n)
+            out["list_ceiling"][inflight] = row
+            print(f"  direct firestore list x{inflight}: {row}", flush=True)
+
         for method, request in unary.items():
             out["rpcs"][method] = {}
             for inflight in (1, 16, 64):
                 n = n_single if inflight == 1 else n_unary
+                # On the emulator, the direct client's ListTasks query beside
+                # TaskService's: the same calls, one right after the other,
+                # which goes first alternating with the number in flight.
+                beside = method == "ListTasks" and "list_ceiling" in out
                 if method == "ListTasks":
                     # The emulator's queries slow down with collection size (a
                     # page over 10,000 documents runs at a few calls/s there).
                     # At 64 in flight it overloads the emulator: one round only.
                     n = n // 3 if store == "sqlite" else {1: 10, 16: 48, 64: 64}[inflight]
+                if beside and inflight != 16:
+                    await asyncio.to_thread(direct, inflight, n)
                 out["rpcs"][method][inflight] = h2load(
                     server, method, request, inflight, n, sizes[method]
                 )
                 print(
                     f"  {store} {method} x{inflight}: {out['rpcs'][method][inflight]}", flush=True
                 )
+                if beside and inflight == 16:
+                    await asyncio.to_thread(direct, inflight, n)
+
+        # UpdateTask, the usual case: each call updates its own task (1,000
+        # tasks in turn, so no two calls in flight touch the same one).
+        spread = [
+            t.name
+            for _ in range(2)
+            for t in (await stub.BatchCreateTasks(_stream(_batch(500, "upd")))).tasks
+        ]
+        hot = (
+            await stub.CreateTask(
+                pb.CreateTaskRequest(task=pb.Task(title="u"), task_id="bench-upd")
+            )
+        ).name
+
+        async def update_spread(s: Any, i: int) -> None:
+            task = pb.Task(name=spread[i % len(spread)], title=f"v{i}")
+            await s.UpdateTask(pb.UpdateTaskRequest(task=task), timeout=30)
+
+        async def update_hot(s: Any, i: int) -> None:
+            await s.UpdateTask(
+                pb.UpdateTaskRequest(task=pb.Task(name=hot, title=f"v{i}")), timeout=30
+            )
+
+        async def create(s: Any, i: int) -> None:
+            task = pb.Task(title=f"created by grpc.aio {i}", tags=["b"])
+            await s.CreateTask(pb.CreateTaskRequest(task=task), timeout=30)
+
+        for name, call, inflights, tolerate in (
+            ("UpdateTask", update_spread, (1, 16, 64), ()),
+            # Every call on one task: the callers race for it. A call that
+            # keeps losing ends ABORTED (CONCURRENT_MODIFICATION): counted.
+            ("UpdateTask (one hot task)", update_hot, (16, 64), (grpc.StatusCode.ABORTED,)),
+            # The same client's CreateTask, to read the UpdateTask rows against.
+            ("CreateTask (grpc.aio client)", create, (1, 16, 64), ()),
+        ):
+            out["rpcs"][name] = {}
+            for inflight in inflights:
+                n = n_single if inflight == 1 else n_unary // (3 if "hot" in name else 1)
+                row = await python_load(server, call, inflight, n, tolerate)
+                out["rpcs"][name][inflight] = row
+                print(f"  {store} {name} x{inflight}: {row}", flush=True)
 
         out["rpcs"]["DeleteTask"] = {}
         for inflight in (1, 16, 64):
@@ -299,6 +443,9 @@ async def bench_store(
                 f"  {store} DeleteTask x{inflight}: {out['rpcs']['DeleteTask'][inflight]}",
                 flush=True,
             )
+
+        out["batch_10_vs_create"] = await small_batches(server.target, 200 if quick else 400)
+        print(f"  {store} BatchCreateTasks(10) vs CreateTask: {out['batch_10_vs_create']}")
 
         batches = []
         for _ in range(3 if quick else 6):
@@ -346,6 +493,7 @@ async def bench_store(
         for method, request in unary.items():  # a repeated pass: does memory grow?
             if method != "ListTasks":
                 h2load(server, method, request, 64, n_unary)
+        await python_load(server, update_spread, 64, n_unary)
         out["rss_mb_after_run"] = round(rss_first, 1)
         out["rss_mb_after_repeat"] = round(server.rss_mb(), 1)
         await channel.close()
@@ -422,29 +570,50 @@ def bench_echo(workdir: Path, quick: bool) -> dict[int, dict[str, Any]]:
     return out
 
 
+def firestore_direct(emulator: str, project: str, *args: str) -> dict[str, Any]:
+    """One run of bench.firestore_direct (a process of its own) with args."""
+    env = server_env({"FIRESTORE_EMULATOR_HOST": emulator, "GOOGLE_CLOUD_PROJECT": project})
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.firestore_direct", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    row: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return row
+
+
 def bench_direct(
     emulator: str, quick: bool, seconds: str | None = None, record: bool = True
 ) -> dict[str, Any]:
+    """The direct client's get and set at 64 in flight, each on a collection of its own."""
     out = {}
     seconds = seconds or ("4" if quick else "10")
-    for op in ("get", "set", "query20"):
-        env = server_env(
-            {"FIRESTORE_EMULATOR_HOST": emulator, "GOOGLE_CLOUD_PROJECT": f"demo-direct-{op}"}
-        )
-        result = subprocess.run(
-            [sys.executable, "-m", "bench.firestore_direct", op, "64", seconds],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(result.stderr[-2000:])
-        out[op] = json.loads(result.stdout.strip().splitlines()[-1])
+    for op in ("get", "set"):
+        out[op] = firestore_direct(emulator, f"demo-direct-{op}", op, "64", seconds)
         if record:
             print(f"  direct firestore {op} x64: {out[op]}", flush=True)
     return out
+
+
+def direct_list(emulator: str, project: str, inflight: int, calls: int) -> dict[str, Any]:
+    """The direct client running TaskService's ListTasks query (first page of 20)
+    on TaskService's own collection of tasks in project: calls in all."""
+    return firestore_direct(
+        emulator,
+        project,
+        "list",
+        str(inflight),
+        "0",
+        "--calls",
+        str(calls),
+        "--collection",
+        COLLECTION,
+    )
 
 
 def warm_emulator(workdir: Path, emulator: str) -> list[dict[str, float]]:
@@ -452,8 +621,9 @@ def warm_emulator(workdir: Path, emulator: str) -> list[dict[str, float]]:
     same calls several times slower (and at several times the CPU per call)
     than once its JIT has compiled them, so whatever is measured first looks
     worse. Drive it with the calls the run compares (TaskService GetTask and
-    CreateTask at 64 in flight, the direct client's get/set/query) in rounds
-    until both TaskService rates settle within 10% of the round before."""
+    CreateTask at 64 in flight, the direct client's get and set) in rounds
+    until both TaskService rates settle within 10% of the round before. (The
+    ListTasks query over 10,000 tasks gets a short warm-up of its own.)"""
     server = start_taskservice("firestore", workdir, emulator)
     rounds: list[dict[str, float]] = []
     try:
@@ -647,7 +817,9 @@ async def main() -> int:
         try:
             if jar is not None:
                 port = free_port()
-                emulator_proc = launch_emulator(jar, port, workdir / "emulator.log")
+                emulator_proc = launch_emulator(
+                    jar, port, workdir / "emulator.log", heap=EMULATOR_HEAP
+                )
                 assert wait_for_port("127.0.0.1", port, 60)
                 emulator = f"127.0.0.1:{port}"
             else:

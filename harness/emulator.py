@@ -43,9 +43,12 @@ def emulator_jar() -> str | None:
     return next((str(c) for c in candidates if c.is_file()), None)
 
 
-def launch_emulator(jar: str, port: int, log: Path | None = None) -> subprocess.Popen[bytes]:
+def launch_emulator(
+    jar: str, port: int, log: Path | None = None, heap: str = "512m"
+) -> subprocess.Popen[bytes]:
     """Starts the official emulator on 127.0.0.1:port (java directly, so the
-    process is the server itself and signals reach it)."""
+    process is the server itself and signals reach it), with heap as the
+    JVM's maximum heap. It keeps every document in that heap."""
     out = log.open("wb") if log is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen(
@@ -61,7 +64,7 @@ def launch_emulator(jar: str, port: int, log: Path | None = None) -> subprocess.
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "JAVA_TOOL_OPTIONS": "-Xmx512m"},
+            env={**os.environ, "JAVA_TOOL_OPTIONS": f"-Xmx{heap}"},
         )
     finally:
         if log is not None:
