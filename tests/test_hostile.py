@@ -560,6 +560,65 @@ async def test_calls_without_a_request_message_are_answered_and_logged(
         await running.close()
 
 
+async def test_calls_whose_message_never_comes_are_answered_at_their_bound(
+    tmp_path: Path, access_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEADERS alone, the call left open: no request message comes. Each is
+    answered DEADLINE_EXCEEDED (REQUEST_IDLE) once REQUEST_MESSAGE_SECONDS
+    (here 0.5 s) have passed, and when the server drains, UNAVAILABLE
+    (SERVER_DRAINING) within DRAIN_REQUEST_GRACE_SECONDS, every one logged."""
+    from taskservice.api import calls
+
+    monkeypatch.setattr(calls, "REQUEST_MESSAGE_SECONDS", 0.5)
+    running = await start_server(SqliteStore(tmp_path / "t.db"))
+    port = running.server.port
+    try:
+        started = time.monotonic()
+        statuses = await asyncio.to_thread(
+            messageless_calls,
+            "127.0.0.1",
+            port,
+            "/tasks.v1.TaskService/GetTask",
+            20,
+            timeout=5,
+            end_stream=False,
+        )
+        elapsed = time.monotonic() - started
+        assert statuses == [str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])] * 20
+        assert 0.5 <= elapsed < 1.5, elapsed
+        await asyncio.sleep(0.1)
+        idle = [e for e in _access(access_lines) if e.get("reason") == "REQUEST_IDLE"]
+        assert len(idle) == 20 and {e["grpc.code"] for e in idle} == {"DEADLINE_EXCEEDED"}
+        assert len(running.server.gate.reading) == 0
+
+        monkeypatch.setattr(calls, "REQUEST_MESSAGE_SECONDS", 60.0)
+        waiting = asyncio.ensure_future(
+            asyncio.to_thread(
+                messageless_calls,
+                "127.0.0.1",
+                port,
+                "/tasks.v1.TaskService/CreateTask",
+                20,
+                timeout=5,
+                end_stream=False,
+            )
+        )
+        for _ in range(100):
+            if len(running.server.gate.reading) == 20:
+                break
+            await asyncio.sleep(0.02)
+        assert len(running.server.gate.reading) == 20
+        drained = time.monotonic()
+        await running.server.stop()
+        statuses = await waiting
+        assert statuses == [str(grpc.StatusCode.UNAVAILABLE.value[0])] * 20
+        assert time.monotonic() - drained < 1.5
+        gone = [e for e in _access(access_lines) if e.get("reason") == "SERVER_DRAINING"]
+        assert len(gone) == 20
+    finally:
+        await running.close()
+
+
 def test_messageless_calls_return_their_memory_and_do_not_hold_sigterm(tmp_path: Path) -> None:
     """5,000 message-less calls against a server process: every one answered,
     RSS back near where it was once their sockets are closed; then SIGTERM

@@ -11,6 +11,7 @@ import enum
 from dataclasses import dataclass
 
 from taskservice.config import Config
+from taskservice.domain.deadlines import Deadlines
 from taskservice.domain.errors import ResourceExhausted
 
 DEFAULTS = Config()  # each setting's declared default
@@ -77,8 +78,8 @@ class CallGate:
         # every call, counted or not, until its status is sent or given up.
         self.running = 0
         self.draining = asyncio.Event()
-        # The timeouts of calls waiting for their request message.
-        self.reading: set[asyncio.Timeout] = set()
+        # The calls waiting for their request message.
+        self.reading = WaitingReads()
 
     def admit(self, pool: Pool) -> None:
         if self.in_flight[pool] >= self._bounds[pool]:
@@ -95,8 +96,35 @@ class CallGate:
         """Every stream ends (UNAVAILABLE), and a call still waiting for its
         request message gets DRAIN_REQUEST_GRACE_SECONDS for it."""
         self.draining.set()
-        soon = asyncio.get_running_loop().time() + DRAIN_REQUEST_GRACE_SECONDS
-        for timeout in self.reading:
-            when = timeout.when()
-            if when is None or when > soon:
-                timeout.reschedule(soon)
+        loop = asyncio.get_running_loop()
+        self.reading.shorten(loop.time() + DRAIN_REQUEST_GRACE_SECONDS, loop)
+
+
+class WaitingReads:
+    """The calls waiting for their request message, each with a deadline on
+    one shared timer (taskservice.domain.deadlines): a call past its deadline
+    is cancelled, and `expired` tells its own code that the cancel was the
+    deadline's."""
+
+    def __init__(self) -> None:
+        self.expired: set[asyncio.Task[object]] = set()
+        self._deadlines: Deadlines[asyncio.Task[object]] = Deadlines(self._expire)
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def add(
+        self, task: asyncio.Task[object], deadline: float, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._deadlines.add(task, deadline, loop)
+
+    def discard(self, task: asyncio.Task[object]) -> None:
+        self._deadlines.discard(task)
+        self.expired.discard(task)
+
+    def shorten(self, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._deadlines.shorten(deadline, loop)
+
+    def _expire(self, task: asyncio.Task[object]) -> None:
+        self.expired.add(task)
+        task.cancel()

@@ -310,17 +310,18 @@ class CallPipeline:
         came within REQUEST_MESSAGE_SECONDS; UNAVAILABLE when the server
         started draining and none came DRAIN_REQUEST_GRACE_SECONDS later."""
         loop = asyncio.get_running_loop()
+        task = cast("asyncio.Task[object]", asyncio.current_task())
+        draining = self.gate.draining.is_set()
+        wait = DRAIN_REQUEST_GRACE_SECONDS if draining else REQUEST_MESSAGE_SECONDS
+        reading = self.gate.reading
+        cancelling = task.cancelling()
+        reading.add(task, loop.time() + wait, loop)
         try:
-            async with asyncio.timeout(REQUEST_MESSAGE_SECONDS) as timeout:
-                if self.gate.draining.is_set():
-                    timeout.reschedule(loop.time() + DRAIN_REQUEST_GRACE_SECONDS)
-                self.gate.reading.add(timeout)
-                try:
-                    # bytes, or grpc.aio.EOF (which grpc's stubs leave out of read()'s type)
-                    raw: object = await call.context.read()
-                finally:
-                    self.gate.reading.discard(timeout)
-        except TimeoutError:
+            # bytes, or grpc.aio.EOF (which grpc's stubs leave out of read()'s type)
+            raw: object = await call.context.read()
+        except asyncio.CancelledError:
+            if task not in reading.expired or task.uncancel() > cancelling:
+                raise  # not (only) the deadline's cancel
             if self.gate.draining.is_set():
                 raise Unavailable(
                     "the server is shutting down; reconnect to another instance",
@@ -330,6 +331,8 @@ class CallPipeline:
                 f"no request message came within {REQUEST_MESSAGE_SECONDS:g} s",
                 reason="REQUEST_IDLE",
             ) from None
+        finally:
+            reading.discard(task)
         if raw is grpc.aio.EOF:
             raise InvalidArgument(
                 [("request", "is missing: the call ended without a request message")],
