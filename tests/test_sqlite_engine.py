@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from taskservice.domain.errors import AlreadyExists, EtagMismatch, NotFound
+from taskservice.domain.errors import AlreadyExists, DeadlineExceeded, EtagMismatch, NotFound
 from taskservice.domain.model import NewTask, TaskContent, TaskPatch
 from taskservice.store.sqlite import SqliteStore
 
@@ -66,5 +66,29 @@ async def test_failing_writes_in_a_group_leave_the_others_whole(
             for row in store._engine.open(1000).execute("SELECT task_id FROM changes ORDER BY seq")
         ]
         assert sorted(logged) == sorted(["taken", "fine-0", "fine-1", "fine-2", "taken"])
+    finally:
+        await store.close()
+
+
+async def test_a_write_that_waits_past_its_deadline_fails_and_is_not_written(
+    tmp_path: Path,
+) -> None:
+    """The writer is busy past a write's deadline: the caller gets
+    DeadlineExceeded on time, and the write is skipped, not applied late."""
+    store = SqliteStore(tmp_path / "tasks.db")
+    try:
+        await store.create_many([_new("first")], 5)
+        loop = asyncio.get_running_loop()
+        held = loop.create_task(store._engine.write(lambda conn: time.sleep(0.8), 5))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await store.create_many([_new("late")], 0.2)
+        assert 0.2 <= time.monotonic() - started < 0.5
+        await held
+        with pytest.raises(NotFound):
+            await store.get("late", 5)
+        (again,) = await store.create_many([_new("late")], 5)  # the id is free
+        assert again.task_id == "late"
     finally:
         await store.close()

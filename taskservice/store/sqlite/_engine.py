@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias, TypeVar, cast
 
+from taskservice.domain.deadlines import Deadlines
 from taskservice.domain.errors import DeadlineExceeded, Unavailable
 from taskservice.domain.model import VERSION_STEP_NS
 
@@ -94,6 +95,13 @@ def _settle_all(results: list[_Outcome]) -> None:
             op.future.set_exception(cast(BaseException, value))
 
 
+def _time_out(future: asyncio.Future[object]) -> None:
+    """A write its caller waited for too long: the writer skips it if it has
+    not started it yet."""
+    if not future.done():
+        future.set_exception(DeadlineExceeded("the store did not answer in time"))
+
+
 def now_version() -> int:
     """Now, in whole microseconds (as nanoseconds)."""
     return time.time_ns() // VERSION_STEP_NS * VERSION_STEP_NS
@@ -136,6 +144,8 @@ class SqliteEngine:
         self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="sqlite-read")
         self._loop_conn: sqlite3.Connection | None = None
         self._ready = False
+        # The writes each event loop waits for, on one timer per loop.
+        self._waits: dict[asyncio.AbstractEventLoop, Deadlines[asyncio.Future[object]]] = {}
 
     def open(self, busy_timeout_ms: int) -> sqlite3.Connection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -171,13 +181,14 @@ class SqliteEngine:
         future: asyncio.Future[object] = loop.create_future()
         op = _WriteOp(fn, loop, future)
         self._writes.put(op)
+        waits = self._waits.get(loop)
+        if waits is None:
+            waits = self._waits[loop] = Deadlines(_time_out)
+        waits.add(future, loop.time() + timeout, loop)
         try:
-            async with asyncio.timeout(timeout):
-                result = cast(T, await future)  # fn's result
-                return result
-        except TimeoutError:
-            raise DeadlineExceeded("the store did not answer in time") from None
+            return cast(T, await future)  # fn's result
         finally:
+            waits.discard(future)
             telemetry = self.telemetry
             if telemetry is not None and op.commit is not None:
                 telemetry.sqlite_commit_span(*op.commit)
