@@ -394,6 +394,7 @@ def write_report(r: dict[str, Any], out: Path) -> list[Path]:
     lines += _workers_section(out / "workers.json")
     lines += _watch_section(out / "watch.json")
     lines += _telemetry_section(out / "telemetry.json")
+    lines += _stages_section(out / "stages.json")
     lines += ["", "## Cold start", "", "| what | median s | runs |", "| --- | --- | --- |"]
     for name, c in r.get("cold_start", {}).items():
         lines.append(f"| {name} | {c['median_s']} | {c.get('runs_s', '')} |")
@@ -627,6 +628,50 @@ def _telemetry_section(path: Path) -> list[str]:
         " a traced call costs about 250 µs more (its span, and exporting it from Python),"
         " which is the last row: a caller that samples every call pays that on each.",
     ]
+    return lines
+
+
+def _stages_section(path: Path) -> list[str]:
+    """The budget per stage of a call (`python -m bench.stages`)."""
+    if not path.exists():
+        return []
+    t = json.loads(path.read_text())
+    builds = t["builds"]
+    echo = builds["echo"]["cpu_us_per_call"]
+    lines = [
+        "",
+        f"## Where a call's CPU goes (`python -m bench.stages`, {t['when']})",
+        "",
+        "TaskService on SQLite built with one stage at a time switched off"
+        " (bench/_stage_server.py), the echo, and an echo that reads its one request"
+        " message as TaskService's pipeline does; all run at once and are loaded in"
+        f" turn, {t['inflight']} calls in flight, {t['calls_per_round']:,} calls a round,"
+        f" {t['rounds']} alternating rounds. Server CPU per call (every thread of the"
+        " process), median of the rounds.",
+        "",
+        "| build | server CPU µs/call | vs echo | calls/s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, b in builds.items():
+        cpu = b["cpu_us_per_call"]
+        lines.append(f"| {name} | {cpu:.0f} | {cpu / echo:.2f}x | {b['calls_per_s']:,.0f} |")
+    lines += [
+        "",
+        "A stage's cost is the difference of two builds that differ by it alone"
+        " (bench/stages.py lists which); a difference within ±15 µs is the"
+        " machine's noise.",
+        "",
+        "| stage | GetTask µs | CreateTask µs |",
+        "| --- | --- | --- |",
+    ]
+    get, create = t["stages"].get("GetTask", {}), t["stages"].get("CreateTask", {})
+    for stage in dict.fromkeys([*get, *create]):
+        g, c = get.get(stage), create.get(stage)
+        lines.append(
+            f"| {stage} | {'' if g is None else f'{g:.0f}'} | {'' if c is None else f'{c:.0f}'} |"
+        )
+    inproc = ", ".join(f"{k} {v} µs" for k, v in t["in_process_us"].items())
+    lines += ["", f"Protobuf in-process (timeit): {inproc}."]
     return lines
 
 
