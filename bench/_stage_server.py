@@ -6,6 +6,7 @@ Each stage named in BENCH_STAGES_OFF is replaced before the server starts:
   pipeline  methods registered as the generated code registers them, without
             the call pipeline (no trace, admission, access line, own decode)
   store     the store answers GetTask and CreateTask from memory
+  sqlread   GetTask's row comes from memory, converted as a read converts it
   servicer  GetTask and CreateTask answer a prebuilt Task (no validation,
             conversion or store)
   timer     the request read without its idle timer
@@ -57,6 +58,31 @@ def switch_off(stages: set[str]) -> None:
 
         SqliteStore.get = get  # type: ignore[method-assign]
         SqliteStore.create_many = create_many  # type: ignore[method-assign]
+    if "sqlread" in stages:  # the row from memory, converted as a read would
+        from taskservice.store.sqlite._rows import row_to_task
+
+        rows: dict[str, Any] = {}
+        original_get = SqliteStore.get
+
+        async def get_cached(self: Any, task_id: str, timeout: float) -> Task:
+            row = rows.get(task_id)
+            if row is None:
+                found = await original_get(self, task_id, timeout)
+                c = found.content
+                row = rows[task_id] = (
+                    found.task_id,
+                    c.title,
+                    c.description,
+                    int(c.priority),
+                    int(c.state),
+                    c.assignee,
+                    '["ops","docs"]',
+                    found.create_time_ns,
+                    found.update_time_ns,
+                )
+            return row_to_task(row)
+
+        SqliteStore.get = get_cached  # type: ignore[method-assign]
     if "servicer" in stages:
         answer = convert.to_proto(_canned())
 

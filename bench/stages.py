@@ -15,7 +15,8 @@ builds that differ by that stage alone:
     request idle timer   full - timer off
     servicer             full - servicer answering a prebuilt Task
     store                full - store answering from memory
-    validation+convert   servicer - store
+    SQLite query         full - the row taken from memory (GetTask)
+    validation+convert   store off - servicer off
     durability (fsync)   full - commits without fsync (CreateTask)
 
 The echo answers the same Task unchanged, decoded and encoded by gRPC: what
@@ -53,6 +54,7 @@ BUILDS: dict[str, tuple[str, str, str]] = {
     "GetTask timer off": ("GetTask", "timer", "on"),
     "GetTask servicer off": ("GetTask", "servicer", "on"),
     "GetTask store off": ("GetTask", "store", "on"),
+    "GetTask SQLite query off": ("GetTask", "sqlread", "on"),
     "CreateTask full": ("CreateTask", "", "on"),
     "CreateTask access line off": ("CreateTask", "", "off"),
     "CreateTask pipeline off": ("CreateTask", "pipeline", "off"),
@@ -67,7 +69,8 @@ STAGES: list[tuple[str, str, str]] = [
     ("request idle timer (part of the pipeline)", "full", "timer off"),
     ("servicer (validation, conversion, store)", "full", "servicer off"),
     ("store", "full", "store off"),
-    ("validation and conversion", "servicer off", "store off"),
+    ("SQLite query (execute and fetch; part of the store)", "full", "SQLite query off"),
+    ("validation and conversion", "store off", "servicer off"),
     ("durability: fsync per group commit", "full", "no fsync"),
 ]
 
