@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness import Emulator, free_port
-from tests.helpers import loud_skip
+from tests.helpers import json_lines, loud_skip
 from tests.readme_blocks import readme_blocks, run_block
 
 # Preparing the base image and building may take up to 20 minutes each on a
@@ -174,7 +174,9 @@ def test_image_serves_and_stops_cleanly(
         logs = subprocess.run(
             ["podman", "logs", name], env=env, capture_output=True, text=True
         ).stderr
-        assert '"store": "firestore"' in logs and "stopped" in logs
+        entries = json_lines(logs)
+        assert {"firestore"} == {e["store"] for e in entries if "store" in e}
+        assert any(e["message"] == "stopped" for e in entries)
     finally:
         subprocess.run(["podman", "rm", "-f", name], env=env, capture_output=True)
 

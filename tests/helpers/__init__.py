@@ -7,6 +7,7 @@ from tests.helpers._calls import (
     create_request,
     details_of,
     expect_error,
+    json_lines,
     loud_skip,
     stream_of,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "eventually",
     "everything",
     "expect_error",
+    "json_lines",
     "loud_skip",
     "reconcile",
     "stream_of",

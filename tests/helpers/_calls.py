@@ -3,6 +3,7 @@ skipping a whole suite loudly."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, NoReturn
 
 import grpc
@@ -58,3 +59,8 @@ def create_request(title: str = "a task", **kwargs: Any) -> pb.CreateTaskRequest
 async def stream_of(requests: list[pb.CreateTaskRequest]) -> Any:
     for r in requests:
         yield r
+
+
+def json_lines(output: str) -> list[dict[str, Any]]:
+    """The JSON log lines in a process's output, parsed (other lines skipped)."""
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
