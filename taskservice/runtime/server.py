@@ -72,8 +72,8 @@ SERVER_OPTIONS = [
     # 1000 of them (randomly, up to 3000) gRPC core ends new ones CANCELLED
     # before the pipeline sees them, so with no status details and no access
     # line (src/core/server/server.cc, RealRequestMatcher::MatchRequest's
-    # pending_backlog_protector_). A burst of 2,000 calls lost ~8% so. Here
-    # each is picked up and answered by the pipeline's own bounds instead.
+    # pending_backlog_protector_; a burst of 2,000 calls loses ~8% so). With
+    # these limits each is picked up, and the pipeline's own bounds answer it.
     ("grpc.server.max_pending_requests", 8000),
     ("grpc.server.max_pending_requests_hard_limit", 16000),
 ]
