@@ -106,3 +106,39 @@ async def test_held_lines_keep_their_trace_and_order() -> None:
     finally:
         root.handlers[:], level, jsonlog._handler = saved
         root.setLevel(level)
+
+
+async def test_a_line_that_cannot_be_encoded_or_rendered_does_not_block_the_rest() -> None:
+    """A lone surrogate (from a path decoded with surrogateescape, say) and
+    fields that no encoder takes: each line is still written, the lines
+    after them too, and the handler keeps working."""
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace")
+    handler = jsonlog.JsonLinesHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(jsonlog.JsonFormatter())
+    logger = logging.getLogger("jsonlog-bad-lines")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    try:
+        handler.hold((logging.INFO, "surrogate \udcff here", 1.0, "x", None, None))
+        handler.hold((logging.INFO, "bad fields", 1.0, "x", {"k": Unprintable()}, None))
+        handler.hold((logging.INFO, "after", 1.0, "x", {"n": 1}, None))
+        handler.flush()
+        logger.warning("still working")
+        stream.flush()
+        text = stream.buffer.getvalue().decode()  # type: ignore[attr-defined]
+        entries = [json.loads(line) for line in text.splitlines()]
+        assert [e["message"] for e in entries] == [
+            "surrogate \udcff here",
+            "bad fields",
+            "after",
+            "still working",
+        ]
+        assert "unrenderable_fields" in entries[1]
+        assert entries[2]["n"] == 1
+    finally:
+        logger.removeHandler(handler)

@@ -107,6 +107,19 @@ def render(
     return _encode(entry)
 
 
+def _render_held(entry: Entry) -> str:
+    """A held line; fields no encoder takes are replaced by their repr."""
+    try:
+        return render(*entry)
+    except Exception:
+        levelno, message, created, logger, fields, trace = entry
+        try:
+            shown = repr(fields)
+        except Exception:
+            shown = "?"
+        return render(levelno, message, created, logger, {"unrenderable_fields": shown}, trace)
+
+
 # A line not yet rendered: render()'s arguments, taken when it was logged.
 Entry: TypeAlias = tuple[int, str, float, str, "dict[str, object] | None", "CallTrace | None"]
 # What a held entry counts for toward _MAX_PENDING (an access line's size).
@@ -148,7 +161,9 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: io.TextIOBase) -> None:
         super().__init__(stream)
-        self._flush_pending = False
+        # The loop a flush is scheduled on (a loop that closed before its
+        # flush ran leaves a stale one: the next line schedules again).
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._held: list[str | Entry] = []
         self._held_size = 0
 
@@ -164,8 +179,12 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._hold(line, len(line), levelno)
 
     def hold(self, entry: Entry) -> None:
-        """Holds a line to render when it is written (entry[0] is its level)."""
-        self._hold(entry, _ENTRY_BYTES, entry[0])
+        """Holds a line to render when it is written (entry[0] is its level).
+        A failure to write never reaches the caller (as for any record)."""
+        try:
+            self._hold(entry, _ENTRY_BYTES, entry[0])
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": entry[1], "levelno": entry[0]}))
 
     def _hold(self, item: str | Entry, size: int, levelno: int) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -179,17 +198,21 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             except RuntimeError:  # written off any event loop: at once
                 self._write_held()
                 return
-            if not self._flush_pending:
-                self._flush_pending = True
+            if self._flush_loop is not loop:  # none pending on this loop
+                self._flush_loop = loop
                 loop.call_later(FLUSH_SECONDS, self._flush_later)
 
     def _write_held(self) -> None:
-        """The held lines, in writes of whole lines of at most ATOMIC_WRITE bytes."""
+        """The held lines, in writes of whole lines of at most ATOMIC_WRITE
+        bytes. They leave the list first: a line that cannot be rendered or
+        written is lost alone, and never blocks the ones after it."""
+        held, self._held, self._held_size = self._held, [], 0
         chunk: list[str] = []
         size = 0
-        for item in self._held:
-            line = (item if isinstance(item, str) else render(*item)) + "\n"
-            length = len(line) if line.isascii() else len(line.encode())
+        for item in held:
+            line = (item if isinstance(item, str) else _render_held(item)) + "\n"
+            # Counted as the stream encodes it (errors="backslashreplace").
+            length = len(line) if line.isascii() else len(line.encode("utf-8", "backslashreplace"))
             if chunk and size + length > ATOMIC_WRITE:
                 self.stream.write("".join(chunk))
                 self.stream.flush()
@@ -199,8 +222,6 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if chunk:
             self.stream.write("".join(chunk))
             self.stream.flush()
-        self._held.clear()
-        self._held_size = 0
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -208,7 +229,7 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _flush_later(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._flush_pending = False
+            self._flush_loop = None
             self._write_held()
 
 
