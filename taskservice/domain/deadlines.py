@@ -49,11 +49,12 @@ class Deadlines(Generic[K]):
     def _schedule(self, when: float, loop: asyncio.AbstractEventLoop) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = loop.call_at(when, self._sweep, loop)
+        self._timer = loop.call_at(when, self._sweep, loop, when)
 
-    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _sweep(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         self._timer = None
-        now = loop.time()
+        # asyncio runs a timer up to its clock's resolution early.
+        now = max(loop.time(), when)
         overdue = [key for key, when in self._deadlines.items() if when <= now]
         for key in overdue:
             del self._deadlines[key]
@@ -61,4 +62,9 @@ class Deadlines(Generic[K]):
             soonest = min(self._deadlines.values())
             self._schedule(max(soonest, now + SWEEP_SECONDS), loop)
         for key in overdue:
-            self._expire(key)
+            try:
+                self._expire(key)
+            except Exception as exc:  # the others still expire
+                loop.call_exception_handler(
+                    {"message": "a deadline's expiry failed", "exception": exc}
+                )

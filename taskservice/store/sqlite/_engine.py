@@ -11,6 +11,7 @@ import queue
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -145,7 +146,9 @@ class SqliteEngine:
         self._loop_conn: sqlite3.Connection | None = None
         self._ready = False
         # The writes each event loop waits for, on one timer per loop.
-        self._waits: dict[asyncio.AbstractEventLoop, Deadlines[asyncio.Future[object]]] = {}
+        self._waits: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, Deadlines[asyncio.Future[object]]
+        ] = weakref.WeakKeyDictionary()
 
     def open(self, busy_timeout_ms: int) -> sqlite3.Connection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
