@@ -95,6 +95,8 @@ def profile(target: str, out: Path, calls: int, workdir: Path) -> dict[str, Any]
             _, err = spy.communicate(timeout=60)
             if not path.exists():
                 raise RuntimeError(f"py-spy wrote nothing: {err.decode()[-500:]}")
+            if fmt == "flamegraph":  # its title names the output path: not this machine's
+                path.write_text(path.read_text().replace(str(path), path.name))
         own, inclusive = summarize(workdir / f"{target}.txt")
         return {"load": results["raw"], "self": own, "inclusive": inclusive}
     finally:

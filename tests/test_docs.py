@@ -93,3 +93,16 @@ def test_the_module_table_names_every_module() -> None:
     assert len(modules) > 20
     unnamed = [m for m in modules if f"`{m}`" not in table and f"`{Path(m).name}`" not in table]
     assert not unnamed, f"docs/architecture.md's module table lacks {unnamed}"
+
+
+def test_generated_reports_name_no_path_of_the_machine_that_made_them() -> None:
+    """docs/reports/ is written by the benchmark and report scripts: none of
+    it may carry the absolute paths of the checkout or temp directory."""
+    machine = re.compile(r"(?<![\w.])/(?:work|tmp|root|home|var/tmp)/[\w.-]+")
+    found = [
+        (path.relative_to(ROOT).as_posix(), m.group(0))
+        for path in sorted((ROOT / "docs" / "reports").rglob("*"))
+        if path.suffix in {".md", ".json", ".svg"}
+        for m in machine.finditer(path.read_text(errors="replace"))
+    ]
+    assert not found, found
