@@ -16,10 +16,11 @@ async def test_keys_expire_at_their_deadlines_unless_discarded() -> None:
     deadlines.add("soon", start + 0.1, loop)
     deadlines.add("dropped", start + 0.1, loop)
     deadlines.discard("dropped")
-    await asyncio.sleep(0.45)
+    await asyncio.sleep(0.3 + SWEEP_SECONDS + 0.5)
     assert set(expired) == {"soon", "late"}
-    assert 0.1 <= expired["soon"] - start < 0.1 + SWEEP_SECONDS + 0.05
-    assert 0.3 <= expired["late"] - start < 0.3 + SWEEP_SECONDS + 0.05
+    # Never early; late only by the sweep's granularity and a busy loop.
+    assert 0.1 <= expired["soon"] - start < 0.1 + SWEEP_SECONDS + 0.25
+    assert 0.3 <= expired["late"] - start < 0.3 + SWEEP_SECONDS + 0.25
     assert len(deadlines) == 0
 
 
@@ -31,7 +32,7 @@ async def test_shorten_brings_every_later_deadline_forward() -> None:
     deadlines.add("a", start + 60, loop)
     deadlines.add("b", start + 0.05, loop)
     deadlines.shorten(start + 0.1, loop)
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.6)
     assert sorted(expired) == ["a", "b"]
 
 
@@ -52,7 +53,7 @@ async def test_an_expiry_that_fails_does_not_keep_the_others() -> None:
         at = loop.time() + 0.05
         for key in ("first", "bad", "last"):
             deadlines.add(key, at, loop)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
         assert expired == ["first", "last"]
         assert [str(e) for e in reported] == ["boom"]
     finally:
