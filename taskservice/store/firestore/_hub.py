@@ -1,11 +1,9 @@
 """The process's one Firestore Listen stream, shared by every watcher.
 
-ListenHub keeps one Firestore Listen stream open on a channel of its own (a
-connection carries at most 100 streams, so one per watcher would not scale,
-and sharing the store's connection would queue its other calls behind the
-stream), with one query target per distinct filter, shared by every watcher
-of that filter and kept a while after the last one leaves, so that
-reconnecting watchers do not pay for a new target. At every consistent
+ListenHub keeps one Listen stream on a channel of its own (a connection
+carries at most 100 streams, and the store's calls must not queue behind it),
+with one query target per distinct filter, shared by its watchers and kept a
+while after the last leaves, so reconnecting watchers reuse it. At every consistent
 snapshot Firestore announces (a global NO_CHANGE with a read time), each
 target's new view of the matching tasks is compared with the previous one
 (taskservice.domain.changes.diff); the changes, in task id order, are
