@@ -76,10 +76,12 @@ def start_taskservice(
     workers: int = 1,
     extra_env: dict[str, str] | None = None,
     project: str | None = None,
+    module: str = "taskservice",
 ) -> ServerProcess:
     """TaskService as in production: its own process, access lines at INFO,
     telemetry off (the defaults). On Firestore, project names its database
-    (a new one unless given)."""
+    (a new one unless given). module: what `python -m` runs (a benchmark
+    build such as bench._stage_server)."""
     env = {
         "LOG_LEVEL": "INFO",
         "TASKSERVICE_ACCESS_LOG": "on",
@@ -96,7 +98,7 @@ def start_taskservice(
             TASKSERVICE_COLLECTION=COLLECTION,
             GOOGLE_CLOUD_PROJECT=project or f"demo-bench-{uuid.uuid4().hex[:8]}",
         )
-    server = ServerProcess(env, workdir, wait=False, keep_output=False)
+    server = ServerProcess(env, workdir, wait=False, keep_output=False, module=module)
     server.wait_serving(30)
     return server
 
@@ -502,9 +504,12 @@ async def bench_store(
     return out
 
 
-def start_echo() -> ServerProcess:
+def start_echo(read: bool = False) -> ServerProcess:
+    """The echo ceiling; read: GetTask registered as TaskService registers it
+    (bench/echo.py --read)."""
     port = free_port()
-    return ServerProcess(port=port, module="bench.echo", args=[str(port)], keep_output=False)
+    args = [str(port), *(["--read"] if read else [])]
+    return ServerProcess(port=port, module="bench.echo", args=args, keep_output=False)
 
 
 def interleaved_ratios(workdir: Path, quick: bool) -> dict[str, Any]:

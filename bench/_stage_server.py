@@ -59,26 +59,18 @@ def switch_off(stages: set[str]) -> None:
         SqliteStore.get = get  # type: ignore[method-assign]
         SqliteStore.create_many = create_many  # type: ignore[method-assign]
     if "sqlread" in stages:  # the row from memory, converted as a read would
-        from taskservice.store.sqlite._rows import row_to_task
+        from taskservice.store.sqlite._rows import COLUMNS, row_to_task
 
         rows: dict[str, Any] = {}
-        original_get = SqliteStore.get
 
         async def get_cached(self: Any, task_id: str, timeout: float) -> Task:
             row = rows.get(task_id)
-            if row is None:
-                found = await original_get(self, task_id, timeout)
-                c = found.content
-                row = rows[task_id] = (
-                    found.task_id,
-                    c.title,
-                    c.description,
-                    int(c.priority),
-                    int(c.state),
-                    c.assignee,
-                    '["ops","docs"]',
-                    found.create_time_ns,
-                    found.update_time_ns,
+            if row is None:  # the first read of each task: from the file
+                row = rows[task_id] = await self._engine.read(
+                    lambda conn: conn.execute(
+                        f"SELECT {COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
+                    ).fetchone(),
+                    timeout,
                 )
             return row_to_task(row)
 

@@ -17,30 +17,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 from tasks.v1 import task_service_pb2 as pb
 
-from bench.__main__ import CREATE, ROOT, create_get_target, h2load, start_echo
+from bench.__main__ import CREATE, ROOT, create_get_target, h2load, start_echo, start_taskservice
 from harness import ServerProcess
 
 INFLIGHT = 16
-
-
-def _start(root: Path, workdir: Path) -> ServerProcess:
-    env = {
-        "LOG_LEVEL": "INFO",
-        "TASKSERVICE_ACCESS_LOG": "on",
-        "TASKSERVICE_TELEMETRY": "off",
-        "TASKSERVICE_STORE": "sqlite",
-        "TASKSERVICE_SQLITE_PATH": str(workdir / f"compare-{uuid.uuid4().hex[:6]}.db"),
-        "PYTHONPATH": str(root),  # this tree's taskservice, not the installed one
-    }
-    server = ServerProcess(env, root, wait=False, keep_output=False)
-    server.wait_serving(30)
-    return server
 
 
 def compare(rev: str, rounds: int, calls: int) -> dict[str, dict[str, float]]:
@@ -53,8 +38,11 @@ def compare(rev: str, rounds: int, calls: int) -> dict[str, dict[str, float]]:
         servers: dict[str, ServerProcess] = {}
         try:
             servers["echo"] = start_echo()
-            servers[rev] = _start(other, Path(tmp))
-            servers["this checkout"] = _start(ROOT, Path(tmp))
+            # PYTHONPATH: each tree's own taskservice, not the installed one.
+            for name, tree in ((rev, other), ("this checkout", ROOT)):
+                servers[name] = start_taskservice(
+                    "sqlite", Path(tmp), None, extra_env={"PYTHONPATH": str(tree)}
+                )
             rows: dict[str, list[dict[str, Any]]] = {}
             for n in range(rounds):
                 for name, server in servers.items():

@@ -35,15 +35,14 @@ import sys
 import tempfile
 import time
 import timeit
-import uuid
 from pathlib import Path
 from typing import Any
 
 from tasks.v1 import task_service_pb2 as pb
 
-from bench.__main__ import CREATE, ROOT, create_get_target, h2load
+from bench.__main__ import CREATE, ROOT, create_get_target, h2load, start_echo, start_taskservice
 from bench.echo import TASK as ECHO_TASK
-from harness import ServerProcess, free_port
+from harness import ServerProcess
 
 INFLIGHT = 16
 # name: (method, BENCH_STAGES_OFF, TASKSERVICE_ACCESS_LOG)
@@ -75,27 +74,6 @@ STAGES: list[tuple[str, str, str]] = [
 ]
 
 
-def _start_echo(read: bool) -> ServerProcess:
-    port = free_port()
-    args = [str(port), *(["--read"] if read else [])]
-    return ServerProcess(port=port, module="bench.echo", args=args, keep_output=False)
-
-
-def _start_build(workdir: Path, off: str, access: str) -> ServerProcess:
-    env = {
-        "LOG_LEVEL": "INFO",
-        "TASKSERVICE_ACCESS_LOG": access,
-        "TASKSERVICE_STORE": "sqlite",
-        "TASKSERVICE_SQLITE_PATH": str(workdir / f"stages-{uuid.uuid4().hex[:6]}.db"),
-        "BENCH_STAGES_OFF": off,
-    }
-    server = ServerProcess(
-        env, workdir, wait=False, keep_output=False, module="bench._stage_server"
-    )
-    server.wait_serving(30)
-    return server
-
-
 def in_process() -> dict[str, float]:
     """µs per decode or encode of the messages these calls carry (protobuf's C
     implementation), measured with timeit."""
@@ -118,10 +96,16 @@ def measure(rounds: int, calls: int) -> dict[str, Any]:
         requests: dict[str, tuple[str, Any]] = {}
         try:
             for name, read in (("echo", False), ("echo reading its message", True)):
-                servers[name] = _start_echo(read)
+                servers[name] = start_echo(read)
                 requests[name] = ("GetTask", pb.GetTaskRequest(name="tasks/x"))
             for name, (method, off, access) in BUILDS.items():
-                server = servers[name] = _start_build(workdir, off, access)
+                server = servers[name] = start_taskservice(
+                    "sqlite",
+                    workdir,
+                    None,
+                    extra_env={"TASKSERVICE_ACCESS_LOG": access, "BENCH_STAGES_OFF": off},
+                    module="bench._stage_server",
+                )
                 if method == "GetTask":
                     task = create_get_target(server)
                     requests[name] = (method, pb.GetTaskRequest(name=task.name))
