@@ -110,6 +110,16 @@ def _events(conn: h2.connection.H2Connection, data: bytes) -> list[h2.events.Eve
     return events
 
 
+def _receive(sock: socket.socket, deadline: float) -> bytes:
+    """What the socket has by the monotonic deadline; b"" once it passed or
+    the server closed the connection."""
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        return sock.recv(65536)
+    except TimeoutError:
+        return b""
+
+
 def _headers(
     host: str, port: int, path: str, extra: Sequence[tuple[str, str]]
 ) -> list[tuple[str, str]]:
@@ -152,11 +162,7 @@ def messageless_calls(
         pending = set(streams)
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                break
+            data = _receive(sock, deadline)
             if not data:
                 break
             for event in _events(conn, data):
@@ -210,11 +216,7 @@ class StalledStream:
     def _pump(self, timeout: float, until: Callable[[], bool], grant: bool) -> None:
         deadline = time.monotonic() + timeout
         while not until() and time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                return
+            data = _receive(self.sock, deadline)
             if not data:
                 return
             for event in _events(self.conn, data):
@@ -297,11 +299,7 @@ class UnreadCall:
         the frames behind it stay unread, and the GOAWAY's PING unanswered."""
         deadline = time.monotonic() + timeout
         while not self.goaway and time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                return
+            data = _receive(self.sock, deadline)
             if not data:
                 return
             self._unread += data
@@ -323,11 +321,7 @@ class UnreadCall:
         data, self._unread = self._unread, b""
         while True:
             self._take(_events(self.conn, data))
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                return
+            data = _receive(self.sock, deadline)
             if not data:
                 return
 
