@@ -23,7 +23,7 @@ from tasks.v1 import task_service_pb2 as pb
 from tasks.v1 import task_service_pb2_grpc
 
 from harness import Running, ServerProcess, start_server
-from taskservice.api.calls import STATUS_SEND_SECONDS, Pool
+from taskservice.api.calls import DRAIN_STATUS_SECONDS, STATUS_SEND_SECONDS, Pool
 from taskservice.config import Config
 from taskservice.store.sqlite import SqliteStore
 from tests.h2client import StalledStream
@@ -236,6 +236,43 @@ async def test_a_watcher_stalled_at_the_transport_frees_its_slot_when_ended(
     finally:
         if stalled is not None:
             stalled.close()
+        await running.channel.close()
+        await running.server.stop(grace=0)
+
+
+async def test_watchers_that_read_nothing_do_not_hold_the_shutdown(tmp_path: Path) -> None:
+    """Watchers whose clients grant no flow-control window, behind updates,
+    when the server stops: each is ended UNAVAILABLE at once, and a status
+    that cannot go out is waited for DRAIN_STATUS_SECONDS, not
+    STATUS_SEND_SECONDS, so the stop is not held by clients that read nothing."""
+    running = await _start(tmp_path)
+    stalled: list[StalledStream] = []
+    try:
+        task = await running.stub.CreateTask(_big("big"))
+        for _ in range(5):
+            stream = await asyncio.to_thread(
+                StalledStream,
+                "127.0.0.1",
+                running.server.port,
+                "/tasks.v1.TaskService/WatchTasks",
+                pb.WatchTasksRequest(),
+            )
+            await asyncio.to_thread(stream.read_without_granting, 0.2)
+            stalled.append(stream)
+        mask = field_mask_pb2.FieldMask(paths=["description"])
+        for i in range(40):  # ~2 KB each: past the 64 KiB windows
+            change = pb.Task(name=task.name, description=f"{i:04d}" + "e" * 1996)
+            await running.stub.UpdateTask(pb.UpdateTaskRequest(task=change, update_mask=mask))
+        await asyncio.sleep(0.3)
+        assert running.server.gate.in_flight[Pool.WATCHERS] == 5
+        started = time.monotonic()
+        await running.server.stop()
+        took = time.monotonic() - started
+        record("stop_with_unread_watchers", watchers=5, stop_s=round(took, 2))
+        assert took < DRAIN_STATUS_SECONDS + 1.5 < STATUS_SEND_SECONDS, took
+    finally:
+        for stream in stalled:
+            stream.close()
         await running.channel.close()
         await running.server.stop(grace=0)
 

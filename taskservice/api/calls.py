@@ -113,6 +113,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "DRAIN_STATUS_SECONDS",
     "STATUS_SEND_SECONDS",
     "CallGate",
     "CallLimits",
@@ -128,6 +129,9 @@ __all__ = [
 # behind the stream's messages in flight, for a client that grants no
 # window); then it leaves the status to gRPC core.
 STATUS_SEND_SECONDS = 5.0
+# The same wait once the server drains: a client that reads nothing then
+# would hold the shutdown, and one that reads gets its status in far less.
+DRAIN_STATUS_SECONDS = 1.0
 T = TypeVar("T")
 # The method handlers the pipeline wraps (grpc's stubs type a handler's
 # behaviour as the sync API's; grpc.aio's are coroutine functions and async
@@ -245,9 +249,9 @@ class CallPipeline:
         """Ends the call with exc's status (raises grpc.aio.AbortError). The
         call's slot and access line do not wait for the status to be sent:
         behind a message that a client does not read, it may never be. When
-        it has not gone out within STATUS_SEND_SECONDS, or cannot go out, the
-        handler gives up on it (CancelledError, which grpc.aio takes
-        quietly)."""
+        it has not gone out within STATUS_SEND_SECONDS (DRAIN_STATUS_SECONDS
+        once the server drains), or cannot go out, the handler gives up on it
+        (CancelledError, which grpc.aio takes quietly)."""
         if isinstance(exc, grpc.aio.AbortError):  # a handler aborted by itself
             call.code = _abort_code(call.context)
             raise exc
@@ -257,8 +261,10 @@ class CallPipeline:
         if call.code == "CANCELLED":  # a handler that saw the call end: which way?
             self._cancelled(call)
         self._leave(call)
+        draining = self.gate.draining.is_set()
+        wait = DRAIN_STATUS_SECONDS if draining else STATUS_SEND_SECONDS
         try:
-            await asyncio.wait_for(abort(call.context, err), STATUS_SEND_SECONDS)
+            await asyncio.wait_for(abort(call.context, err), wait)
         except grpc.aio.AbortError:
             raise  # sent
         except Exception:
