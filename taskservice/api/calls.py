@@ -103,8 +103,10 @@ from taskservice.domain.errors import (
     Unimplemented,
 )
 from taskservice.domain.limits import (
+    DRAIN_STATUS_SECONDS,
     MAX_STORE_CALL_SECONDS,
     REQUEST_MESSAGE_SECONDS,
+    STATUS_SEND_SECONDS,
 )
 from taskservice.observe.tracing import current_trace, parse_trace
 
@@ -125,13 +127,6 @@ __all__ = [
     "time_left",
 ]
 
-# How long the handler waits for a call's error status to be sent (it waits
-# behind the stream's messages in flight, for a client that grants no
-# window); then it leaves the status to gRPC core.
-STATUS_SEND_SECONDS = 5.0
-# The same wait once the server drains: a client that reads nothing then
-# would hold the shutdown, and one that reads gets its status in far less.
-DRAIN_STATUS_SECONDS = 1.0
 T = TypeVar("T")
 # The method handlers the pipeline wraps (grpc's stubs type a handler's
 # behaviour as the sync API's; grpc.aio's are coroutine functions and async
@@ -261,8 +256,7 @@ class CallPipeline:
         if call.code == "CANCELLED":  # a handler that saw the call end: which way?
             self._cancelled(call)
         self._leave(call)
-        draining = self.gate.draining.is_set()
-        wait = DRAIN_STATUS_SECONDS if draining else STATUS_SEND_SECONDS
+        wait = DRAIN_STATUS_SECONDS if self.gate.draining.is_set() else STATUS_SEND_SECONDS
         try:
             await asyncio.wait_for(abort(call.context, err), wait)
         except grpc.aio.AbortError:

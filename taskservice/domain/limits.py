@@ -106,6 +106,13 @@ MAX_AUTH_WAITING = 100
 # every client sends both at once, and a caller that sends only headers would
 # otherwise hold the call as long as it keeps its connection.
 REQUEST_MESSAGE_SECONDS = 10.0
+# How long a call's handler waits for its error status to be sent (behind the
+# stream's messages in flight, to a client that may grant no window); then it
+# leaves the status to gRPC core.
+STATUS_SEND_SECONDS = 5.0
+# The same wait once the server drains: a client that reads nothing then
+# would hold the shutdown, and one that reads gets its status in far less.
+DRAIN_STATUS_SECONDS = 1.0
 # Every store call gets the time left of the caller's deadline, and never more
 # than this, whatever the deadline: one Firestore or SQLite operation that has
 # not answered in 30 s is stuck, and waiting longer (Cloud Run allows calls up
