@@ -28,17 +28,20 @@ from tests.reliability import record
 async def test_open_watch_and_reflection_streams_do_not_hold_the_drain(tmp_path: Path) -> None:
     server = ServerProcess({"TASKSERVICE_SQLITE_PATH": str(tmp_path / "t.db")}, tmp_path)
     channel = grpc.aio.insecure_channel(server.target)
+    # None ends the request stream: left waiting on the queue, grpc.aio's
+    # task that reads it would be collected pending, and asyncio would log
+    # it as an ERROR in whichever later test the collection falls.
+    ask = asyncio.Queue[reflection_pb2.ServerReflectionRequest | None]()
     try:
         health = health_pb2_grpc.HealthStub(channel)
         await health_serving(health)
         watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(3)]
         for watch in watches:
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-        ask = asyncio.Queue[reflection_pb2.ServerReflectionRequest]()
 
         async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
-            while True:
-                yield await ask.get()
+            while (request := await ask.get()) is not None:
+                yield request
 
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
             requests()
@@ -67,6 +70,7 @@ async def test_open_watch_and_reflection_streams_do_not_hold_the_drain(tmp_path:
             except grpc.aio.AioRpcError as err:
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
     finally:
+        ask.put_nowait(None)
         server.kill()
         await channel.close()
 
